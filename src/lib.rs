@@ -1,1 +1,4 @@
-//! Slipstream
+//! Slipstream: push-based sync of NATS JetStream KV prefixes into Kubernetes
+//! ConfigMaps. The modules follow the layers of DESIGN.md, top to bottom.
+
+pub mod kv;

