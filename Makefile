@@ -35,3 +35,11 @@ bench: tools
 clean:
 	$(CARGO) clean
 	rm -rf .tools
+
+## demo: local nats-server + `slipstream sync` into ./demo/config (README command one)
+demo: tools
+	scripts/demo.sh
+
+## e2e: kind cluster e2e (needs docker and kind; not runnable on CI machines)
+e2e:
+	tests/e2e/run.sh

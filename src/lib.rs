@@ -1,4 +1,5 @@
 //! Slipstream: push-based sync of NATS JetStream KV prefixes into Kubernetes
 //! ConfigMaps. The modules follow the layers of DESIGN.md, top to bottom.
 
+pub mod cmd;
 pub mod kv;
