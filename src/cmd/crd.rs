@@ -1,4 +1,4 @@
-//! `slipstream crd` (being built).
+//! `slipstream crd`: print the ConfigBinding CustomResourceDefinition as YAML.
 
 use clap::Args;
 
@@ -6,5 +6,6 @@ use clap::Args;
 pub struct CrdArgs {}
 
 pub async fn main(_args: CrdArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`slipstream crd` is not implemented yet")
+    print!("{}", crate::crd::crd_yaml()?);
+    Ok(())
 }
