@@ -2,5 +2,6 @@
 //! ConfigMaps. The modules follow the layers of DESIGN.md, top to bottom.
 
 pub mod cmd;
-pub mod kv;
 pub mod crd;
+pub mod kv;
+pub mod projection;
