@@ -212,7 +212,10 @@ mod tests {
     #[test]
     fn checked_in_crd_matches_the_rust_types() {
         let generated = crd_yaml().unwrap();
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/slipstream.io_configbindings.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/crds/slipstream.io_configbindings.yaml"
+        );
         let checked_in = std::fs::read_to_string(path).unwrap_or_default();
         assert!(
             generated == checked_in,

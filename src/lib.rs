@@ -5,3 +5,6 @@ pub mod cmd;
 pub mod crd;
 pub mod kv;
 pub mod projection;
+pub mod metrics;
+pub mod policy;
+pub mod sink;

@@ -1,0 +1,435 @@
+//! The ConfigMap sink: one server-side apply (field manager `slipstream`)
+//! writes a binding's whole content together with the cursor it reflects, so
+//! data and cursor can never disagree (invariant 1).
+//!
+//! Writes carry `metadata.resourceVersion` from the last read or write as a
+//! precondition: a concurrent writer makes the apply fail with 409 instead
+//! of silently interleaving, and the caller re-reads and compares cursors
+//! before trying again (invariant 2).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::ConfigMap,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, Patch, PatchParams},
+};
+
+use crate::{
+    crd::CreationPolicy,
+    kv::{VersionToken, WatchCursor},
+    projection::Projected,
+};
+
+pub const FIELD_MANAGER: &str = "slipstream";
+/// The KV revision the ConfigMap's content reflects.
+pub const CURSOR_ANNOTATION: &str = "slipstream.io/cursor";
+/// The binding that writes the ConfigMap (one writer per ConfigMap).
+pub const BINDING_ANNOTATION: &str = "slipstream.io/binding";
+/// The binding generation whose rules produced the content.
+pub const GENERATION_ANNOTATION: &str = "slipstream.io/generation";
+/// Stamped on every ConfigMap the operator writes; the operator watches it.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "slipstream";
+
+pub type Result<T, E = SinkError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Someone wrote the ConfigMap since we read it; re-read and retry.
+    #[error("the ConfigMap changed since it was read (409 Conflict)")]
+    Conflict,
+    #[error("{0}")]
+    TargetConflict(String),
+    /// The ConfigMap already reflects a newer cursor than this writer has.
+    #[error("refusing to write cursor {ours}: the ConfigMap already holds cursor {theirs}")]
+    StaleWriter { ours: String, theirs: String },
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[source] kube::Error),
+}
+
+impl SinkError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SinkError::Conflict => "WriteConflict",
+            SinkError::TargetConflict(_) => "TargetConflict",
+            SinkError::StaleWriter { .. } => "StaleWriter",
+            SinkError::Kube(kube::Error::Api(s)) if s.code == 404 => "NotFound",
+            SinkError::Kube(kube::Error::Api(s)) if s.code == 403 => "Forbidden",
+            SinkError::Kube(kube::Error::Api(s)) if s.code == 422 => "Invalid",
+            SinkError::Kube(_) => "KubernetesError",
+        }
+    }
+
+    /// Namespace gone or being deleted: writing cannot succeed.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, SinkError::Kube(kube::Error::Api(s)) if s.code == 404)
+    }
+}
+
+impl From<kube::Error> for SinkError {
+    fn from(e: kube::Error) -> Self {
+        match e {
+            kube::Error::Api(s) if s.code == 409 => SinkError::Conflict,
+            e => SinkError::Kube(e),
+        }
+    }
+}
+
+/// Which ConfigMap a binding writes, and how.
+#[derive(Debug, Clone)]
+pub struct TargetRef {
+    pub namespace: String,
+    pub name: String,
+    pub binding: String,
+    pub generation: i64,
+    pub policy: CreationPolicy,
+    /// Controller owner reference to the binding (used with `Owner`).
+    pub owner: Option<OwnerReference>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// What a read of the target told us.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    pub resource_version: Option<String>,
+    /// The cursor annotation (none when absent or unparsable).
+    pub cursor: WatchCursor,
+    pub binding: Option<String>,
+    pub generation: Option<i64>,
+    pub owner_uid: Option<String>,
+    pub data: BTreeMap<String, String>,
+    pub binary_data: BTreeMap<String, ByteString>,
+}
+
+impl Observed {
+    pub fn from_configmap(cm: &ConfigMap) -> Self {
+        let ann = cm.metadata.annotations.as_ref();
+        let get = |k: &str| ann.and_then(|a| a.get(k)).cloned();
+        Self {
+            resource_version: cm.metadata.resource_version.clone(),
+            cursor: get(CURSOR_ANNOTATION)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_default(),
+            binding: get(BINDING_ANNOTATION),
+            generation: get(GENERATION_ANNOTATION).and_then(|g| g.parse().ok()),
+            owner_uid: cm
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.controller == Some(true))
+                .map(|o| o.uid.clone()),
+            data: cm.data.clone().unwrap_or_default(),
+            binary_data: cm.binary_data.clone().unwrap_or_default(),
+        }
+    }
+
+    /// True when the ConfigMap holds exactly `content` under our keys: all
+    /// of them for `Owner`, only the projected ones for `Merge`.
+    pub fn holds(&self, content: &Projected, policy: CreationPolicy) -> bool {
+        match policy {
+            CreationPolicy::Owner => {
+                self.data == content.data && self.binary_data == content.binary_data
+            }
+            CreationPolicy::Merge => {
+                content.data.iter().all(|(k, v)| self.data.get(k) == Some(v))
+                    && content
+                        .binary_data
+                        .iter()
+                        .all(|(k, v)| self.binary_data.get(k) == Some(v))
+            }
+        }
+    }
+
+    /// Keys in the ConfigMap that `content` does not have (hand-added keys,
+    /// which an `Owner` binding removes).
+    pub fn foreign_keys(&self, content: &Projected) -> Vec<String> {
+        self.data
+            .keys()
+            .filter(|k| !content.data.contains_key(*k))
+            .chain(
+                self.binary_data
+                    .keys()
+                    .filter(|k| !content.binary_data.contains_key(*k)),
+            )
+            .cloned()
+            .collect()
+    }
+}
+
+/// May this binding write an existing ConfigMap? Pure; `other_binding_exists`
+/// says whether the binding named in its annotation (if not us) still exists.
+pub fn check_ownership(
+    target: &TargetRef,
+    observed: &Observed,
+    other_binding_exists: bool,
+) -> Result<()> {
+    if let Some(other) = &observed.binding
+        && other != &target.binding
+        && other_binding_exists
+    {
+        return Err(SinkError::TargetConflict(format!(
+            "ConfigMap {:?} is already written by binding {other:?}",
+            target.name
+        )));
+    }
+    if target.policy == CreationPolicy::Owner {
+        let ours = observed.binding.as_deref() == Some(target.binding.as_str())
+            || (observed.owner_uid.is_some()
+                && observed.owner_uid.as_deref() == target.owner.as_ref().map(|o| o.uid.as_str()));
+        if !ours {
+            return Err(SinkError::TargetConflict(format!(
+                "ConfigMap {:?} exists and was not created by slipstream; \
+                 delete it or use creationPolicy: Merge",
+                target.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes ConfigMaps of one Kubernetes client.
+#[derive(Clone)]
+pub struct ConfigMapSink {
+    client: Client,
+}
+
+impl ConfigMapSink {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    fn api(&self, namespace: &str) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    pub async fn read(&self, namespace: &str, name: &str) -> Result<Option<ConfigMap>> {
+        Ok(self.api(namespace).get_opt(name).await?)
+    }
+
+    /// The ConfigMap object a write sends (also used by tests).
+    pub fn desired(
+        target: &TargetRef,
+        content: &Projected,
+        cursor: VersionToken,
+        resource_version: Option<&str>,
+    ) -> ConfigMap {
+        let mut labels = target.labels.clone();
+        labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
+        let mut annotations = target.annotations.clone();
+        annotations.insert(CURSOR_ANNOTATION.into(), cursor.to_string());
+        annotations.insert(BINDING_ANNOTATION.into(), target.binding.clone());
+        annotations.insert(GENERATION_ANNOTATION.into(), target.generation.to_string());
+        let owner_references = match target.policy {
+            CreationPolicy::Owner => target.owner.clone().map(|o| vec![o]),
+            CreationPolicy::Merge => None,
+        };
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(target.name.clone()),
+                namespace: Some(target.namespace.clone()),
+                labels: Some(labels),
+                annotations: Some(annotations),
+                owner_references,
+                resource_version: resource_version.map(str::to_owned),
+                ..ObjectMeta::default()
+            },
+            data: (!content.data.is_empty()).then(|| content.data.clone()),
+            binary_data: (!content.binary_data.is_empty()).then(|| content.binary_data.clone()),
+            ..ConfigMap::default()
+        }
+    }
+
+    /// One server-side apply of the whole content and its cursor.
+    /// `resource_version` is the precondition (none: create, or first write).
+    pub async fn apply(
+        &self,
+        target: &TargetRef,
+        content: &Projected,
+        cursor: VersionToken,
+        resource_version: Option<&str>,
+    ) -> Result<ConfigMap> {
+        let cm = Self::desired(target, content, cursor, resource_version);
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        Ok(self
+            .api(&target.namespace)
+            .patch(&target.name, &pp, &Patch::Apply(&cm))
+            .await?)
+    }
+
+    /// Removes keys someone else added to a ConfigMap we own, guarded by
+    /// `resource_version`.
+    pub async fn remove_keys(
+        &self,
+        target: &TargetRef,
+        keys: &[String],
+        resource_version: &str,
+    ) -> Result<ConfigMap> {
+        let nulls: serde_json::Map<String, serde_json::Value> = keys
+            .iter()
+            .map(|k| (k.clone(), serde_json::Value::Null))
+            .collect();
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": resource_version},
+            "data": nulls.clone(),
+            "binaryData": nulls,
+        });
+        Ok(self
+            .api(&target.namespace)
+            .patch(
+                &target.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?)
+    }
+
+    /// Carries out `deletionPolicy` when a binding goes.
+    /// Delete: delete the ConfigMap (Owner) or withdraw our keys (Merge).
+    /// Retain: keep the content, drop the owner reference and our claim.
+    pub async fn release(&self, target: &TargetRef, delete: bool) -> Result<()> {
+        let api = self.api(&target.namespace);
+        let Some(cm) = api.get_opt(&target.name).await? else {
+            return Ok(());
+        };
+        let observed = Observed::from_configmap(&cm);
+        if observed.binding.as_deref() != Some(target.binding.as_str()) {
+            return Ok(());
+        }
+        let result = match (delete, target.policy) {
+            (true, CreationPolicy::Owner) => api
+                .delete(&target.name, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+            (true, CreationPolicy::Merge) => {
+                let empty = serde_json::json!({
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {"name": target.name, "namespace": target.namespace},
+                });
+                api.patch(
+                    &target.name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&empty),
+                )
+                .await
+                .map(|_| ())
+            }
+            (false, _) => {
+                let patch = serde_json::json!({
+                    "metadata": {
+                        "ownerReferences": null,
+                        "annotations": {BINDING_ANNOTATION: null},
+                    }
+                });
+                api.patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ())
+            }
+        };
+        match result {
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            other => Ok(other?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(policy: CreationPolicy) -> TargetRef {
+        TargetRef {
+            namespace: "ns".into(),
+            name: "cm".into(),
+            binding: "b".into(),
+            generation: 3,
+            policy,
+            owner: Some(OwnerReference {
+                api_version: "slipstream.io/v1alpha1".into(),
+                kind: "ConfigBinding".into(),
+                name: "b".into(),
+                uid: "uid-1".into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }),
+            labels: BTreeMap::from([("team".into(), "web".into())]),
+            annotations: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn desired_configmap_carries_content_cursor_and_claim_in_one_object() {
+        let mut content = Projected::default();
+        content.data.insert("a".into(), "1".into());
+        let cm = ConfigMapSink::desired(
+            &target(CreationPolicy::Owner),
+            &content,
+            VersionToken::from_u64(42),
+            Some("7"),
+        );
+        let obs = Observed::from_configmap(&cm);
+        assert_eq!(obs.cursor, WatchCursor::after(VersionToken::from_u64(42)));
+        assert_eq!(obs.binding.as_deref(), Some("b"));
+        assert_eq!(obs.generation, Some(3));
+        assert_eq!(obs.owner_uid.as_deref(), Some("uid-1"));
+        assert_eq!(cm.metadata.resource_version.as_deref(), Some("7"));
+        assert!(obs.holds(&content, CreationPolicy::Owner));
+        let labels = cm.metadata.labels.unwrap();
+        assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY_VALUE);
+        assert_eq!(labels["team"], "web");
+        let merge = ConfigMapSink::desired(
+            &target(CreationPolicy::Merge),
+            &content,
+            VersionToken::from_u64(1),
+            None,
+        );
+        assert!(merge.metadata.owner_references.is_none());
+    }
+
+    #[test]
+    fn ownership_rules_table() {
+        let theirs = Observed::default();
+        let ours = Observed {
+            binding: Some("b".into()),
+            ..Observed::default()
+        };
+        let other = Observed {
+            binding: Some("other".into()),
+            ..Observed::default()
+        };
+        let owner = target(CreationPolicy::Owner);
+        let merge = target(CreationPolicy::Merge);
+        assert!(check_ownership(&owner, &ours, false).is_ok());
+        assert_eq!(
+            check_ownership(&owner, &theirs, false).unwrap_err().reason(),
+            "TargetConflict"
+        );
+        assert!(check_ownership(&merge, &theirs, false).is_ok());
+        assert_eq!(
+            check_ownership(&merge, &other, true).unwrap_err().reason(),
+            "TargetConflict"
+        );
+        // the other binding is gone: its claim is stale, Merge may take over
+        assert!(check_ownership(&merge, &other, false).is_ok());
+    }
+
+    #[test]
+    fn merge_compares_only_our_keys_owner_compares_all() {
+        let mut content = Projected::default();
+        content.data.insert("a".into(), "1".into());
+        let obs = Observed {
+            data: BTreeMap::from([("a".into(), "1".into()), ("theirs".into(), "x".into())]),
+            ..Observed::default()
+        };
+        assert!(obs.holds(&content, CreationPolicy::Merge));
+        assert!(!obs.holds(&content, CreationPolicy::Owner));
+        assert_eq!(obs.foreign_keys(&content), ["theirs"]);
+    }
+}
