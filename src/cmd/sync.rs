@@ -1,10 +1,505 @@
-//! `slipstream sync` (being built).
+//! `slipstream sync`: KV prefixes projected into a directory, no cluster
+//! needed.
+//!
+//! Same projection rules as the operator ([`crate::projection`]), written
+//! with the directory sink ([`crate::sink::dir`]): a reader never sees a half
+//! set. The resume cursor and the KV keys behind each file are stored inside
+//! the written version, so a restart watches only the delta after it and
+//! rebuilds its state from the files (invariant 1: the stored cursor covers
+//! exactly the written content). Until a watch reports `Synced`, nothing is
+//! written, so the directory never holds a partial initial state.
 
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
 use clap::Args;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::{NatsArgs, parse_duration};
+use crate::{
+    crd::KeyPolicy,
+    kv::{KvError, KvUpdate, KvWatcher, WatchCursor, WatchEvent, nats::NatsKv},
+    projection::{KeyDecision, Projected, ProjectionRules},
+    sink::dir::{DirSink, Written},
+};
 
 #[derive(Args, Debug)]
-pub struct SyncArgs {}
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// KV bucket to read.
+    #[arg(long, env = "SLIPSTREAM_SYNC_BUCKET")]
+    pub bucket: String,
+    /// Key prefix to project (repeat, or list several after one flag).
+    #[arg(long = "prefix", required = true, num_args = 1..)]
+    pub prefixes: Vec<String>,
+    /// Directory to write (created when missing).
+    #[arg(long, env = "SLIPSTREAM_SYNC_DIR")]
+    pub dir: PathBuf,
+    /// Drop the matched prefix from file names.
+    #[arg(long)]
+    pub strip_prefix: bool,
+    /// Keys that are not valid file (ConfigMap) names: Escape, Skip or Fail.
+    #[arg(long, default_value = "Escape", value_parser = parse_key_policy)]
+    pub key_policy: KeyPolicy,
+    /// Burst coalescing window: updates within it become one write.
+    #[arg(long, env = "SLIPSTREAM_COALESCE", default_value = "50ms", value_parser = parse_duration)]
+    pub coalesce: Duration,
+    /// Write the current state once, print a summary and exit.
+    #[arg(long)]
+    pub once: bool,
+}
 
-pub async fn main(_args: SyncArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`slipstream sync` is not implemented yet")
+fn parse_key_policy(s: &str) -> Result<KeyPolicy, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "escape" => Ok(KeyPolicy::Escape),
+        "skip" => Ok(KeyPolicy::Skip),
+        "fail" => Ok(KeyPolicy::Fail),
+        _ => Err(format!(
+            "unknown key policy {s:?}: use Escape, Skip or Fail"
+        )),
+    }
+}
+
+/// What to sync where.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub bucket: String,
+    pub prefixes: Vec<String>,
+    pub strip_prefix: bool,
+    pub key_policy: KeyPolicy,
+    pub dir: PathBuf,
+    pub coalesce: Duration,
+}
+
+impl SyncConfig {
+    fn rules(&self) -> anyhow::Result<ProjectionRules> {
+        ProjectionRules::new(self.prefixes.clone(), self.strip_prefix, self.key_policy)
+            .with_context(|| format!("invalid prefixes {:?}", self.prefixes))
+    }
+}
+
+/// What a run did; `updates` counts the KV updates the watch delivered and
+/// this run applied (the resume proof: after a restart it is the delta).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub resumed_from: WatchCursor,
+    pub updates: u64,
+    /// Versions swapped into the directory.
+    pub swaps: u64,
+    /// Projections refused (too large, collision, invalid key under Fail).
+    pub refused: u64,
+    pub cursor: WatchCursor,
+    pub files: usize,
+}
+
+impl std::fmt::Display for SyncReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "resumed_from={} updates={} swaps={} refused={} files={} cursor={}",
+            display_cursor(&self.resumed_from),
+            self.updates,
+            self.swaps,
+            self.refused,
+            self.files,
+            display_cursor(&self.cursor)
+        )
+    }
+}
+
+fn display_cursor(c: &WatchCursor) -> String {
+    if c.is_none() {
+        "none".to_owned()
+    } else {
+        c.to_string()
+    }
+}
+
+/// The blob stored next to the files: enough to resume with a delta watch.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct SyncState {
+    format: u32,
+    bucket: String,
+    prefixes: Vec<String>,
+    strip_prefix: bool,
+    key_policy: KeyPolicy,
+    /// Every update with a revision <= cursor is in the files.
+    cursor: String,
+    /// KV key -> file name, for every written file.
+    keys: BTreeMap<String, String>,
+}
+
+const STATE_FORMAT: u32 = 1;
+
+/// The sync loop's state: the KV entries of the prefixes, what has been
+/// received, and what has been written.
+struct Syncer {
+    config: SyncConfig,
+    rules: ProjectionRules,
+    sink: DirSink,
+    entries: BTreeMap<String, Bytes>,
+    /// Everything received so far (entries reflect it).
+    seen: WatchCursor,
+    /// Everything in the directory.
+    written: WatchCursor,
+    /// A flush happened in this run (until then, write even when the
+    /// cursor did not move, so a restored directory is re-checked).
+    flushed: bool,
+    report: SyncReport,
+}
+
+impl Syncer {
+    fn open(config: SyncConfig) -> anyhow::Result<Self> {
+        let rules = config.rules()?;
+        let sink = DirSink::open(&config.dir)?;
+        let mut syncer = Self {
+            config,
+            rules,
+            sink,
+            entries: BTreeMap::new(),
+            seen: WatchCursor::none(),
+            written: WatchCursor::none(),
+            flushed: false,
+            report: SyncReport::default(),
+        };
+        syncer.restore()?;
+        Ok(syncer)
+    }
+
+    /// Rebuilds the entries and cursor from the directory, when it was
+    /// written by a sync of the same bucket, prefixes and rules.
+    fn restore(&mut self) -> anyhow::Result<()> {
+        let Some(content) = self.sink.read()? else {
+            return Ok(());
+        };
+        let state = content
+            .state
+            .as_deref()
+            .and_then(|s| serde_json::from_slice::<SyncState>(s).ok());
+        let Some(state) = state else {
+            warn!(dir = %self.config.dir.display(), "no readable sync state in the directory: full resync");
+            return Ok(());
+        };
+        let same_rules = state.format == STATE_FORMAT
+            && state.bucket == self.config.bucket
+            && state.prefixes == self.config.prefixes
+            && state.strip_prefix == self.config.strip_prefix
+            && state.key_policy == self.config.key_policy;
+        if !same_rules {
+            info!("directory was synced with other settings: full resync");
+            return Ok(());
+        }
+        let Ok(cursor) = state.cursor.parse::<WatchCursor>() else {
+            warn!(cursor = %state.cursor, "unreadable cursor in the directory: full resync");
+            return Ok(());
+        };
+        let mut entries = BTreeMap::new();
+        for (kv_key, file) in &state.keys {
+            match content.files.get(file) {
+                Some(bytes) => {
+                    entries.insert(kv_key.clone(), Bytes::from(bytes.clone()));
+                }
+                None => {
+                    warn!(%file, "file listed in the sync state is missing: full resync");
+                    return Ok(());
+                }
+            }
+        }
+        self.entries = entries;
+        self.seen = cursor;
+        self.written = cursor;
+        self.report.resumed_from = cursor;
+        Ok(())
+    }
+
+    fn forget(&mut self) {
+        self.entries.clear();
+        self.seen = WatchCursor::none();
+        self.written = WatchCursor::none();
+    }
+
+    /// Applies one update; false when the cursor already covers it
+    /// (re-delivered history must not move content backward).
+    fn apply(&mut self, update: KvUpdate) -> bool {
+        let version = update.version();
+        if self.seen.covers(&version) {
+            return false;
+        }
+        match update {
+            KvUpdate::Put(e) => {
+                self.entries.insert(e.key, e.value);
+            }
+            KvUpdate::Delete { key, .. } | KvUpdate::Purge { key, .. } => {
+                self.entries.remove(&key);
+            }
+        }
+        self.seen.advance(version);
+        self.report.updates += 1;
+        true
+    }
+
+    /// Writes the projection of everything seen, with its cursor. A
+    /// projection that must not be written keeps the last good content and
+    /// cursor (a restart replays from there).
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if self.written == self.seen && self.flushed {
+            return Ok(());
+        }
+        self.flushed = true;
+        let projected = match self
+            .rules
+            .project(self.entries.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.report.refused += 1;
+                warn!(reason = e.reason(), error = %e, "not writing: the last good content stays");
+                return Ok(());
+            }
+        };
+        let files = files_of(&projected);
+        let state = SyncState {
+            format: STATE_FORMAT,
+            bucket: self.config.bucket.clone(),
+            prefixes: self.config.prefixes.clone(),
+            strip_prefix: self.config.strip_prefix,
+            key_policy: self.config.key_policy,
+            cursor: self.seen.to_string(),
+            keys: self
+                .entries
+                .keys()
+                .filter_map(|k| match self.rules.map_key(k) {
+                    KeyDecision::Mapped(file) if files.contains_key(&file) => {
+                        Some((k.clone(), file))
+                    }
+                    _ => None,
+                })
+                .collect(),
+        };
+        let blob = serde_json::to_vec(&state)?;
+        let started = Instant::now();
+        let written = self.sink.write(&files, &blob)?;
+        if let Written::Swapped(version) = &written {
+            self.report.swaps += 1;
+            info!(
+                %version,
+                files = files.len(),
+                cursor = %self.seen,
+                skipped = projected.skipped.len(),
+                micros = started.elapsed().as_micros() as u64,
+                "wrote a new version"
+            );
+        }
+        self.written = self.seen;
+        self.report.files = files.len();
+        Ok(())
+    }
+}
+
+fn files_of(p: &Projected) -> BTreeMap<String, Vec<u8>> {
+    p.data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_bytes().to_vec()))
+        .chain(p.binary_data.iter().map(|(k, v)| (k.clone(), v.0.clone())))
+        .collect()
+}
+
+/// Runs the sync against `store` until `shutdown` resolves (then writes what
+/// is pending), or, with `once`, until the current state is written.
+/// Watch failures are retried from what was received, with backoff; a
+/// cursor the bucket no longer covers falls back to a full state-sync.
+pub async fn run<F>(
+    store: &dyn KvWatcher,
+    config: SyncConfig,
+    once: bool,
+    shutdown: F,
+) -> anyhow::Result<SyncReport>
+where
+    F: Future<Output = ()>,
+{
+    let mut syncer = Syncer::open(config)?;
+    let coalesce = syncer.config.coalesce;
+    let prefixes = syncer.config.prefixes.clone();
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(200);
+    let mut synced = false;
+    // When the first unwritten update arrived after the initial sync.
+    let mut pending_since: Option<tokio::time::Instant> = None;
+
+    'watch: loop {
+        let mut stream = match store.watch_prefixes_from(&prefixes, syncer.seen).await {
+            Ok(s) => s,
+            Err(KvError::CursorExpired {
+                cursor,
+                first_retained,
+            }) => {
+                warn!(%cursor, %first_retained, "cursor expired: full resync");
+                syncer.forget();
+                synced = false;
+                continue 'watch;
+            }
+            Err(e) if once => return Err(e).context("watch failed"),
+            Err(e) => {
+                warn!(reason = e.reason(), error = %e, retry_in = ?backoff, "watch failed");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = &mut shutdown => break 'watch,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue 'watch;
+            }
+        };
+        loop {
+            let deadline = pending_since.map(|t| t + coalesce);
+            let event = tokio::select! {
+                ev = stream.next() => ev,
+                () = sleep_until(deadline) => {
+                    syncer.flush()?;
+                    pending_since = None;
+                    continue;
+                }
+                () = &mut shutdown => break 'watch,
+            };
+            match event {
+                Some(Ok(WatchEvent::Update(update))) => {
+                    if syncer.apply(update) && synced && pending_since.is_none() {
+                        pending_since = Some(tokio::time::Instant::now());
+                    }
+                }
+                Some(Ok(WatchEvent::Synced { .. })) => {
+                    backoff = Duration::from_millis(200);
+                    synced = true;
+                    syncer.flush()?;
+                    pending_since = None;
+                    if once {
+                        break 'watch;
+                    }
+                }
+                Some(Err(KvError::CursorExpired {
+                    cursor,
+                    first_retained,
+                })) => {
+                    warn!(%cursor, %first_retained, "cursor expired: full resync");
+                    syncer.forget();
+                    synced = false;
+                    pending_since = None;
+                    continue 'watch;
+                }
+                Some(Err(e)) if once => return Err(e).context("watch failed"),
+                Some(Err(e)) => {
+                    warn!(reason = e.reason(), error = %e, "watch interrupted: resuming");
+                    continue 'watch;
+                }
+                None if once => anyhow::bail!("watch ended before the initial state was delivered"),
+                None => {
+                    warn!("watch ended: resuming");
+                    continue 'watch;
+                }
+            }
+        }
+    }
+    if synced {
+        syncer.flush()?;
+    }
+    syncer.report.cursor = syncer.written;
+    Ok(syncer.report)
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+pub async fn main(args: SyncArgs) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let config = SyncConfig {
+        bucket: args.bucket,
+        prefixes: args.prefixes,
+        strip_prefix: args.strip_prefix,
+        key_policy: args.key_policy,
+        dir: args.dir,
+        coalesce: args.coalesce,
+    };
+    // Fail on bad rules before connecting.
+    config.rules()?;
+    let kv = NatsKv::connect(&args.nats.connect_options("slipstream-sync"))
+        .await
+        .with_context(|| format!("connecting to NATS at {}", args.nats.url))?;
+    let bucket = kv
+        .open(&config.bucket)
+        .await
+        .with_context(|| format!("opening bucket {:?}", config.bucket))?;
+    info!(bucket = %config.bucket, prefixes = ?config.prefixes, dir = %config.dir.display(), "syncing");
+    let report = run(&bucket, config, args.once, shutdown_signal()).await?;
+    info!(%report, "stopped");
+    if args.once {
+        println!("{report}");
+        if report.swaps == 0 && report.refused > 0 {
+            anyhow::bail!(
+                "the projection was refused (see the warning above); nothing was written"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_policies_parse_case_insensitively_and_reject_others() {
+        assert_eq!(parse_key_policy("Escape"), Ok(KeyPolicy::Escape));
+        assert_eq!(parse_key_policy("skip"), Ok(KeyPolicy::Skip));
+        assert_eq!(parse_key_policy("FAIL"), Ok(KeyPolicy::Fail));
+        assert!(parse_key_policy("ignore").is_err());
+    }
+
+    #[test]
+    fn report_prints_as_key_value_pairs() {
+        let r = SyncReport {
+            updates: 3,
+            swaps: 1,
+            files: 2,
+            cursor: "7".parse().unwrap(),
+            ..SyncReport::default()
+        };
+        assert_eq!(
+            r.to_string(),
+            "resumed_from=none updates=3 swaps=1 refused=0 files=2 cursor=7"
+        );
+    }
 }
