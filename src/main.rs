@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use slipstream::cmd;
 
 #[derive(Parser, Debug)]
-#[command(name = "slipstream", version, about = "Sync NATS JetStream KV prefixes into Kubernetes ConfigMaps")]
+#[command(
+    name = "slipstream",
+    version,
+    about = "Sync NATS JetStream KV prefixes into Kubernetes ConfigMaps"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

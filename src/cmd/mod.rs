@@ -16,17 +16,29 @@ pub mod sync;
 #[derive(Args, Clone, Debug)]
 pub struct NatsArgs {
     /// NATS server URL(s), comma separated.
-    #[arg(long = "nats", env = "SLIPSTREAM_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long = "nats",
+        env = "SLIPSTREAM_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub url: String,
     /// Credentials file (JWT + nkey seed).
     #[arg(long = "nats-creds", env = "SLIPSTREAM_NATS_CREDS")]
     pub creds: Option<PathBuf>,
     /// Token authentication.
-    #[arg(long = "nats-token", env = "SLIPSTREAM_NATS_TOKEN", hide_env_values = true)]
+    #[arg(
+        long = "nats-token",
+        env = "SLIPSTREAM_NATS_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     #[arg(long = "nats-user", env = "SLIPSTREAM_NATS_USER")]
     pub user: Option<String>,
-    #[arg(long = "nats-password", env = "SLIPSTREAM_NATS_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long = "nats-password",
+        env = "SLIPSTREAM_NATS_PASSWORD",
+        hide_env_values = true
+    )]
     pub password: Option<String>,
     /// File holding an nkey seed.
     #[arg(long = "nats-nkey-seed-file", env = "SLIPSTREAM_NATS_NKEY_SEED_FILE")]
