@@ -31,6 +31,12 @@ test-only: tools
 ## bench: KV layer and operator benchmarks; prints tables, asserts nothing
 bench: tools
 	$(CARGO) run --release --locked --example bench_kv
+	$(CARGO) run --release --locked -p apiserver --example bench_apiserver
+	$(CARGO) run --release --locked --example bench_operator
+
+## chaos: random kills, pauses, NATS restarts and API faults for 2 minutes; checks nothing was lost
+chaos: tools
+	$(CARGO) run --release --locked --example chaos -- --duration 120s
 
 clean:
 	$(CARGO) clean
