@@ -11,8 +11,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 
+pub mod filter;
 pub mod lease;
 pub mod nats;
+mod nats_watch;
 
 /// Errors of the KV layer. `Clone` so one failure can be fanned out to every
 /// binding that shares a watch.
@@ -26,6 +28,9 @@ pub enum KvError {
     BucketNotFound(String),
     #[error("key {0:?} not found")]
     KeyNotFound(String),
+    /// A key or prefix the backend cannot store or match.
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
     #[error("key {0:?} already exists")]
     AlreadyExists(String),
     #[error("revision mismatch on key {key:?}")]
@@ -57,6 +62,7 @@ impl KvError {
             KvError::ConnectionFailed(_) => "ConnectionFailed",
             KvError::BucketNotFound(_) => "BucketNotFound",
             KvError::KeyNotFound(_) => "KeyNotFound",
+            KvError::InvalidKey(_) => "InvalidKey",
             KvError::AlreadyExists(_) => "AlreadyExists",
             KvError::RevisionMismatch { .. } => "RevisionMismatch",
             KvError::SerializationError(_) => "SerializationError",
@@ -293,7 +299,9 @@ pub enum WatchEvent {
     /// Everything that existed (state-sync) or was missed (resume) when the
     /// watch started has now been delivered; yielded exactly once per watch,
     /// also when nothing matched. `cursor` covers everything delivered so far.
-    Synced { cursor: WatchCursor },
+    Synced {
+        cursor: WatchCursor,
+    },
 }
 
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent>> + Send>>;
@@ -361,8 +369,7 @@ pub trait KvWatcher: Send + Sync {
     }
 
     async fn watch_prefix_from(&self, prefix: &str, cursor: WatchCursor) -> Result<WatchStream> {
-        self.watch_prefixes_from(&[prefix.to_owned()], cursor)
-            .await
+        self.watch_prefixes_from(&[prefix.to_owned()], cursor).await
     }
 }
 
@@ -377,8 +384,7 @@ pub trait KvWriter: Send + Sync {
     -> Result<VersionToken>;
     /// CAS delete: writes an empty-value tombstone, so a concurrent CAS
     /// writer holding the old version still conflicts.
-    async fn delete_with_version(&self, key: &str, expected: VersionToken)
-    -> Result<VersionToken>;
+    async fn delete_with_version(&self, key: &str, expected: VersionToken) -> Result<VersionToken>;
 }
 
 #[async_trait]
