@@ -8,3 +8,4 @@ pub mod projection;
 pub mod metrics;
 pub mod policy;
 pub mod sink;
+pub mod controller;

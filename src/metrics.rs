@@ -95,7 +95,11 @@ impl Metrics {
             "From receiving a KV update to the ConfigMap write containing it",
             propagation_seconds.clone(),
         );
-        registry.register("open_watches", "NATS watches open now", open_watches.clone());
+        registry.register(
+            "open_watches",
+            "NATS watches open now",
+            open_watches.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             applied_cursor,

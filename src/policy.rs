@@ -98,7 +98,12 @@ impl AccessPolicy {
     }
 
     /// Ok when `namespace` may read every prefix in `bucket`.
-    pub fn check(&self, namespace: &str, bucket: &str, prefixes: &[String]) -> Result<(), PolicyError> {
+    pub fn check(
+        &self,
+        namespace: &str,
+        bucket: &str,
+        prefixes: &[String],
+    ) -> Result<(), PolicyError> {
         let Some(grants) = &self.grants else {
             return Ok(());
         };
@@ -168,7 +173,11 @@ namespaces:
 
     #[test]
     fn no_policy_allows_everything_and_bad_files_are_errors() {
-        assert!(AccessPolicy::allow_all().check("x", "y", &["z".into()]).is_ok());
+        assert!(
+            AccessPolicy::allow_all()
+                .check("x", "y", &["z".into()])
+                .is_ok()
+        );
         let err = AccessPolicy::from_yaml("namespaces: [1, 2]", "p.yaml").unwrap_err();
         assert_eq!(err.reason(), "InvalidPolicy");
         assert!(err.to_string().contains("p.yaml"));

@@ -1,10 +1,96 @@
-//! `slipstream run` (being built).
+//! `slipstream run`: the operator. Parse flags, build the context, run.
 
-use clap::Args;
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use axum::{Router, http::StatusCode, routing::get};
+use clap::{Args, ValueEnum};
+use tokio::sync::watch;
+use tracing::info;
+
+use super::{NatsArgs, parse_duration};
+use crate::{
+    controller::{self, Config, Context, NatsConnector},
+    metrics::Metrics,
+    policy::AccessPolicy,
+};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 #[derive(Args, Debug)]
-pub struct RunArgs {}
+pub struct RunArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Wait this long after the first update of a burst before writing.
+    #[arg(long, env = "SLIPSTREAM_COALESCE", default_value = "50ms", value_parser = parse_duration)]
+    pub coalesce: Duration,
+    /// YAML access policy (namespaces -> buckets and prefixes). Default: allow all.
+    #[arg(long, env = "SLIPSTREAM_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "SLIPSTREAM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    #[arg(
+        long,
+        env = "SLIPSTREAM_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Elect one writing replica through a NATS KV lease (next issue; off).
+    #[arg(long, env = "SLIPSTREAM_LEADER_ELECTION", default_value_t = false)]
+    pub leader_election: bool,
+    /// Watch only this namespace.
+    #[arg(long, env = "SLIPSTREAM_NAMESPACE")]
+    pub namespace: Option<String>,
+}
 
-pub async fn main(_args: RunArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`slipstream run` is not implemented yet")
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+async fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(move || async move { metrics.encode() }))
+        .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
+        .route("/readyz", get(|| async { (StatusCode::OK, "ok") }));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(%addr, "serving /metrics, /healthz, /readyz");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+pub async fn main(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    if args.leader_election {
+        anyhow::bail!("--leader-election is not available yet; run one replica");
+    }
+    let policy = match &args.policy_file {
+        Some(path) => AccessPolicy::from_file(path)?,
+        None => AccessPolicy::allow_all(),
+    };
+    let client = kube::Client::try_default().await?;
+    let metrics = Metrics::new();
+    tokio::spawn(serve_metrics(args.metrics_addr, metrics.clone()));
+    let (_gate_tx, gate) = watch::channel(true);
+    let kv = Arc::new(NatsConnector::new(
+        args.nats.connect_options("slipstream-operator"),
+    ));
+    let config = Config {
+        coalesce: args.coalesce,
+        namespace: args.namespace,
+        ..Config::default()
+    };
+    let ctx = Context::new(client, kv, policy, metrics, gate, config);
+    controller::run(ctx).await;
+    Ok(())
 }

@@ -19,11 +19,9 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams},
 };
 
-use crate::{
-    crd::CreationPolicy,
-    kv::{VersionToken, WatchCursor},
-    projection::Projected,
-};
+#[cfg(test)]
+use crate::kv::VersionToken;
+use crate::{crd::CreationPolicy, kv::WatchCursor, projection::Projected};
 
 pub const FIELD_MANAGER: &str = "slipstream";
 /// The KV revision the ConfigMap's content reflects.
@@ -138,7 +136,10 @@ impl Observed {
                 self.data == content.data && self.binary_data == content.binary_data
             }
             CreationPolicy::Merge => {
-                content.data.iter().all(|(k, v)| self.data.get(k) == Some(v))
+                content
+                    .data
+                    .iter()
+                    .all(|(k, v)| self.data.get(k) == Some(v))
                     && content
                         .binary_data
                         .iter()
@@ -217,13 +218,15 @@ impl ConfigMapSink {
     pub fn desired(
         target: &TargetRef,
         content: &Projected,
-        cursor: VersionToken,
+        cursor: WatchCursor,
         resource_version: Option<&str>,
     ) -> ConfigMap {
         let mut labels = target.labels.clone();
         labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
         let mut annotations = target.annotations.clone();
-        annotations.insert(CURSOR_ANNOTATION.into(), cursor.to_string());
+        if !cursor.is_none() {
+            annotations.insert(CURSOR_ANNOTATION.into(), cursor.to_string());
+        }
         annotations.insert(BINDING_ANNOTATION.into(), target.binding.clone());
         annotations.insert(GENERATION_ANNOTATION.into(), target.generation.to_string());
         let owner_references = match target.policy {
@@ -252,7 +255,7 @@ impl ConfigMapSink {
         &self,
         target: &TargetRef,
         content: &Projected,
-        cursor: VersionToken,
+        cursor: WatchCursor,
         resource_version: Option<&str>,
     ) -> Result<ConfigMap> {
         let cm = Self::desired(target, content, cursor, resource_version);
@@ -282,11 +285,7 @@ impl ConfigMapSink {
         });
         Ok(self
             .api(&target.namespace)
-            .patch(
-                &target.name,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
+            .patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?)
     }
 
@@ -371,7 +370,7 @@ mod tests {
         let cm = ConfigMapSink::desired(
             &target(CreationPolicy::Owner),
             &content,
-            VersionToken::from_u64(42),
+            WatchCursor::after(VersionToken::from_u64(42)),
             Some("7"),
         );
         let obs = Observed::from_configmap(&cm);
@@ -387,7 +386,7 @@ mod tests {
         let merge = ConfigMapSink::desired(
             &target(CreationPolicy::Merge),
             &content,
-            VersionToken::from_u64(1),
+            WatchCursor::after(VersionToken::from_u64(1)),
             None,
         );
         assert!(merge.metadata.owner_references.is_none());
@@ -408,7 +407,9 @@ mod tests {
         let merge = target(CreationPolicy::Merge);
         assert!(check_ownership(&owner, &ours, false).is_ok());
         assert_eq!(
-            check_ownership(&owner, &theirs, false).unwrap_err().reason(),
+            check_ownership(&owner, &theirs, false)
+                .unwrap_err()
+                .reason(),
             "TargetConflict"
         );
         assert!(check_ownership(&merge, &theirs, false).is_ok());

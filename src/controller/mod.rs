@@ -1,0 +1,481 @@
+//! The controller: reconciles ConfigBindings, runs one KV watch per bucket
+//! ([`hub`]), and one worker per binding ([`worker`]) that coalesces bursts
+//! and writes the ConfigMap.
+//!
+//! Reconcile is a small pipeline: finalizer -> validate spec and access
+//! policy -> (re)start the binding's worker when its generation changed.
+//! Everything that talks to KV or writes ConfigMaps lives in the worker, so a
+//! reconcile never blocks on NATS.
+
+pub mod hub;
+pub mod worker;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        finalizer::{Event as Finalizer, finalizer},
+        watcher,
+    },
+};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::{
+    crd::{Condition, ConfigBinding, ConfigBindingStatus, DeletionPolicy},
+    kv::{
+        KvError, KvStore,
+        nats::{ConnectOptions, NatsKv},
+    },
+    metrics::Metrics,
+    policy::AccessPolicy,
+    projection::ProjectionRules,
+    sink::configmap::{
+        BINDING_ANNOTATION, ConfigMapSink, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SinkError, TargetRef,
+    },
+};
+use hub::Hub;
+use worker::{Worker, WorkerMsg, write_status};
+
+pub const FINALIZER: &str = "slipstream.io/cleanup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("ConfigMap: {0}")]
+    Sink(#[from] SinkError),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubernetesError",
+            Error::Sink(e) => e.reason(),
+            Error::Finalizer(_) => "FinalizerFailed",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Opens buckets. The NATS implementation reconnects lazily, so the
+/// operator starts (and reports NotConnected) while NATS is down.
+#[async_trait]
+pub trait KvConnector: Send + Sync + 'static {
+    async fn open(&self, bucket: &str) -> Result<Arc<dyn KvStore>, KvError>;
+}
+
+/// [`KvConnector`] over one NATS connection, made on first use.
+pub struct NatsConnector {
+    opts: ConnectOptions,
+    conn: tokio::sync::Mutex<Option<NatsKv>>,
+}
+
+impl NatsConnector {
+    pub fn new(opts: ConnectOptions) -> Self {
+        Self {
+            opts,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+#[async_trait]
+impl KvConnector for NatsConnector {
+    async fn open(&self, bucket: &str) -> Result<Arc<dyn KvStore>, KvError> {
+        let mut conn = self.conn.lock().await;
+        let kv = match conn.as_ref() {
+            Some(kv) => kv.clone(),
+            None => {
+                let kv = NatsKv::connect(&self.opts).await?;
+                *conn = Some(kv.clone());
+                kv
+            }
+        };
+        drop(conn);
+        Ok(Arc::new(kv.open(bucket).await?))
+    }
+}
+
+/// Tunables of the controller.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Wait this long after the first update of a burst before writing.
+    pub coalesce: Duration,
+    /// Watch only this namespace (all when `None`).
+    pub namespace: Option<String>,
+    /// Most catch-up watches open at once (bounds NATS consumers).
+    pub catchup_concurrency: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            coalesce: Duration::from_millis(50),
+            namespace: None,
+            catchup_concurrency: 16,
+        }
+    }
+}
+
+struct WorkerHandle {
+    uid: String,
+    generation: i64,
+    tx: mpsc::UnboundedSender<WorkerMsg>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub kv: Arc<dyn KvConnector>,
+    pub policy: AccessPolicy,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    /// "May write": false on a standby replica.
+    pub gate: watch::Receiver<bool>,
+    pub config: Config,
+    pub hub: Hub,
+    pub sink: ConfigMapSink,
+    catchup_permits: Arc<Semaphore>,
+    workers: Mutex<HashMap<(String, String), WorkerHandle>>,
+    ids: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        kv: Arc<dyn KvConnector>,
+        policy: AccessPolicy,
+        metrics: Metrics,
+        gate: watch::Receiver<bool>,
+        config: Config,
+    ) -> Arc<Self> {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "slipstream".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Arc::new(Self {
+            hub: Hub::new(kv.clone(), metrics.clone()),
+            sink: ConfigMapSink::new(client.clone()),
+            catchup_permits: Arc::new(Semaphore::new(config.catchup_concurrency.max(1))),
+            workers: Mutex::default(),
+            ids: AtomicU64::new(1),
+            client,
+            kv,
+            policy,
+            metrics,
+            recorder,
+            gate,
+            config,
+        })
+    }
+
+    fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Number of bindings with a running worker.
+    pub fn worker_count(&self) -> usize {
+        lock(&self.workers).len()
+    }
+
+    fn stop_worker(&self, key: &(String, String)) {
+        if let Some(h) = lock(&self.workers).remove(key) {
+            h.task.abort();
+        }
+    }
+
+    fn send_to_worker(&self, key: &(String, String), msg: WorkerMsg) {
+        if let Some(h) = lock(&self.workers).get(key) {
+            let _ = h.tx.send(msg);
+        }
+    }
+}
+
+/// Sets Ready (and Stalled) the way `kubectl wait --for=condition=Ready` expects.
+pub fn set_conditions(
+    status: &mut ConfigBindingStatus,
+    reason: &str,
+    message: &str,
+    ready: bool,
+    stalled: bool,
+    generation: Option<i64>,
+) {
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let mut set = |type_: &str, on: bool, reason: &str, message: &str| {
+        let value = if on { "True" } else { "False" };
+        match status.conditions.iter_mut().find(|c| c.type_ == type_) {
+            Some(c) => {
+                if c.status != value {
+                    c.last_transition_time = Some(now.clone());
+                }
+                c.status = value.into();
+                c.reason = reason.into();
+                c.message = message.into();
+                c.observed_generation = generation;
+            }
+            None => status.conditions.push(Condition {
+                type_: type_.into(),
+                status: value.into(),
+                reason: reason.into(),
+                message: message.into(),
+                last_transition_time: Some(now.clone()),
+                observed_generation: generation,
+            }),
+        }
+    };
+    set("Ready", ready, reason, message);
+    if stalled {
+        set("Stalled", true, reason, message);
+    } else {
+        set("Stalled", false, "Progressing", "");
+    }
+}
+
+fn binding_key(b: &ConfigBinding) -> (String, String) {
+    (b.namespace().unwrap_or_default(), b.name_any())
+}
+
+fn target_of(b: &ConfigBinding) -> TargetRef {
+    TargetRef {
+        namespace: b.namespace().unwrap_or_default(),
+        name: b.target_name(),
+        binding: b.name_any(),
+        generation: b.metadata.generation.unwrap_or(0),
+        policy: b.spec.target.creation_policy,
+        owner: b.controller_owner_ref(&()),
+        labels: b.spec.target.labels.clone(),
+        annotations: b.spec.target.annotations.clone(),
+    }
+}
+
+/// Spec and access policy; the error carries its reason word.
+fn validate(b: &ConfigBinding, policy: &AccessPolicy) -> Result<ProjectionRules, (String, String)> {
+    let rules =
+        ProjectionRules::from_spec(&b.spec).map_err(|e| (e.reason().to_owned(), e.to_string()))?;
+    policy
+        .check(
+            &b.namespace().unwrap_or_default(),
+            &b.spec.bucket,
+            &b.spec.prefixes,
+        )
+        .map_err(|e| (e.reason().to_owned(), format!("{e}; nothing is read")))?;
+    Ok(rules)
+}
+
+async fn report_invalid(
+    b: &ConfigBinding,
+    ctx: &Context,
+    reason: &str,
+    message: &str,
+) -> Result<()> {
+    ctx.metrics.error(reason);
+    warn!(binding = %b.name_any(), namespace = ?b.namespace(), reason, message, "binding not served");
+    let mut status = b.status.clone().unwrap_or_default();
+    let before = status.condition("Ready").cloned();
+    set_conditions(
+        &mut status,
+        reason,
+        message,
+        false,
+        true,
+        b.metadata.generation,
+    );
+    status.observed_generation = b.metadata.generation;
+    let changed = before.as_ref().map(|c| (&c.reason, &c.message, &c.status))
+        != status
+            .condition("Ready")
+            .map(|c| (&c.reason, &c.message, &c.status));
+    if !changed || !*ctx.gate.borrow() {
+        return Ok(());
+    }
+    write_status(&ctx.client, b, &status).await?;
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(message.chars().take(1000).collect()),
+        action: "Validate".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &b.object_ref(&())).await {
+        debug!(error = %e, "event not recorded");
+    }
+    Ok(())
+}
+
+async fn apply(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
+    let key = binding_key(&b);
+    let uid = b.uid().unwrap_or_default();
+    let generation = b.metadata.generation.unwrap_or(0);
+    {
+        let workers = lock(&ctx.workers);
+        if let Some(h) = workers.get(&key)
+            && h.uid == uid
+            && h.generation == generation
+            && !h.task.is_finished()
+        {
+            return Ok(Action::await_change());
+        }
+    }
+    ctx.stop_worker(&key);
+    let rules = match validate(&b, &ctx.policy) {
+        Ok(r) => r,
+        Err((reason, message)) => {
+            report_invalid(&b, &ctx, &reason, &message).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let head = Arc::new(AtomicU64::new(0));
+    let w = Worker::new(ctx.clone(), b.clone(), rules, rx, head);
+    let task = tokio::spawn(w.run());
+    info!(binding = %key.1, namespace = %key.0, generation, "binding started");
+    lock(&ctx.workers).insert(
+        key,
+        WorkerHandle {
+            uid,
+            generation,
+            tx,
+            task,
+        },
+    );
+    Ok(Action::await_change())
+}
+
+async fn cleanup(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
+    let key = binding_key(&b);
+    ctx.stop_worker(&key);
+    let delete = b.spec.target.deletion_policy == DeletionPolicy::Delete;
+    match ctx.sink.release(&target_of(&b), delete).await {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    info!(binding = %key.1, namespace = %key.0, delete, "binding removed");
+    Ok(Action::await_change())
+}
+
+async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
+    if !*ctx.gate.borrow() {
+        // standby: keep the projection warm, write nothing (not even the finalizer)
+        if b.metadata.deletion_timestamp.is_some() {
+            ctx.stop_worker(&binding_key(&b));
+        } else {
+            let key = binding_key(&b);
+            let running = lock(&ctx.workers).get(&key).is_some_and(|h| {
+                h.generation == b.metadata.generation.unwrap_or(0) && !h.task.is_finished()
+            });
+            if !running && let Ok(rules) = validate(&b, &ctx.policy) {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let w = Worker::new(ctx.clone(), b.clone(), rules, rx, Arc::default());
+                let task = tokio::spawn(w.run());
+                let handle = WorkerHandle {
+                    uid: b.uid().unwrap_or_default(),
+                    generation: b.metadata.generation.unwrap_or(0),
+                    tx,
+                    task,
+                };
+                lock(&ctx.workers).insert(key, handle);
+            }
+        }
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    let api: Api<ConfigBinding> =
+        Api::namespaced(ctx.client.clone(), &b.namespace().unwrap_or_default());
+    let ctx2 = ctx.clone();
+    finalizer(&api, FINALIZER, b, |event| async move {
+        match event {
+            Finalizer::Apply(b) => apply(b, ctx2).await,
+            Finalizer::Cleanup(b) => cleanup(b, ctx2).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+fn error_policy(b: Arc<ConfigBinding>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(err.reason());
+    warn!(binding = %b.name_any(), reason = err.reason(), error = %err, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Routes ConfigMap changes (hand edits, deletes) to the writing binding's worker.
+async fn watch_configmaps(ctx: Arc<Context>) {
+    let api: Api<ConfigMap> = match &ctx.config.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let wc = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let mut stream = watcher(api, wc).boxed();
+    while let Some(ev) = stream.next().await {
+        let (cm, deleted) = match ev {
+            Ok(watcher::Event::Apply(cm)) | Ok(watcher::Event::InitApply(cm)) => (cm, false),
+            Ok(watcher::Event::Delete(cm)) => (cm, true),
+            Ok(_) => continue,
+            Err(e) => {
+                debug!(error = %e, "ConfigMap watch error; the watcher retries");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let Some(binding) = cm.annotations().get(BINDING_ANNOTATION).cloned() else {
+            continue;
+        };
+        let key = (cm.namespace().unwrap_or_default(), binding);
+        let msg = WorkerMsg::Target((!deleted).then(|| Box::new(cm)));
+        ctx.send_to_worker(&key, msg);
+    }
+}
+
+/// Runs the controller until the process is told to stop.
+pub async fn run(ctx: Arc<Context>) {
+    if ctx.policy.is_allow_all() {
+        info!("no access policy given: every namespace may read every bucket and prefix");
+    }
+    let bindings: Api<ConfigBinding> = match &ctx.config.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let cm_task = tokio::spawn(watch_configmaps(ctx.clone()));
+    Controller::new(bindings, watcher::Config::default().any_semantic())
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                debug!(error = %e, "reconcile error");
+            }
+        })
+        .await;
+    cm_task.abort();
+    let keys: Vec<_> = lock(&ctx.workers).keys().cloned().collect();
+    for k in keys {
+        ctx.stop_worker(&k);
+    }
+}

@@ -1,0 +1,927 @@
+//! One task per binding: keeps the KV entries of its prefixes, coalesces
+//! bursts, writes the projected content with one apply, then mirrors the
+//! cursor into status.
+//!
+//! The cursor (`seen`) only covers updates already merged into `entries`,
+//! and it reaches the ConfigMap only inside the write that carries those
+//! entries (invariant 1). Updates at or below `seen` are dropped, and a
+//! ConfigMap already holding a newer cursor is never overwritten
+//! (invariant 2).
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::events::{Event as KubeEvent, EventType},
+};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tracing::{debug, info, warn};
+
+use super::{Context, hub::HubEvent};
+use crate::{
+    crd::{ConfigBinding, ConfigBindingStatus, CreationPolicy, MAX_SKIPPED_LISTED},
+    kv::{KvError, KvStore, KvUpdate, WatchCursor, WatchEvent, WatchStream},
+    metrics::BindingLabels,
+    projection::{Projected, ProjectionRules},
+    sink::configmap::{
+        BINDING_ANNOTATION, ConfigMapSink, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Observed, SinkError,
+        TargetRef, check_ownership,
+    },
+};
+
+/// Messages a worker receives besides its own timers.
+pub enum WorkerMsg {
+    Hub(HubEvent),
+    /// The target ConfigMap as the watch last saw it (`None`: deleted).
+    Target(Option<Box<ConfigMap>>),
+}
+
+/// What the worker knows about its ConfigMap.
+#[derive(Debug, Clone)]
+enum TargetState {
+    Unknown,
+    Absent,
+    Present(Box<Observed>),
+}
+
+enum CatchupMode {
+    /// Resume after `seen`: only the delta.
+    Delta,
+    /// State-sync into `fresh`; `prune` replaces the entries at the end.
+    Full { prune: bool },
+}
+
+struct Catchup {
+    /// In a Mutex only to make the worker `Sync`; always used through `get_mut`.
+    stream: std::sync::Mutex<WatchStream>,
+    mode: CatchupMode,
+    fresh: BTreeMap<String, Bytes>,
+    max_version: WatchCursor,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A condition the worker wants in status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Health {
+    ready: bool,
+    reason: String,
+    message: String,
+    stalled: bool,
+}
+
+impl Health {
+    fn ok(reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            ready: true,
+            reason: reason.into(),
+            message: message.into(),
+            stalled: false,
+        }
+    }
+
+    fn err(reason: &str, message: impl Into<String>, stalled: bool) -> Self {
+        Self {
+            ready: false,
+            reason: reason.into(),
+            message: message.into(),
+            stalled,
+        }
+    }
+}
+
+pub struct Worker {
+    ctx: Arc<Context>,
+    binding: Arc<ConfigBinding>,
+    rules: ProjectionRules,
+    target: TargetRef,
+    labels: BindingLabels,
+    rx: mpsc::UnboundedReceiver<WorkerMsg>,
+    store: Option<Arc<dyn KvStore>>,
+    /// Set once `Attached` arrived and until the catch-up watch is synced.
+    catching_up: bool,
+    catchup: Option<Catchup>,
+    buffered: Vec<(KvUpdate, Instant)>,
+    entries: BTreeMap<String, Bytes>,
+    seen: WatchCursor,
+    /// `entries` are complete through `seen` and may be written.
+    synced: bool,
+    target_state: TargetState,
+    /// When the oldest update not yet written arrived.
+    dirty_since: Option<Instant>,
+    flush_at: Option<Instant>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    conflicts: u32,
+    health: Health,
+    /// A resync could not tell deleted keys from aged-out ones.
+    lingering: bool,
+    skipped: Vec<String>,
+    status: ConfigBindingStatus,
+    head: Arc<std::sync::atomic::AtomicU64>,
+    /// Received updates (catch-up and live) — what a restart costs.
+    pub received: u64,
+}
+
+fn min_deadline(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+async fn next_catchup(c: &mut Option<Catchup>) -> Option<crate::kv::Result<WatchEvent>> {
+    match c {
+        Some(c) => {
+            let stream = c.stream.get_mut().unwrap_or_else(|p| p.into_inner());
+            stream.next().await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn rv_number(rv: Option<&str>) -> Option<u64> {
+    rv.and_then(|r| r.parse().ok())
+}
+
+impl Worker {
+    pub fn new(
+        ctx: Arc<Context>,
+        binding: Arc<ConfigBinding>,
+        rules: ProjectionRules,
+        rx: mpsc::UnboundedReceiver<WorkerMsg>,
+        head: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        let namespace = binding.namespace().unwrap_or_default();
+        let name = binding.name_any();
+        let spec = &binding.spec;
+        let target = TargetRef {
+            namespace: namespace.clone(),
+            name: binding.target_name(),
+            binding: name.clone(),
+            generation: binding.metadata.generation.unwrap_or(0),
+            policy: spec.target.creation_policy,
+            owner: binding.controller_owner_ref(&()),
+            labels: spec.target.labels.clone(),
+            annotations: spec.target.annotations.clone(),
+        };
+        let status = binding.status.clone().unwrap_or_default();
+        Self {
+            labels: BindingLabels {
+                namespace,
+                binding: name,
+            },
+            ctx,
+            rules,
+            target,
+            rx,
+            store: None,
+            catching_up: false,
+            catchup: None,
+            buffered: Vec::new(),
+            entries: BTreeMap::new(),
+            seen: WatchCursor::none(),
+            synced: false,
+            target_state: TargetState::Unknown,
+            dirty_since: None,
+            flush_at: None,
+            retry_at: None,
+            backoff: Duration::from_millis(200),
+            conflicts: 0,
+            health: Health::err("Syncing", "waiting for the bucket watch", false),
+            lingering: false,
+            skipped: status.skipped_keys.clone(),
+            status,
+            head,
+            received: 0,
+            binding,
+        }
+    }
+
+    fn retry_later(&mut self) {
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+    }
+
+    fn schedule_flush(&mut self, after: Duration) {
+        let at = Instant::now() + after;
+        self.flush_at = Some(self.flush_at.map_or(at, |f| f.min(at)));
+    }
+
+    /// Reads the ConfigMap once at start and, when it is ours and was
+    /// written with the same rules, rebuilds the entries from it so the
+    /// catch-up only needs the delta after its cursor.
+    async fn load_target(&mut self) {
+        loop {
+            match self
+                .ctx
+                .sink
+                .read(&self.target.namespace, &self.target.name)
+                .await
+            {
+                Ok(None) => {
+                    self.target_state = TargetState::Absent;
+                    return;
+                }
+                Ok(Some(cm)) => {
+                    let obs = Observed::from_configmap(&cm);
+                    let resumable = obs.binding.as_deref() == Some(self.target.binding.as_str())
+                        && obs.generation == Some(self.target.generation)
+                        && self.target.policy == CreationPolicy::Owner
+                        && self.rules.is_invertible()
+                        && !obs.cursor.is_none();
+                    if resumable {
+                        let mut entries = BTreeMap::new();
+                        let text = obs.data.iter().map(|(k, v)| (k, v.as_bytes().to_vec()));
+                        let bin = obs.binary_data.iter().map(|(k, v)| (k, v.0.clone()));
+                        let mut complete = true;
+                        for (cm_key, value) in text.chain(bin) {
+                            match self.rules.kv_key_of(cm_key) {
+                                Some(kv_key) => {
+                                    entries.insert(kv_key, Bytes::from(value));
+                                }
+                                None => complete = false,
+                            }
+                        }
+                        if complete {
+                            self.entries = entries;
+                            self.seen = obs.cursor;
+                            info!(binding = %self.labels.binding, cursor = %self.seen, keys = self.entries.len(),
+                                  "resuming from the ConfigMap's cursor");
+                        }
+                    }
+                    self.target_state = TargetState::Present(Box::new(obs));
+                    return;
+                }
+                Err(e) => {
+                    self.set_health(Health::err(e.reason(), e.to_string(), false))
+                        .await;
+                    tokio::time::sleep(self.backoff).await;
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    pub async fn run(mut self) {
+        self.load_target().await;
+        self.backoff = Duration::from_millis(200);
+        let (tx, mut hub_rx) = mpsc::unbounded_channel();
+        let sub = self.ctx.hub.subscribe(
+            &self.binding.spec.bucket,
+            self.ctx.next_id(),
+            self.rules.clone(),
+            tx,
+        );
+        self.head = sub.head.clone();
+        let mut gate = self.ctx.gate.clone();
+        loop {
+            let deadline = min_deadline(self.flush_at, self.retry_at);
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    None => break,
+                    Some(WorkerMsg::Hub(ev)) => self.on_hub(ev).await,
+                    Some(WorkerMsg::Target(cm)) => self.on_target(cm),
+                },
+                Some(ev) = hub_rx.recv() => self.on_hub(ev).await,
+                ev = next_catchup(&mut self.catchup) => self.on_catchup(ev).await,
+                _ = sleep_until(deadline) => {
+                    let now = Instant::now();
+                    if self.retry_at.is_some_and(|r| r <= now) {
+                        self.retry_at = None;
+                        if self.store.is_some() && !self.synced && self.catchup.is_none() {
+                            self.start_catchup().await;
+                        } else {
+                            self.flush_at = Some(now);
+                        }
+                    }
+                    if self.flush_at.is_some_and(|f| f <= Instant::now()) {
+                        self.flush_at = None;
+                        self.flush().await;
+                    }
+                },
+                changed = gate.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if *gate.borrow() {
+                        self.flush_at = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        drop(sub);
+    }
+
+    async fn on_hub(&mut self, ev: HubEvent) {
+        match ev {
+            HubEvent::Attached(store) => {
+                self.store = Some(store);
+                self.synced = false;
+                self.catching_up = true;
+                self.start_catchup().await;
+            }
+            HubEvent::Update(update, at) => {
+                if self.catching_up || !self.synced {
+                    self.buffered.push((update, at));
+                } else {
+                    self.apply_live(update, at);
+                }
+            }
+            HubEvent::Lost(err) => {
+                self.store = None;
+                self.catchup = None;
+                self.synced = false;
+                self.catching_up = false;
+                self.buffered.clear();
+                self.set_health(Health::err(err.reason(), err.to_string(), false))
+                    .await;
+            }
+        }
+    }
+
+    fn on_target(&mut self, cm: Option<Box<ConfigMap>>) {
+        let new = match cm {
+            None => TargetState::Absent,
+            Some(cm) => {
+                let obs = Observed::from_configmap(&cm);
+                // a late event older than what we wrote tells nothing new
+                if let TargetState::Present(cur) = &self.target_state
+                    && let (Some(a), Some(b)) = (
+                        rv_number(obs.resource_version.as_deref()),
+                        rv_number(cur.resource_version.as_deref()),
+                    )
+                    && a <= b
+                {
+                    return;
+                }
+                TargetState::Present(Box::new(obs))
+            }
+        };
+        self.target_state = new;
+        if self.synced {
+            self.schedule_flush(Duration::ZERO);
+        }
+    }
+
+    async fn start_catchup(&mut self) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let permit = match self.ctx.catchup_permits.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let prefixes = self.rules.prefixes().to_vec();
+        let (cursor, mut mode) = if self.seen.is_none() {
+            (WatchCursor::none(), CatchupMode::Full { prune: true })
+        } else {
+            (self.seen, CatchupMode::Delta)
+        };
+        let mut result = store.watch_prefixes_from(&prefixes, cursor).await;
+        if let Err(KvError::CursorExpired { .. }) = &result {
+            mode = self.repair_mode(&store).await;
+            result = store
+                .watch_prefixes_from(&prefixes, WatchCursor::none())
+                .await;
+        }
+        match result {
+            Ok(stream) => {
+                self.ctx.metrics.open_watches.inc();
+                self.catchup = Some(Catchup {
+                    stream: std::sync::Mutex::new(stream),
+                    mode,
+                    fresh: BTreeMap::new(),
+                    max_version: WatchCursor::none(),
+                    _permit: permit,
+                });
+            }
+            Err(e) => {
+                self.set_health(Health::err(e.reason(), e.to_string(), false))
+                    .await;
+                self.ctx.metrics.error(e.reason());
+                self.retry_later();
+            }
+        }
+    }
+
+    /// After `CursorExpired`: prune only when the bucket keeps every
+    /// current value, so a missing key really was deleted (invariant 3).
+    async fn repair_mode(&mut self, store: &Arc<dyn KvStore>) -> CatchupMode {
+        let prune = matches!(store.info().await, Ok(info) if info.keeps_current_values);
+        warn!(binding = %self.labels.binding, prune, "cursor expired; resyncing");
+        self.ctx.metrics.error("CursorExpired");
+        if !prune {
+            self.lingering = true;
+        }
+        CatchupMode::Full { prune }
+    }
+
+    async fn on_catchup(&mut self, ev: Option<crate::kv::Result<WatchEvent>>) {
+        let Some(c) = self.catchup.as_mut() else {
+            return;
+        };
+        match ev {
+            Some(Ok(WatchEvent::Update(update))) => {
+                self.received += 1;
+                self.ctx
+                    .metrics
+                    .delivered(&self.binding.spec.bucket, "catchup", 1);
+                let version = update.version();
+                c.max_version.advance(version);
+                match c.mode {
+                    CatchupMode::Full { .. } => match update {
+                        KvUpdate::Put(e) => {
+                            c.fresh.insert(e.key, e.value);
+                        }
+                        KvUpdate::Delete { key, .. } | KvUpdate::Purge { key, .. } => {
+                            c.fresh.remove(&key);
+                        }
+                    },
+                    CatchupMode::Delta => {
+                        self.apply_live(update, Instant::now());
+                    }
+                }
+            }
+            Some(Ok(WatchEvent::Synced { cursor })) => {
+                self.ctx.metrics.open_watches.dec();
+                let Some(c) = self.catchup.take() else {
+                    return;
+                };
+                if let CatchupMode::Full { prune } = c.mode {
+                    let changed = if prune {
+                        self.entries != c.fresh
+                    } else {
+                        c.fresh.iter().any(|(k, v)| self.entries.get(k) != Some(v))
+                    };
+                    if prune {
+                        self.entries = c.fresh;
+                    } else {
+                        self.entries.extend(c.fresh);
+                    }
+                    if changed {
+                        self.dirty_since.get_or_insert_with(Instant::now);
+                    }
+                    // a state-sync started after the ConfigMap was read covers its cursor
+                    if let TargetState::Present(obs) = &self.target_state
+                        && let Some(v) = obs.cursor.version()
+                    {
+                        self.seen.advance(v);
+                    }
+                }
+                if let Some(v) = c.max_version.version() {
+                    self.seen.advance(v);
+                }
+                if let Some(v) = cursor.version() {
+                    self.seen.advance(v);
+                }
+                self.catching_up = false;
+                self.synced = true;
+                self.backoff = Duration::from_millis(200);
+                for (update, at) in std::mem::take(&mut self.buffered) {
+                    self.apply_live(update, at);
+                }
+                debug!(binding = %self.labels.binding, cursor = %self.seen, received = self.received, "caught up");
+                self.schedule_flush(Duration::ZERO);
+            }
+            Some(Err(KvError::CursorExpired { .. })) => {
+                self.ctx.metrics.open_watches.dec();
+                self.catchup = None;
+                if let Some(store) = self.store.clone() {
+                    let mode = self.repair_mode(&store).await;
+                    let prefixes = self.rules.prefixes().to_vec();
+                    match store
+                        .watch_prefixes_from(&prefixes, WatchCursor::none())
+                        .await
+                    {
+                        Ok(stream) => {
+                            if let Ok(permit) =
+                                self.ctx.catchup_permits.clone().acquire_owned().await
+                            {
+                                self.ctx.metrics.open_watches.inc();
+                                self.catchup = Some(Catchup {
+                                    stream: std::sync::Mutex::new(stream),
+                                    mode,
+                                    fresh: BTreeMap::new(),
+                                    max_version: WatchCursor::none(),
+                                    _permit: permit,
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            self.set_health(Health::err(e.reason(), e.to_string(), false))
+                                .await;
+                            self.retry_later();
+                        }
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                self.ctx.metrics.open_watches.dec();
+                self.catchup = None;
+                self.ctx.metrics.error(e.reason());
+                self.set_health(Health::err(e.reason(), e.to_string(), false))
+                    .await;
+                self.retry_later();
+            }
+            None => {
+                self.ctx.metrics.open_watches.dec();
+                self.catchup = None;
+                self.retry_later();
+            }
+        }
+    }
+
+    /// Merges one update in order. Old history (<= seen) is ignored.
+    fn apply_live(&mut self, update: KvUpdate, at: Instant) {
+        let version = update.version();
+        if self.seen.covers(&version) {
+            return;
+        }
+        if !self.catching_up {
+            self.received += 1;
+        }
+        self.seen.advance(version);
+        let changed = match update {
+            KvUpdate::Put(e) => {
+                if self.entries.get(&e.key) == Some(&e.value) {
+                    false
+                } else {
+                    self.entries.insert(e.key, e.value);
+                    true
+                }
+            }
+            KvUpdate::Delete { key, .. } | KvUpdate::Purge { key, .. } => {
+                self.entries.remove(&key).is_some()
+            }
+        };
+        self.update_lag(self.status_cursor());
+        if changed {
+            self.dirty_since.get_or_insert(at);
+            if self.synced && self.flush_at.is_none() {
+                self.schedule_flush(self.ctx.config.coalesce);
+            }
+        }
+    }
+
+    fn status_cursor(&self) -> WatchCursor {
+        match &self.target_state {
+            TargetState::Present(obs) => obs.cursor,
+            _ => WatchCursor::none(),
+        }
+    }
+
+    fn update_lag(&self, applied: WatchCursor) {
+        let head = self.head.load(Ordering::Relaxed);
+        let applied = applied.version().and_then(|v| v.as_u64()).unwrap_or(0);
+        let lag = head.saturating_sub(applied);
+        self.ctx
+            .metrics
+            .lag_revisions
+            .get_or_create(&self.labels)
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
+    }
+
+    fn may_write(&self) -> bool {
+        let ok = *self.ctx.gate.borrow();
+        if !ok {
+            self.ctx.metrics.dropped_writes.inc();
+        }
+        ok
+    }
+
+    async fn other_binding_exists(&self, name: &str) -> bool {
+        let api: Api<ConfigBinding> =
+            Api::namespaced(self.ctx.client.clone(), &self.target.namespace);
+        !matches!(api.get_opt(name).await, Ok(None))
+    }
+
+    /// Writes the current content if it differs from the ConfigMap.
+    async fn flush(&mut self) {
+        if !self.synced {
+            return;
+        }
+        if self.binding.spec.suspend {
+            self.set_health(Health::err(
+                "Suspended",
+                "spec.suspend is true: watching, not writing",
+                false,
+            ))
+            .await;
+            return;
+        }
+        let projected = match self
+            .rules
+            .project(self.entries.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.ctx.metrics.error(e.reason());
+                warn!(binding = %self.labels.binding, reason = e.reason(), error = %e, "not writing");
+                self.set_health(Health::err(
+                    e.reason(),
+                    format!("{e}; the ConfigMap keeps its last good content"),
+                    false,
+                ))
+                .await;
+                return;
+            }
+        };
+        self.skipped = projected.skipped.clone();
+        if matches!(self.target_state, TargetState::Unknown) {
+            match self
+                .ctx
+                .sink
+                .read(&self.target.namespace, &self.target.name)
+                .await
+            {
+                Ok(None) => self.target_state = TargetState::Absent,
+                Ok(Some(cm)) => {
+                    self.target_state =
+                        TargetState::Present(Box::new(Observed::from_configmap(&cm)))
+                }
+                Err(e) => return self.write_failed(e).await,
+            }
+        }
+        let mut resource_version = None;
+        if let TargetState::Present(obs) = &self.target_state {
+            let other_exists = match obs.binding.as_deref() {
+                Some(other) if other != self.target.binding => {
+                    self.other_binding_exists(other).await
+                }
+                _ => false,
+            };
+            if let Err(e) = check_ownership(&self.target, obs, other_exists) {
+                return self.write_failed(e).await;
+            }
+            if let (Some(theirs), Some(ours)) = (obs.cursor.version(), self.seen.version())
+                && theirs > ours
+            {
+                let e = SinkError::StaleWriter {
+                    ours: ours.to_string(),
+                    theirs: theirs.to_string(),
+                };
+                return self.write_failed(e).await;
+            }
+            let same = obs.holds(&projected, self.target.policy)
+                && obs.binding.as_deref() == Some(self.target.binding.as_str())
+                && obs.generation == Some(self.target.generation)
+                && (self.target.policy == CreationPolicy::Merge
+                    || obs.foreign_keys(&projected).is_empty());
+            if same {
+                // invariant 5: nothing changed, nothing written
+                self.dirty_since = None;
+                self.after_write(&projected, obs.cursor).await;
+                return;
+            }
+            resource_version = obs.resource_version.clone();
+        }
+        if !self.may_write() {
+            debug!(binding = %self.labels.binding, "standby: write dropped");
+            return;
+        }
+        let result = self.write(&projected, resource_version).await;
+        match result {
+            Ok(cm) => {
+                self.conflicts = 0;
+                self.backoff = Duration::from_millis(200);
+                let obs = Observed::from_configmap(&cm);
+                let cursor = obs.cursor;
+                self.target_state = TargetState::Present(Box::new(obs));
+                self.ctx.metrics.writes.get_or_create(&self.labels).inc();
+                if let Some(since) = self.dirty_since.take() {
+                    self.ctx
+                        .metrics
+                        .propagation_seconds
+                        .observe(since.elapsed().as_secs_f64());
+                }
+                self.after_write(&projected, cursor).await;
+            }
+            Err(SinkError::Conflict) if self.conflicts < 5 => {
+                // someone wrote since our read: re-read, compare, retry
+                self.conflicts += 1;
+                self.target_state = TargetState::Unknown;
+                self.schedule_flush(Duration::ZERO);
+            }
+            Err(e) => {
+                self.conflicts = 0;
+                self.target_state = TargetState::Unknown;
+                self.write_failed(e).await
+            }
+        }
+    }
+
+    /// Creates the ConfigMap empty (create-only, so two bindings cannot both
+    /// take it) then applies the content guarded by its resourceVersion.
+    async fn write(
+        &mut self,
+        content: &Projected,
+        mut resource_version: Option<String>,
+    ) -> Result<ConfigMap, SinkError> {
+        if matches!(self.target_state, TargetState::Absent) {
+            let mut skeleton = ConfigMapSink::desired(
+                &self.target,
+                &Projected::default(),
+                WatchCursor::none(),
+                None,
+            );
+            if let Some(a) = skeleton.metadata.annotations.as_mut() {
+                a.retain(|k, _| k == BINDING_ANNOTATION);
+            }
+            skeleton.metadata.labels = Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.to_owned(),
+                MANAGED_BY_VALUE.to_owned(),
+            )]));
+            let api: Api<ConfigMap> =
+                Api::namespaced(self.ctx.client.clone(), &self.target.namespace);
+            let pp = PostParams {
+                field_manager: Some("slipstream-create".into()),
+                ..PostParams::default()
+            };
+            let created = api.create(&pp, &skeleton).await?;
+            resource_version = created.metadata.resource_version.clone();
+        } else if let TargetState::Present(obs) = &self.target_state
+            && self.target.policy == CreationPolicy::Owner
+        {
+            let foreign = obs.foreign_keys(content);
+            if !foreign.is_empty()
+                && let Some(rv) = &resource_version
+            {
+                let cm = self
+                    .ctx
+                    .sink
+                    .remove_keys(&self.target, &foreign, rv)
+                    .await?;
+                resource_version = cm.metadata.resource_version.clone();
+            }
+        }
+        self.ctx
+            .sink
+            .apply(
+                &self.target,
+                content,
+                self.seen,
+                resource_version.as_deref(),
+            )
+            .await
+    }
+
+    async fn write_failed(&mut self, e: SinkError) {
+        self.ctx.metrics.error(e.reason());
+        warn!(binding = %self.labels.binding, reason = e.reason(), error = %e, "ConfigMap write failed");
+        let stalled = matches!(e, SinkError::TargetConflict(_));
+        self.set_health(Health::err(e.reason(), e.to_string(), stalled))
+            .await;
+        self.retry_later();
+    }
+
+    /// The ConfigMap holds `content` at `cursor`: mirror it into status.
+    async fn after_write(&mut self, content: &Projected, cursor: WatchCursor) {
+        if let Some(v) = cursor.version().and_then(|v| v.as_u64()) {
+            self.ctx
+                .metrics
+                .applied_cursor
+                .get_or_create(&self.labels)
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+        self.update_lag(cursor);
+        let mut status = self.status.clone();
+        status.observed_generation = self.binding.metadata.generation;
+        status.cursor = cursor.version().map(|v| v.to_string());
+        status.keys = Some(content.keys as i64);
+        status.bytes = Some(content.bytes as i64);
+        status.skipped_count =
+            (!content.skipped.is_empty()).then_some(content.skipped.len() as i64);
+        status.skipped_keys = content
+            .skipped
+            .iter()
+            .take(MAX_SKIPPED_LISTED)
+            .cloned()
+            .collect();
+        if status.cursor != self.status.cursor || status.last_sync_time.is_none() {
+            status.last_sync_time = Some(now_rfc3339());
+        }
+        self.status = status;
+        let health = if self.lingering {
+            Health::ok(
+                "ResyncedWithoutPrune",
+                "the cursor expired on a bucket that ages out values: keys deleted while the \
+                 operator was away may linger in the ConfigMap",
+            )
+        } else {
+            let overlaps = self.rules.overlaps();
+            let message = if overlaps.is_empty() {
+                format!("{} keys at cursor {cursor}", content.keys)
+            } else {
+                format!(
+                    "{} keys at cursor {cursor}; overlapping prefixes {overlaps:?}: the longest match wins",
+                    content.keys
+                )
+            };
+            Health::ok("Synced", message)
+        };
+        self.set_health(health).await;
+    }
+
+    /// Records the condition and writes status if anything changed; an
+    /// Event on every transition.
+    async fn set_health(&mut self, health: Health) {
+        let transition = health != self.health;
+        let mut status = self.status.clone();
+        super::set_conditions(
+            &mut status,
+            &health.reason,
+            &health.message,
+            health.ready,
+            health.stalled,
+            self.binding.metadata.generation,
+        );
+        status.observed_generation = self.binding.metadata.generation;
+        if transition {
+            self.health = health.clone();
+        }
+        if status == self.status && !transition {
+            return;
+        }
+        if !self.may_write() {
+            return;
+        }
+        match write_status(&self.ctx.client, &self.binding, &status).await {
+            Ok(()) => self.status = status,
+            Err(e) => {
+                self.ctx.metrics.error("StatusWriteFailed");
+                warn!(binding = %self.labels.binding, error = %e, "status write failed");
+                self.retry_later();
+            }
+        }
+        if transition {
+            let event = KubeEvent {
+                type_: if health.ready {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                },
+                reason: health.reason.clone(),
+                note: Some(health.message.chars().take(1000).collect()),
+                action: "Sync".into(),
+                secondary: None,
+            };
+            let reference = self.binding.object_ref(&());
+            if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
+                debug!(error = %e, "event not recorded");
+            }
+        }
+    }
+}
+
+/// Writes status with a merge patch; absent fields are cleared explicitly.
+pub async fn write_status(
+    client: &kube::Client,
+    binding: &ConfigBinding,
+    status: &ConfigBindingStatus,
+) -> Result<(), kube::Error> {
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        for field in [
+            "observedGeneration",
+            "cursor",
+            "keys",
+            "bytes",
+            "lastSyncTime",
+            "skippedCount",
+            "skippedKeys",
+            "conditions",
+        ] {
+            map.entry(field).or_insert(serde_json::Value::Null);
+        }
+    }
+    let api: Api<ConfigBinding> =
+        Api::namespaced(client.clone(), &binding.namespace().unwrap_or_default());
+    api.patch_status(
+        &binding.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": value })),
+    )
+    .await
+    .map(|_| ())
+}
