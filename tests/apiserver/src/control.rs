@@ -1,0 +1,195 @@
+//! Test controls: fault injection, the request log and counters.
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use crate::Shared;
+
+/// Fails the next `remaining` requests that match, with `code`.
+#[derive(Debug, Clone)]
+pub struct FaultRule {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`, `deletecollection`; `None` = any.
+    pub verb: Option<String>,
+    /// Plural resource name (`configmaps`); `None` = any.
+    pub resource: Option<String>,
+    /// Object name; `None` = any.
+    pub name: Option<String>,
+    /// HTTP status to answer with (500, 429, 409, 410, 503, ...).
+    pub code: u16,
+    pub remaining: usize,
+}
+
+impl FaultRule {
+    pub fn new(code: u16, count: usize) -> Self {
+        Self {
+            verb: None,
+            resource: None,
+            name: None,
+            code,
+            remaining: count,
+        }
+    }
+
+    pub fn verb(mut self, verb: &str) -> Self {
+        self.verb = Some(verb.to_string());
+        self
+    }
+
+    pub fn resource(mut self, resource: &str) -> Self {
+        self.resource = Some(resource.to_string());
+        self
+    }
+
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    pub(crate) fn matches(&self, verb: &str, resource: &str, name: &str) -> bool {
+        self.remaining > 0
+            && self.verb.as_deref().is_none_or(|v| v == verb)
+            && self.resource.as_deref().is_none_or(|r| r == resource)
+            && self.name.as_deref().is_none_or(|n| n == name)
+    }
+}
+
+/// Handle for injecting faults into a running emulator.
+#[derive(Clone)]
+pub struct Faults {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Faults {
+    /// Fails the next `count` requests of any kind with `code`.
+    pub fn fail_next(&self, count: usize, code: u16) {
+        self.add(FaultRule::new(code, count));
+    }
+
+    /// Fails the next requests matching `rule`.
+    pub fn add(&self, rule: FaultRule) {
+        if let Ok(mut f) = self.shared.faults.lock() {
+            f.push(rule);
+        }
+    }
+
+    /// Removes all pending fault rules.
+    pub fn clear(&self) {
+        if let Ok(mut f) = self.shared.faults.lock() {
+            f.clear();
+        }
+    }
+
+    /// Delay added before every write is committed (models etcd latency).
+    pub fn set_write_latency(&self, latency: Duration) {
+        if let Ok(mut l) = self.shared.write_latency.lock() {
+            *l = latency;
+        }
+    }
+
+    /// Ends every open watch stream (clients see the stream end and re-watch).
+    pub fn close_watches(&self) {
+        self.shared.close_watches.send_modify(|g| *g += 1);
+    }
+
+    /// Drops the watch history: a watch from any resourceVersion older than
+    /// the current one gets an ERROR event with 410 Gone (reason Expired).
+    pub fn compact(&self) {
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.compact();
+        }
+    }
+
+    /// Holds every new request until [`Faults::resume`].
+    pub fn pause(&self) {
+        self.shared.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.shared.paused.send_replace(false);
+    }
+}
+
+/// One served request.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub method: String,
+    /// Kubernetes verb: get, list, watch, create, update, patch, delete, deletecollection (or `discovery`).
+    pub verb: String,
+    pub path: String,
+    pub query: String,
+    pub group: String,
+    pub resource: String,
+    pub subresource: String,
+    pub namespace: String,
+    pub name: String,
+    /// Patch content type for patches (`apply`, `merge`, `json`, `strategic`).
+    pub patch_type: String,
+    /// `?fieldManager=`, else the manager derived from the user agent (writes only).
+    pub field_manager: String,
+    pub user_agent: String,
+    pub status: u16,
+    pub timestamp: SystemTime,
+    pub duration: Duration,
+}
+
+impl RequestRecord {
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self.verb.as_str(),
+            "create" | "update" | "patch" | "delete" | "deletecollection"
+        )
+    }
+}
+
+/// Request counts (all status codes).
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub by_verb: BTreeMap<String, u64>,
+    pub by_resource: BTreeMap<String, u64>,
+    pub by_field_manager: BTreeMap<String, u64>,
+    pub by_verb_resource: BTreeMap<(String, String), u64>,
+    /// Successful writes (2xx create/update/patch/delete/deletecollection).
+    pub writes: u64,
+}
+
+impl Counters {
+    pub fn from_log(log: &[RequestRecord]) -> Self {
+        let mut c = Self::default();
+        for r in log {
+            *c.by_verb.entry(r.verb.clone()).or_default() += 1;
+            if !r.resource.is_empty() {
+                *c.by_resource.entry(r.resource.clone()).or_default() += 1;
+                *c.by_verb_resource
+                    .entry((r.verb.clone(), r.resource.clone()))
+                    .or_default() += 1;
+            }
+            if !r.field_manager.is_empty() {
+                *c.by_field_manager
+                    .entry(r.field_manager.clone())
+                    .or_default() += 1;
+            }
+            if r.is_write() && (200..300).contains(&r.status) {
+                c.writes += 1;
+            }
+        }
+        c
+    }
+
+    pub fn verb(&self, verb: &str) -> u64 {
+        self.by_verb.get(verb).copied().unwrap_or(0)
+    }
+
+    pub fn verb_resource(&self, verb: &str, resource: &str) -> u64 {
+        self.by_verb_resource
+            .get(&(verb.to_string(), resource.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn manager(&self, manager: &str) -> u64 {
+        self.by_field_manager.get(manager).copied().unwrap_or(0)
+    }
+}

@@ -1,0 +1,561 @@
+//! HTTP routing: discovery, resource paths, verbs, content types, the request
+//! log and fault injection around every request.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use axum::{
+    extract::{Query, State as AxState},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use serde_json::{Value, json};
+
+use crate::{
+    Shared,
+    control::RequestRecord,
+    errors::{ApiError, ApiResult},
+    resources::ResourceDef,
+    selectors::{FieldSelector, LabelSelector, Selectors},
+    store::{DeleteOpts, PatchType, State, WriteOpts, parse_body},
+    watch::{self, WatchParams},
+};
+
+fn json_response(code: StatusCode, v: &Value) -> Response {
+    let mut resp = (code, v.to_string()).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn ok(v: &Value) -> Response {
+    json_response(StatusCode::OK, v)
+}
+
+/// What a request is about, for routing and for the request log.
+#[derive(Default, Clone)]
+struct Target {
+    verb: String,
+    group: String,
+    resource: String,
+    subresource: String,
+    namespace: String,
+    name: String,
+}
+
+enum Route {
+    Version,
+    ApiVersions,
+    GroupList,
+    Group(String),
+    ResourceList(String, String),
+    Health,
+    Resource {
+        res: Arc<ResourceDef>,
+        ns: Option<String>,
+        name: Option<String>,
+        status: bool,
+    },
+    NotFound,
+}
+
+fn route(shared: &Shared, path: &str) -> Route {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (group, version, rest) = match segs.as_slice() {
+        ["version"] => return Route::Version,
+        ["healthz"] | ["readyz"] | ["livez"] => return Route::Health,
+        ["api"] => return Route::ApiVersions,
+        ["apis"] => return Route::GroupList,
+        ["apis", g] => return Route::Group(g.to_string()),
+        ["api", v] => return Route::ResourceList(String::new(), v.to_string()),
+        ["apis", g, v] => return Route::ResourceList(g.to_string(), v.to_string()),
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return Route::NotFound,
+    };
+    let Ok(st) = shared.state.lock() else {
+        return Route::NotFound;
+    };
+    let reg = &st.registry;
+    let (ns, plural, name, sub) = match rest {
+        ["namespaces", ns, plural, tail @ ..]
+            if reg
+                .find(group, version, plural)
+                .is_some_and(|r| r.namespaced) =>
+        {
+            (
+                Some(ns.to_string()),
+                *plural,
+                tail.first().copied(),
+                tail.get(1).copied(),
+            )
+        }
+        [plural, tail @ ..] => (None, *plural, tail.first().copied(), tail.get(1).copied()),
+        _ => return Route::NotFound,
+    };
+    if rest.len() > 5 {
+        return Route::NotFound;
+    }
+    let Some(res) = reg.find(group, version, plural) else {
+        return Route::NotFound;
+    };
+    let status = match sub {
+        None => false,
+        Some("status") if res.status => true,
+        Some(_) => return Route::NotFound,
+    };
+    if ns.is_some() && !res.namespaced {
+        return Route::NotFound;
+    }
+    Route::Resource {
+        res,
+        ns,
+        name: name.map(str::to_string),
+        status,
+    }
+}
+
+fn verb_of(method: &Method, has_name: bool, q: &HashMap<String, String>) -> &'static str {
+    let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    match (method.as_str(), has_name) {
+        ("GET", _) if watch => "watch",
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => "unknown",
+    }
+}
+
+/// The default field manager: the user agent up to the first `/` (as the real server).
+fn default_manager(user_agent: &str) -> String {
+    let m = user_agent.split('/').next().unwrap_or_default();
+    if m.is_empty() {
+        "unknown".to_string()
+    } else {
+        m.chars().take(128).collect()
+    }
+}
+
+pub async fn handle(
+    AxState(shared): AxState<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let mut paused = shared.paused.subscribe();
+    while *paused.borrow_and_update() {
+        if paused.changed().await.is_err() {
+            break;
+        }
+    }
+    let q: HashMap<String, String> = Query::<HashMap<String, String>>::try_from_uri(&uri)
+        .map(|q| q.0)
+        .unwrap_or_default();
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let path = uri.path().to_string();
+    let r = route(&shared, &path);
+    let mut target = Target::default();
+    if let Route::Resource {
+        res,
+        ns,
+        name,
+        status,
+    } = &r
+    {
+        target = Target {
+            verb: verb_of(&method, name.is_some(), &q).to_string(),
+            group: res.group.clone(),
+            resource: res.plural.clone(),
+            subresource: if *status {
+                "status".into()
+            } else {
+                String::new()
+            },
+            namespace: ns.clone().unwrap_or_default(),
+            name: name.clone().unwrap_or_default(),
+        };
+    } else {
+        target.verb = "discovery".into();
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let patch_type = PatchType::from_content_type(&content_type);
+    let is_write = matches!(
+        target.verb.as_str(),
+        "create" | "update" | "patch" | "delete" | "deletecollection"
+    );
+    let field_manager = if is_write {
+        q.get("fieldManager")
+            .cloned()
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| {
+                if patch_type == Some(PatchType::Apply) {
+                    String::new()
+                } else {
+                    default_manager(&user_agent)
+                }
+            })
+    } else {
+        String::new()
+    };
+    let injected = shared.take_fault(&target.verb, &target.resource, &target.name);
+    let resp = match injected {
+        Some(code) => ApiError::injected(code).into_response(),
+        None => {
+            if is_write {
+                let latency = shared
+                    .write_latency
+                    .lock()
+                    .map(|l| *l)
+                    .unwrap_or(Duration::ZERO);
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
+            }
+            let accept = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let req = Req {
+                method: &method,
+                q: &q,
+                body: &body,
+                content_type: &content_type,
+                accept: &accept,
+                manager: &field_manager,
+            };
+            match dispatch(&shared, r, req) {
+                Ok(resp) => resp,
+                Err(e) => e.into_response(),
+            }
+        }
+    };
+    let record = RequestRecord {
+        method: method.to_string(),
+        verb: target.verb,
+        path,
+        query: uri.query().unwrap_or_default().to_string(),
+        group: target.group,
+        resource: target.resource,
+        subresource: target.subresource,
+        namespace: target.namespace,
+        name: target.name,
+        patch_type: match patch_type {
+            Some(PatchType::Apply) if method == Method::PATCH => "apply",
+            Some(PatchType::Merge) if method == Method::PATCH => "merge",
+            Some(PatchType::Json) if method == Method::PATCH => "json",
+            Some(PatchType::Strategic) if method == Method::PATCH => "strategic",
+            _ => "",
+        }
+        .to_string(),
+        field_manager,
+        user_agent,
+        status: resp.status().as_u16(),
+        timestamp: SystemTime::now(),
+        duration: started.elapsed(),
+    };
+    shared.record(record);
+    if is_write {
+        shared.gc.notify_one();
+    }
+    resp
+}
+
+struct Req<'a> {
+    method: &'a Method,
+    q: &'a HashMap<String, String>,
+    body: &'a Bytes,
+    content_type: &'a str,
+    accept: &'a str,
+    manager: &'a str,
+}
+
+fn dispatch(shared: &Arc<Shared>, r: Route, req: Req<'_>) -> ApiResult<Response> {
+    let st = || {
+        shared
+            .state
+            .lock()
+            .map_err(|_| ApiError::internal("store lock poisoned"))
+    };
+    match r {
+        Route::Version => Ok(ok(&json!({
+            "major": "1", "minor": "35", "gitVersion": "v1.35.0-slipstream-emulator", "gitCommit": "0000000000000000000000000000000000000000",
+            "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.25.0", "compiler": "gc", "platform": "linux/amd64"
+        }))),
+        Route::Health => Ok((StatusCode::OK, "ok").into_response()),
+        Route::ApiVersions => Ok(ok(&json!({
+            "kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": shared.addr.to_string()}]
+        }))),
+        Route::GroupList => {
+            let st = st()?;
+            let groups: Vec<Value> = st
+                .registry
+                .groups()
+                .iter()
+                .map(|(g, vs)| st.registry.api_group(g, vs))
+                .collect();
+            Ok(ok(
+                &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+            ))
+        }
+        Route::Group(g) => {
+            let st = st()?;
+            let found = st
+                .registry
+                .groups()
+                .into_iter()
+                .find(|(name, _)| *name == g);
+            match found {
+                Some((name, vs)) => {
+                    let mut v = st.registry.api_group(&name, &vs);
+                    v["kind"] = json!("APIGroup");
+                    v["apiVersion"] = json!("v1");
+                    Ok(ok(&v))
+                }
+                None => Err(ApiError::path_not_found(&format!("/apis/{g}"))),
+            }
+        }
+        Route::ResourceList(g, v) => {
+            let st = st()?;
+            st.registry
+                .resource_list(&g, &v)
+                .map(|l| ok(&l))
+                .ok_or_else(|| ApiError::path_not_found(&format!("{g}/{v}")))
+        }
+        Route::NotFound => Err(ApiError::path_not_found("")),
+        Route::Resource {
+            res,
+            ns,
+            name,
+            status,
+        } => resource(shared, &res, ns, name, status, req),
+    }
+}
+
+fn selectors(res: &ResourceDef, q: &HashMap<String, String>) -> ApiResult<Selectors> {
+    Ok(Selectors {
+        labels: LabelSelector::parse(
+            q.get("labelSelector")
+                .map(String::as_str)
+                .unwrap_or_default(),
+        )?,
+        fields: FieldSelector::parse(
+            q.get("fieldSelector")
+                .map(String::as_str)
+                .unwrap_or_default(),
+            &res.kind,
+        )?,
+    })
+}
+
+fn write_opts(req: &Req<'_>) -> WriteOpts {
+    WriteOpts {
+        manager: req.manager.to_string(),
+        dry_run: req.q.get("dryRun").is_some_and(|d| d == "All"),
+        force: req.q.get("force").is_some_and(|f| f == "true" || f == "1"),
+    }
+}
+
+fn wants_table(accept: &str) -> bool {
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=Table"))
+}
+
+fn resource(
+    shared: &Arc<Shared>,
+    res: &Arc<ResourceDef>,
+    ns: Option<String>,
+    name: Option<String>,
+    status: bool,
+    req: Req<'_>,
+) -> ApiResult<Response> {
+    let nsr = ns.as_deref();
+    let lock = || {
+        shared
+            .state
+            .lock()
+            .map_err(|_| ApiError::internal("store lock poisoned"))
+    };
+    let created = |v: Value| json_response(StatusCode::CREATED, &v);
+    match (req.method.as_str(), name) {
+        ("GET", None) if req.q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            let sel = selectors(res, req.q)?;
+            let rv = match req.q.get("resourceVersion").map(String::as_str) {
+                None | Some("") => None,
+                Some(s) => Some(s.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!("invalid resource version: {s}"))
+                })?),
+            };
+            let timeout = req
+                .q
+                .get("timeoutSeconds")
+                .and_then(|t| t.parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let p = WatchParams {
+                resource_version: rv,
+                bookmarks: req
+                    .q
+                    .get("allowWatchBookmarks")
+                    .is_some_and(|b| b == "true" || b == "1"),
+                send_initial_events: req
+                    .q
+                    .get("sendInitialEvents")
+                    .is_some_and(|b| b == "true" || b == "1"),
+                timeout,
+            };
+            if p.send_initial_events && !p.bookmarks {
+                return Err(ApiError::invalid(
+                    res,
+                    "",
+                    vec![crate::errors::Cause::forbidden(
+                        "sendInitialEvents",
+                        "sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled and allowWatchBookmarks is set",
+                    )],
+                ));
+            }
+            watch::start(shared.clone(), res.clone(), ns, sel, p)
+        }
+        ("GET", None) => {
+            let sel = selectors(res, req.q)?;
+            let st = lock()?;
+            let mut items = st.list(res, nsr, &sel);
+            let rv = st.rv;
+            drop(st);
+            let mut cont = String::new();
+            if let Some(c) = req.q.get("continue").filter(|c| !c.is_empty()) {
+                let (cns, cname) = c
+                    .split_once('/')
+                    .ok_or_else(|| ApiError::bad_request("continue key is not valid"))?;
+                items.retain(|o| {
+                    let k = (
+                        o["metadata"]["namespace"].as_str().unwrap_or_default(),
+                        o["metadata"]["name"].as_str().unwrap_or_default(),
+                    );
+                    k > (cns, cname)
+                });
+            }
+            if let Some(limit) = req
+                .q
+                .get("limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .filter(|l| *l > 0)
+                && items.len() > limit
+            {
+                items.truncate(limit);
+                if let Some(last) = items.last() {
+                    cont = format!(
+                        "{}/{}",
+                        last["metadata"]["namespace"].as_str().unwrap_or_default(),
+                        last["metadata"]["name"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+            if wants_table(req.accept) {
+                return Ok(ok(&crate::table::render(res, &items, rv)));
+            }
+            let items: Vec<Value> = items.iter().map(|o| State::present(res, o)).collect();
+            let mut meta = json!({"resourceVersion": rv.to_string()});
+            if !cont.is_empty() {
+                meta["continue"] = json!(cont);
+            }
+            Ok(ok(
+                &json!({"kind": res.list_kind, "apiVersion": res.api_version(), "metadata": meta, "items": items}),
+            ))
+        }
+        ("GET", Some(name)) => {
+            let st = lock()?;
+            let o = st.get(res, nsr, &name)?;
+            if wants_table(req.accept) {
+                return Ok(ok(&crate::table::render(res, &[o], st.rv)));
+            }
+            Ok(ok(&State::present(res, &o)))
+        }
+        ("POST", None) => {
+            let body = parse_body(req.body, true)?;
+            let mut st = lock()?;
+            st.create(res, nsr, body, &write_opts(&req)).map(created)
+        }
+        ("PUT", Some(name)) => {
+            let body = parse_body(req.body, false)?;
+            let mut st = lock()?;
+            st.update(res, nsr, &name, status, body, &write_opts(&req))
+                .map(|v| ok(&v))
+        }
+        ("PATCH", Some(name)) => {
+            let ptype = PatchType::from_content_type(req.content_type)
+                .ok_or_else(|| ApiError::unsupported_media_type(req.content_type))?;
+            let mut st = lock()?;
+            let existed = st.get(res, nsr, &name).is_ok();
+            let v = st.patch(res, nsr, &name, status, ptype, req.body, &write_opts(&req))?;
+            Ok(if existed { ok(&v) } else { created(v) })
+        }
+        ("DELETE", Some(name)) => {
+            let opts = delete_opts(req.body, req.q)?;
+            let mut st = lock()?;
+            st.delete(res, nsr, &name, &opts).map(|v| ok(&v))
+        }
+        ("DELETE", None) => {
+            let opts = delete_opts(req.body, req.q)?;
+            let sel = selectors(res, req.q)?;
+            let mut st = lock()?;
+            let items = st.delete_collection(res, nsr, &sel, &opts)?;
+            let rv = st.rv;
+            Ok(ok(
+                &json!({"kind": res.list_kind, "apiVersion": res.api_version(), "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+            ))
+        }
+        (m, _) => Err(ApiError::method_not_allowed(format!(
+            "the server does not allow this method on the requested resource ({m})"
+        ))),
+    }
+}
+
+fn delete_opts(body: &Bytes, q: &HashMap<String, String>) -> ApiResult<DeleteOpts> {
+    let b = if body.is_empty() {
+        json!({})
+    } else {
+        parse_body(body, false)?
+    };
+    let pick = |k: &str| {
+        b[k].as_str()
+            .map(str::to_string)
+            .or_else(|| q.get(k).cloned())
+    };
+    Ok(DeleteOpts {
+        propagation: pick("propagationPolicy").or_else(|| match b["orphanDependents"].as_bool() {
+            Some(true) => Some("Orphan".into()),
+            _ => None,
+        }),
+        uid: b["preconditions"]["uid"].as_str().map(str::to_string),
+        resource_version: b["preconditions"]["resourceVersion"]
+            .as_str()
+            .map(str::to_string),
+        dry_run: b["dryRun"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|x| x == "All"))
+            || q.get("dryRun").is_some_and(|d| d == "All"),
+    })
+}

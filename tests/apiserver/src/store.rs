@@ -1,0 +1,1423 @@
+//! The in-memory object store and every write rule: one global
+//! resourceVersion counter, uid/creationTimestamp/generation, optimistic
+//! concurrency, status subresource, managed fields, finalizers, deletion and
+//! garbage collection. HTTP handlers and the direct test API both call these.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+use tokio::sync::broadcast;
+
+use crate::{
+    errors::{ApiError, ApiResult, Cause},
+    fields::{self, Entry, FieldSet, Scope, Tracker},
+    resources::{Registry, ResourceDef},
+    selectors::Selectors,
+    validation,
+};
+
+/// `(storage, namespace, name)`; cluster-scoped objects use an empty namespace.
+pub type Key = (String, String, String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Added => "ADDED",
+            Self::Modified => "MODIFIED",
+            Self::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One committed write, as kept in the watch history and broadcast to watches.
+#[derive(Debug)]
+pub struct Change {
+    pub rv: u64,
+    pub storage: String,
+    pub ns: String,
+    pub etype: EventType,
+    pub obj: Arc<Value>,
+    /// `obj` serialized once, shared by every watch.
+    pub json: Bytes,
+    /// The object before this write (for selector transitions on watches).
+    pub old: Option<Arc<Value>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchType {
+    Merge,
+    Json,
+    Strategic,
+    Apply,
+}
+
+impl PatchType {
+    pub fn from_content_type(ct: &str) -> Option<Self> {
+        let base = ct.split(';').next().unwrap_or_default().trim();
+        match base {
+            "application/merge-patch+json" => Some(Self::Merge),
+            "application/json-patch+json" => Some(Self::Json),
+            "application/strategic-merge-patch+json" => Some(Self::Strategic),
+            "application/apply-patch+yaml"
+            | "application/apply-patch+json"
+            | "application/apply-patch+cbor" => Some(Self::Apply),
+            _ => None,
+        }
+    }
+}
+
+/// Who writes, and how.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOpts {
+    pub manager: String,
+    pub dry_run: bool,
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeleteOpts {
+    pub propagation: Option<String>,
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+    pub dry_run: bool,
+}
+
+enum Managed {
+    Update(String),
+    Apply(Vec<Entry>),
+    Keep,
+}
+
+pub const CRD_CLEANUP_FINALIZER: &str = "customresourcecleanup.apiextensions.k8s.io";
+
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn scope_for(res: &ResourceDef, status: bool) -> Scope {
+    match (res.status, status) {
+        (false, _) => Scope::All,
+        (true, false) => Scope::Main,
+        (true, true) => Scope::Status,
+    }
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj.get("metadata")?.get(field)?.as_str()
+}
+
+fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
+    if !obj.is_object() {
+        *obj = json!({});
+    }
+    if !obj["metadata"].is_object() {
+        obj["metadata"] = json!({});
+    }
+    match &mut obj["metadata"] {
+        Value::Object(m) => m,
+        // Made an object just above.
+        _ => unreachable!("metadata is an object"),
+    }
+}
+
+fn finalizers(obj: &Value) -> Vec<String> {
+    obj["metadata"]["finalizers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn set_finalizers(obj: &mut Value, list: &[String]) {
+    let m = meta_mut(obj);
+    if list.is_empty() {
+        m.remove("finalizers");
+    } else {
+        m.insert("finalizers".into(), json!(list));
+    }
+}
+
+/// Random suffix alphabet of `names.SimpleNameGenerator` (no vowels, no confusables).
+const SUFFIX_ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+
+fn random_suffix() -> String {
+    uuid::Uuid::new_v4()
+        .as_bytes()
+        .iter()
+        .take(5)
+        .map(|b| SUFFIX_ALPHABET[*b as usize % SUFFIX_ALPHABET.len()] as char)
+        .collect()
+}
+
+/// Parses a JSON body, or YAML for apply patches.
+pub fn parse_body(body: &[u8], yaml_ok: bool) -> ApiResult<Value> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => Ok(v),
+        Err(e) if yaml_ok => serde_yaml::from_slice::<Value>(body).map_err(|ye| {
+            ApiError::bad_request(format!("error decoding YAML: {ye} (as JSON: {e})"))
+        }),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "error decoding request body: {e}"
+        ))),
+    }
+}
+
+pub struct State {
+    pub rv: u64,
+    pub objects: BTreeMap<Key, Arc<Value>>,
+    pub history: VecDeque<Arc<Change>>,
+    /// Watches starting at a resourceVersion below this get 410 Gone.
+    pub floor: u64,
+    pub window: usize,
+    pub tx: broadcast::Sender<Arc<Change>>,
+    pub registry: Registry,
+}
+
+impl State {
+    pub fn new(window: usize, tx: broadcast::Sender<Arc<Change>>) -> Self {
+        let mut st = Self {
+            rv: 0,
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            floor: 0,
+            window,
+            tx,
+            registry: Registry::new(),
+        };
+        let ns = st.registry.namespace_def();
+        for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            let opts = WriteOpts {
+                manager: "kube-apiserver".into(),
+                ..Default::default()
+            };
+            let _ = st.create(&ns, None, json!({"metadata": {"name": name}}), &opts);
+        }
+        st
+    }
+
+    pub fn key(res: &ResourceDef, ns: Option<&str>, name: &str) -> Key {
+        let ns = if res.namespaced {
+            ns.unwrap_or_default()
+        } else {
+            ""
+        };
+        (res.storage.clone(), ns.to_string(), name.to_string())
+    }
+
+    /// Rewrites `apiVersion` for a resource served in several CRD versions.
+    pub fn present(res: &ResourceDef, obj: &Arc<Value>) -> Value {
+        let mut v = (**obj).clone();
+        if v["apiVersion"].as_str() != Some(res.api_version().as_str()) {
+            v["apiVersion"] = json!(res.api_version());
+        }
+        v
+    }
+
+    pub fn get(&self, res: &ResourceDef, ns: Option<&str>, name: &str) -> ApiResult<Arc<Value>> {
+        self.objects
+            .get(&Self::key(res, ns, name))
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(res, name))
+    }
+
+    /// Objects of one resource (in one namespace, or all), ordered by namespace and name.
+    pub fn list(&self, res: &ResourceDef, ns: Option<&str>, sel: &Selectors) -> Vec<Arc<Value>> {
+        let start = (
+            res.storage.clone(),
+            ns.filter(|_| res.namespaced)
+                .unwrap_or_default()
+                .to_string(),
+            String::new(),
+        );
+        self.objects
+            .range(start..)
+            .take_while(|((s, n, _), _)| {
+                *s == res.storage && (!res.namespaced || ns.is_none() || Some(n.as_str()) == ns)
+            })
+            .filter(|(_, o)| sel.matches(o))
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
+    fn check_namespace(&self, res: &ResourceDef, ns: Option<&str>) -> ApiResult<()> {
+        if !res.namespaced {
+            return Ok(());
+        }
+        let Some(ns) = ns.filter(|n| !n.is_empty()) else {
+            return Err(ApiError::bad_request(
+                "the server could not find the requested resource: a namespace is required",
+            ));
+        };
+        let nsdef = self.registry.namespace_def();
+        match self.objects.get(&Self::key(&nsdef, None, ns)) {
+            None => Err(ApiError::namespace_not_found(ns)),
+            Some(o) if o["metadata"]["deletionTimestamp"].is_string() => {
+                Err(ApiError::forbidden(format!(
+                    "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                    res.qualified(),
+                    "",
+                )))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn push_change(
+        &mut self,
+        res: &ResourceDef,
+        ns: &str,
+        etype: EventType,
+        obj: Arc<Value>,
+        old: Option<Arc<Value>>,
+    ) {
+        let json = Bytes::from(obj.to_string());
+        let change = Arc::new(Change {
+            rv: self.rv,
+            storage: res.storage.clone(),
+            ns: ns.to_string(),
+            etype,
+            obj,
+            json,
+            old,
+        });
+        self.history.push_back(change.clone());
+        while self.history.len() > self.window {
+            if let Some(c) = self.history.pop_front() {
+                self.floor = self.floor.max(c.rv);
+            }
+        }
+        let _ = self.tx.send(change);
+        if res.kind == "CustomResourceDefinition" {
+            let crds: Vec<Value> = self
+                .objects
+                .iter()
+                .filter(|(k, _)| k.0 == res.storage)
+                .map(|(_, v)| (**v).clone())
+                .collect();
+            self.registry.rebuild(crds.iter());
+        }
+    }
+
+    fn commit(
+        &mut self,
+        res: &ResourceDef,
+        key: Key,
+        old: Option<Arc<Value>>,
+        mut new: Value,
+    ) -> Arc<Value> {
+        self.rv += 1;
+        meta_mut(&mut new).insert("resourceVersion".into(), json!(self.rv.to_string()));
+        let obj = Arc::new(new);
+        self.objects.insert(key.clone(), obj.clone());
+        let etype = if old.is_some() {
+            EventType::Modified
+        } else {
+            EventType::Added
+        };
+        self.push_change(res, &key.1, etype, obj.clone(), old);
+        obj
+    }
+
+    fn remove(&mut self, res: &ResourceDef, key: Key, mut last: Value) -> Arc<Value> {
+        let old = self.objects.remove(&key);
+        self.rv += 1;
+        meta_mut(&mut last).insert("resourceVersion".into(), json!(self.rv.to_string()));
+        let obj = Arc::new(last);
+        self.push_change(res, &key.1, EventType::Deleted, obj.clone(), old);
+        obj
+    }
+
+    /// Drops the retained history: a watch from any earlier resourceVersion gets 410.
+    pub fn compact(&mut self) {
+        self.history.clear();
+        self.floor = self.rv;
+    }
+
+    pub fn create(
+        &mut self,
+        res: &ResourceDef,
+        ns: Option<&str>,
+        mut body: Value,
+        opts: &WriteOpts,
+    ) -> ApiResult<Value> {
+        if !body.is_object() {
+            return Err(ApiError::bad_request(
+                "the body of the request must be a JSON object",
+            ));
+        }
+        self.check_kind(res, &body)?;
+        let meta = meta_mut(&mut body);
+        if res.namespaced {
+            match (meta.get("namespace").and_then(Value::as_str), ns) {
+                (Some(b), Some(p)) if !b.is_empty() && b != p => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ));
+                }
+                _ => {}
+            }
+            if let Some(p) = ns {
+                meta.insert("namespace".into(), json!(p));
+            }
+        } else {
+            meta.remove("namespace");
+        }
+        let has_name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
+        if !has_name
+            && let Some(g) = meta
+                .get("generateName")
+                .and_then(Value::as_str)
+                .filter(|g| !g.is_empty())
+        {
+            let name = format!("{g}{}", random_suffix());
+            meta.insert("name".into(), json!(name));
+        }
+        let name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        if name.is_empty() {
+            return Err(ApiError::invalid(
+                res,
+                "",
+                vec![Cause::required(
+                    "metadata.name",
+                    "name or generateName is required",
+                )],
+            ));
+        }
+        self.check_namespace(res, ns)?;
+        if self.objects.contains_key(&Self::key(res, ns, &name)) {
+            return Err(ApiError::already_exists(res, &name));
+        }
+        self.finish(
+            res,
+            ns,
+            None,
+            body,
+            false,
+            Managed::Update(opts.manager.clone()),
+            opts,
+        )
+    }
+
+    fn check_kind(&self, res: &ResourceDef, body: &Value) -> ApiResult<()> {
+        if let Some(k) = body["kind"].as_str()
+            && !k.is_empty()
+            && k != res.kind
+        {
+            return Err(ApiError::bad_request(format!(
+                "the kind of the provided object ({k}) does not match the resource ({})",
+                res.kind
+            )));
+        }
+        if let Some(av) = body["apiVersion"].as_str()
+            && !av.is_empty()
+            && self
+                .registry
+                .by_storage(&res.storage)
+                .iter()
+                .all(|r| r.api_version() != av)
+        {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({av}) does not match the expected API version ({})",
+                res.api_version()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_name(res: &ResourceDef, body: &Value, name: &str) -> ApiResult<()> {
+        match meta_str(body, "name") {
+            Some(n) if !n.is_empty() && n != name => Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({name})"
+            ))),
+            _ => {
+                let _ = res;
+                Ok(())
+            }
+        }
+    }
+
+    /// PUT on the main resource or `/status`.
+    pub fn update(
+        &mut self,
+        res: &ResourceDef,
+        ns: Option<&str>,
+        name: &str,
+        status: bool,
+        body: Value,
+        opts: &WriteOpts,
+    ) -> ApiResult<Value> {
+        if !body.is_object() {
+            return Err(ApiError::bad_request(
+                "the body of the request must be a JSON object",
+            ));
+        }
+        self.check_kind(res, &body)?;
+        Self::check_name(res, &body, name)?;
+        let old = self.get(res, ns, name)?;
+        if let Some(rv) = meta_str(&body, "resourceVersion").filter(|r| !r.is_empty())
+            && Some(rv) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::stale(res, name));
+        }
+        self.finish(
+            res,
+            ns,
+            Some(old),
+            body,
+            status,
+            Managed::Update(opts.manager.clone()),
+            opts,
+        )
+    }
+
+    /// PATCH with any of the four patch types; apply creates a missing object.
+    #[allow(clippy::too_many_arguments)]
+    pub fn patch(
+        &mut self,
+        res: &ResourceDef,
+        ns: Option<&str>,
+        name: &str,
+        status: bool,
+        ptype: PatchType,
+        body: &[u8],
+        opts: &WriteOpts,
+    ) -> ApiResult<Value> {
+        if ptype == PatchType::Apply {
+            return self.apply(res, ns, name, status, body, opts);
+        }
+        if ptype == PatchType::Strategic && res.custom {
+            return Err(ApiError::unsupported_media_type(
+                "application/strategic-merge-patch+json",
+            ));
+        }
+        let old = self.get(res, ns, name)?;
+        let mut doc = (*old).clone();
+        match ptype {
+            PatchType::Merge | PatchType::Strategic => {
+                let patch = parse_body(body, false)?;
+                if !patch.is_object() {
+                    return Err(ApiError::bad_request("a merge patch must be a JSON object"));
+                }
+                if let Some(rv) = meta_str(&patch, "resourceVersion")
+                    && Some(rv) != meta_str(&old, "resourceVersion")
+                {
+                    return Err(ApiError::stale(res, name));
+                }
+                if ptype == PatchType::Merge {
+                    json_patch::merge(&mut doc, &patch);
+                } else {
+                    strategic_merge(&mut doc, &patch, "")?;
+                }
+            }
+            PatchType::Json => {
+                let ops: json_patch::Patch = serde_json::from_slice(body).map_err(|e| {
+                    ApiError::bad_request(format!("error decoding JSON patch: {e}"))
+                })?;
+                json_patch::patch(&mut doc, &ops).map_err(|e| {
+                    ApiError::new(
+                        422,
+                        "Invalid",
+                        format!(
+                            "the server rejected our request due to an error in our request: {e}"
+                        ),
+                    )
+                })?;
+            }
+            PatchType::Apply => {}
+        }
+        // A patch may not rename the object.
+        Self::check_name(res, &doc, name)?;
+        self.finish(
+            res,
+            ns,
+            Some(old),
+            doc,
+            status,
+            Managed::Update(opts.manager.clone()),
+            opts,
+        )
+    }
+
+    fn apply(
+        &mut self,
+        res: &ResourceDef,
+        ns: Option<&str>,
+        name: &str,
+        status: bool,
+        body: &[u8],
+        opts: &WriteOpts,
+    ) -> ApiResult<Value> {
+        if opts.manager.is_empty() {
+            return Err(ApiError::invalid(
+                res,
+                name,
+                vec![Cause::required(
+                    "fieldManager",
+                    "is required for apply patch",
+                )],
+            ));
+        }
+        let mut applied = parse_body(body, true)?;
+        if !applied.is_object() {
+            return Err(ApiError::bad_request(
+                "an apply configuration must be an object",
+            ));
+        }
+        if applied["apiVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty()
+            || applied["kind"].as_str().unwrap_or_default().is_empty()
+        {
+            return Err(ApiError::bad_request(
+                "apply configurations must set apiVersion and kind",
+            ));
+        }
+        self.check_kind(res, &applied)?;
+        Self::check_name(res, &applied, name)?;
+        let scope = scope_for(res, status);
+        // Only the part of the object this endpoint writes counts.
+        if let Some(m) = applied.as_object_mut() {
+            match scope {
+                Scope::Main => {
+                    m.remove("status");
+                }
+                Scope::Status => m.retain(|k, _| {
+                    matches!(k.as_str(), "apiVersion" | "kind" | "metadata" | "status")
+                }),
+                Scope::All => {}
+            }
+        }
+        let rv_pre = meta_str(&applied, "resourceVersion").map(str::to_string);
+        {
+            let meta = meta_mut(&mut applied);
+            meta.remove("resourceVersion");
+            meta.remove("managedFields");
+            meta.insert("name".into(), json!(name));
+            if res.namespaced
+                && let Some(n) = ns
+            {
+                meta.insert("namespace".into(), json!(n));
+            }
+        }
+        if status && let Some(m) = applied.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.retain(|k, _| k == "name" || k == "namespace");
+        }
+        let tracker = Tracker::new(res.schema.as_ref(), scope);
+        let new_set = tracker.members(&applied);
+        let sub = if status { "status" } else { "" };
+        let now = now_rfc3339();
+        let mine =
+            |e: &Entry| e.manager == opts.manager && e.operation == "Apply" && e.subresource == sub;
+        let old = match self.get(res, ns, name) {
+            Ok(o) => o,
+            Err(_) => {
+                if status {
+                    return Err(ApiError::not_found(res, name));
+                }
+                if rv_pre.is_some() {
+                    return Err(ApiError::conflict(
+                        res,
+                        name,
+                        "the object has been modified; please apply your changes to the latest version and try again",
+                    ));
+                }
+                self.check_namespace(res, ns)?;
+                let entry = Entry {
+                    manager: opts.manager.clone(),
+                    operation: "Apply".into(),
+                    api_version: res.api_version(),
+                    time: now,
+                    subresource: sub.into(),
+                    set: new_set,
+                };
+                return self.finish(
+                    res,
+                    ns,
+                    None,
+                    applied,
+                    false,
+                    Managed::Apply(vec![entry]),
+                    opts,
+                );
+            }
+        };
+        if let Some(rv) = rv_pre
+            && Some(rv.as_str()) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::stale(res, name));
+        }
+        let mut entries = fields::read_entries(&old);
+        if entries.is_empty() {
+            let all = Tracker::new(res.schema.as_ref(), Scope::All).members(&old);
+            if !all.is_empty() {
+                entries.push(Entry {
+                    manager: "before-first-apply".into(),
+                    operation: "Update".into(),
+                    api_version: res.api_version(),
+                    time: now.clone(),
+                    subresource: String::new(),
+                    set: all,
+                });
+            }
+        }
+        let mut merged = (*old).clone();
+        if let Some(m) = merged.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("managedFields");
+        }
+        tracker.merge(&mut merged, &applied);
+        // Conflicts: fields another manager owns whose value this apply changes.
+        let mut conflicts: Vec<(usize, fields::Path)> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if mine(e) || e.manager == opts.manager {
+                continue;
+            }
+            for p in new_set.intersection(&e.set) {
+                if fields::changed(Some(&old), &merged, p) {
+                    conflicts.push((i, p.clone()));
+                }
+            }
+        }
+        if !conflicts.is_empty() {
+            if !opts.force {
+                return Err(apply_conflict(res, name, &entries, &conflicts));
+            }
+            for (i, p) in &conflicts {
+                entries[*i].set.remove(p);
+            }
+        }
+        // Fields this manager applied before and no longer applies go away,
+        // unless another manager also owns them.
+        let prev: FieldSet = entries
+            .iter()
+            .find(|e| mine(e))
+            .map(|e| e.set.clone())
+            .unwrap_or_default();
+        for r in prev.difference(&new_set) {
+            let co_owned = entries
+                .iter()
+                .any(|e| !mine(e) && fields::owns_within(&e.set, r));
+            if !co_owned {
+                fields::remove_at(&mut merged, r);
+            }
+        }
+        match entries.iter_mut().find(|e| mine(e)) {
+            Some(e) => {
+                if e.set != new_set {
+                    e.set = new_set;
+                    e.time = now;
+                }
+            }
+            None => entries.push(Entry {
+                manager: opts.manager.clone(),
+                operation: "Apply".into(),
+                api_version: res.api_version(),
+                time: now,
+                subresource: sub.into(),
+                set: new_set,
+            }),
+        }
+        self.finish(
+            res,
+            ns,
+            Some(old),
+            merged,
+            status,
+            Managed::Apply(entries),
+            opts,
+        )
+    }
+
+    /// The common tail of every write: server-owned metadata, subresource
+    /// scoping, validation, managed fields, generation, no-op detection, commit.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        res: &ResourceDef,
+        ns: Option<&str>,
+        old: Option<Arc<Value>>,
+        mut new: Value,
+        status: bool,
+        managed: Managed,
+        opts: &WriteOpts,
+    ) -> ApiResult<Value> {
+        let now = now_rfc3339();
+        if let Some(m) = new.as_object_mut() {
+            m.insert("apiVersion".into(), json!(res.api_version()));
+            m.insert("kind".into(), json!(res.kind));
+        }
+        match &old {
+            Some(old) => {
+                if res.status {
+                    if status {
+                        let st = new.get("status").cloned();
+                        new = (**old).clone();
+                        if let Some(m) = new.as_object_mut() {
+                            m.insert("apiVersion".into(), json!(res.api_version()));
+                            match st {
+                                Some(s) => m.insert("status".into(), s),
+                                None => m.remove("status"),
+                            };
+                        }
+                    } else if let Some(m) = new.as_object_mut() {
+                        match old.get("status") {
+                            Some(s) => m.insert("status".into(), s.clone()),
+                            None => m.remove("status"),
+                        };
+                    }
+                }
+                let old_meta = old["metadata"].as_object().cloned().unwrap_or_default();
+                let meta = meta_mut(&mut new);
+                for k in [
+                    "name",
+                    "namespace",
+                    "uid",
+                    "creationTimestamp",
+                    "deletionTimestamp",
+                    "deletionGracePeriodSeconds",
+                    "generation",
+                    "resourceVersion",
+                    "managedFields",
+                ] {
+                    match old_meta.get(k) {
+                        Some(v) => meta.insert(k.into(), v.clone()),
+                        None => meta.remove(k),
+                    };
+                }
+            }
+            None => {
+                if res.status
+                    && (res.custom || res.kind == "CustomResourceDefinition")
+                    && let Some(m) = new.as_object_mut()
+                {
+                    m.remove("status");
+                }
+                let meta = meta_mut(&mut new);
+                for k in [
+                    "uid",
+                    "resourceVersion",
+                    "deletionTimestamp",
+                    "deletionGracePeriodSeconds",
+                    "managedFields",
+                    "selfLink",
+                ] {
+                    meta.remove(k);
+                }
+                meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+                meta.insert("creationTimestamp".into(), json!(now));
+                if res.tracks_generation() {
+                    meta.insert("generation".into(), json!(1));
+                } else {
+                    meta.remove("generation");
+                }
+                if res.kind == "Namespace" && res.group.is_empty() {
+                    new["spec"] = json!({"finalizers": ["kubernetes"]});
+                    new["status"] = json!({"phase": "Active"});
+                    let name = meta_str(&new, "name").unwrap_or_default().to_string();
+                    let labels = meta_mut(&mut new)
+                        .entry("labels")
+                        .or_insert_with(|| json!({}));
+                    if let Some(l) = labels.as_object_mut() {
+                        l.insert("kubernetes.io/metadata.name".into(), json!(name));
+                    }
+                }
+                if res.kind == "CustomResourceDefinition" {
+                    let mut f = finalizers(&new);
+                    if !f.iter().any(|x| x == CRD_CLEANUP_FINALIZER) {
+                        f.push(CRD_CLEANUP_FINALIZER.into());
+                    }
+                    set_finalizers(&mut new, &f);
+                }
+            }
+        }
+        let name = meta_str(&new, "name").unwrap_or_default().to_string();
+        // Validation (after pruning and defaulting for custom resources).
+        let mut causes = validation::validate_meta(res, &new);
+        causes.extend(validation::validate_config(res, &new));
+        if res.custom {
+            causes.extend(validation::validate_custom(res, &mut new));
+        }
+        if res.kind == "CustomResourceDefinition" {
+            causes.extend(validation::validate_crd(&new));
+        }
+        if !causes.is_empty() {
+            return Err(ApiError::invalid(res, &name, causes));
+        }
+        if res.kind == "CustomResourceDefinition" {
+            let names = new["spec"]["names"].clone();
+            let stored: Vec<Value> = new["spec"]["versions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|v| v["storage"].as_bool() == Some(true))
+                .map(|v| v["name"].clone())
+                .collect();
+            let t = old
+                .as_ref()
+                .and_then(|o| {
+                    o["status"]["conditions"][0]["lastTransitionTime"]
+                        .as_str()
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| now.clone());
+            new["status"] = json!({
+                "acceptedNames": names,
+                "storedVersions": stored,
+                "conditions": [
+                    {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": t},
+                    {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": t},
+                ],
+            });
+        }
+        // Managed fields.
+        let scope = scope_for(res, status);
+        let entries = match managed {
+            Managed::Apply(entries) => entries,
+            Managed::Keep => fields::read_entries(old.as_deref().unwrap_or(&Value::Null)),
+            Managed::Update(manager) => {
+                let tracker = Tracker::new(res.schema.as_ref(), scope);
+                let mut entries = old.as_deref().map(fields::read_entries).unwrap_or_default();
+                let old_members = old
+                    .as_deref()
+                    .map(|o| tracker.members(o))
+                    .unwrap_or_default();
+                let new_members = tracker.members(&new);
+                let changed: FieldSet = new_members
+                    .iter()
+                    .filter(|p| fields::changed(old.as_deref(), &new, p))
+                    .cloned()
+                    .collect();
+                let removed: FieldSet = old_members.difference(&new_members).cloned().collect();
+                for e in entries.iter_mut() {
+                    e.set
+                        .retain(|p| !changed.contains(p) && !removed.contains(p));
+                }
+                let sub = if status { "status" } else { "" };
+                if !changed.is_empty() {
+                    match entries.iter_mut().find(|e| {
+                        e.manager == manager && e.operation == "Update" && e.subresource == sub
+                    }) {
+                        Some(e) => {
+                            e.set.extend(changed);
+                            e.time = now.clone();
+                        }
+                        None => entries.push(Entry {
+                            manager: manager.clone(),
+                            operation: "Update".into(),
+                            api_version: res.api_version(),
+                            time: now.clone(),
+                            subresource: sub.into(),
+                            set: changed,
+                        }),
+                    }
+                }
+                entries
+            }
+        };
+        fields::write_entries(&mut new, &entries);
+        // Generation moves on spec changes only (everything but metadata and status).
+        if let Some(old) = &old
+            && res.tracks_generation()
+        {
+            let strip = |v: &Value| -> Value {
+                let mut c = v.clone();
+                if let Some(m) = c.as_object_mut() {
+                    m.remove("metadata");
+                    m.remove("status");
+                    m.remove("apiVersion");
+                    m.remove("kind");
+                }
+                c
+            };
+            let changed = if res.status {
+                strip(old) != strip(&new)
+            } else {
+                strip(old) != strip(&new) || old.get("status") != new.get("status")
+            };
+            if changed {
+                let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+                meta_mut(&mut new).insert("generation".into(), json!(g));
+            }
+        }
+        let key = Self::key(res, ns, &name);
+        if let Some(old) = &old {
+            // The real server skips the storage write when nothing changed.
+            if **old == new {
+                return Ok(Self::present(res, old));
+            }
+        }
+        if opts.dry_run {
+            return Ok(new);
+        }
+        let deleting = new["metadata"]["deletionTimestamp"].is_string();
+        if deleting && finalizers(&new).is_empty() {
+            let obj = self.remove(res, key, new);
+            return Ok(Self::present(res, &obj));
+        }
+        let obj = self.commit(res, key, old, new);
+        Ok(Self::present(res, &obj))
+    }
+
+    pub fn delete(
+        &mut self,
+        res: &ResourceDef,
+        ns: Option<&str>,
+        name: &str,
+        opts: &DeleteOpts,
+    ) -> ApiResult<Value> {
+        let old = self.get(res, ns, name)?;
+        if let Some(uid) = &opts.uid
+            && Some(uid.as_str()) != meta_str(&old, "uid")
+        {
+            return Err(ApiError::conflict(
+                res,
+                name,
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta_str(&old, "uid").unwrap_or_default()
+                ),
+            ));
+        }
+        if let Some(rv) = &opts.resource_version
+            && Some(rv.as_str()) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                res,
+                name,
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                    meta_str(&old, "resourceVersion").unwrap_or_default()
+                ),
+            ));
+        }
+        let mut new = (*old).clone();
+        let mut fin = finalizers(&new);
+        match opts.propagation.as_deref() {
+            Some("Foreground") if !fin.iter().any(|f| f == "foregroundDeletion") => {
+                fin.push("foregroundDeletion".into())
+            }
+            Some("Orphan") if !fin.iter().any(|f| f == "orphan") => fin.push("orphan".into()),
+            None | Some("Background") | Some("Foreground") | Some("Orphan") => {}
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    res,
+                    name,
+                    vec![Cause::not_supported(
+                        "propagationPolicy",
+                        &json!(other),
+                        &[json!("Foreground"), json!("Background"), json!("Orphan")],
+                    )],
+                ));
+            }
+        }
+        let is_namespace = res.kind == "Namespace" && res.group.is_empty();
+        if is_namespace {
+            new["status"]["phase"] = json!("Terminating");
+        }
+        if opts.dry_run {
+            return Ok(Self::present(res, &old));
+        }
+        let key = Self::key(res, ns, name);
+        if fin.is_empty() && !is_namespace {
+            let obj = self.remove(res, key, new);
+            return Ok(Self::present(res, &obj));
+        }
+        set_finalizers(&mut new, &fin);
+        let meta = meta_mut(&mut new);
+        if !meta.contains_key("deletionTimestamp") {
+            meta.insert("deletionTimestamp".into(), json!(now_rfc3339()));
+            meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+        }
+        if new == *old {
+            return Ok(Self::present(res, &old));
+        }
+        let obj = self.commit(res, key, Some(old), new);
+        Ok(Self::present(res, &obj))
+    }
+
+    pub fn delete_collection(
+        &mut self,
+        res: &ResourceDef,
+        ns: Option<&str>,
+        sel: &Selectors,
+        opts: &DeleteOpts,
+    ) -> ApiResult<Vec<Value>> {
+        let items = self.list(res, ns, sel);
+        let mut out = Vec::new();
+        for o in items {
+            let name = meta_str(&o, "name").unwrap_or_default().to_string();
+            let ons = meta_str(&o, "namespace").map(str::to_string);
+            out.push(self.delete(res, ons.as_deref(), &name, opts)?);
+        }
+        Ok(out)
+    }
+
+    fn def_for_storage(&self, storage: &str) -> Option<Arc<ResourceDef>> {
+        self.registry.by_storage(storage).into_iter().next()
+    }
+
+    fn drop_finalizer(&mut self, key: &Key, finalizer: &str) {
+        let Some(obj) = self.objects.get(key).cloned() else {
+            return;
+        };
+        let Some(res) = self.def_for_storage(&key.0) else {
+            return;
+        };
+        let mut new = (*obj).clone();
+        let fin: Vec<String> = finalizers(&new)
+            .into_iter()
+            .filter(|f| f != finalizer)
+            .collect();
+        set_finalizers(&mut new, &fin);
+        let ns = (!key.1.is_empty()).then_some(key.1.clone());
+        let opts = WriteOpts {
+            manager: "kube-controller-manager".into(),
+            ..Default::default()
+        };
+        let _ = self.finish(
+            &res,
+            ns.as_deref(),
+            Some(obj),
+            new,
+            false,
+            Managed::Keep,
+            &opts,
+        );
+    }
+
+    fn delete_key(&mut self, key: &Key) {
+        let Some(res) = self.def_for_storage(&key.0) else {
+            // The resource is no longer served (its CRD is gone): drop the object.
+            let any = self.registry.all().next().cloned();
+            if let Some(o) = self.objects.get(key).cloned()
+                && let Some(def) = any
+            {
+                let mut phantom = (*def).clone();
+                phantom.storage = key.0.clone();
+                self.remove(&phantom, key.clone(), (*o).clone());
+            }
+            return;
+        };
+        let ns = (!key.1.is_empty()).then_some(key.1.clone());
+        let _ = self.delete(&res, ns.as_deref(), &key.2, &DeleteOpts::default());
+    }
+
+    /// One pass of the namespace, CRD-cleanup and garbage collectors. Returns
+    /// whether anything was written (the caller runs passes until quiet).
+    pub fn gc_pass(&mut self) -> bool {
+        let rv_before = self.rv;
+        let snapshot: Vec<(Key, Arc<Value>)> = self
+            .objects
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let uids: HashMap<String, &Key> = snapshot
+            .iter()
+            .filter_map(|(k, v)| meta_str(v, "uid").map(|u| (u.to_string(), k)))
+            .collect();
+        let ns_storage = self.registry.namespace_def().storage.clone();
+        let crd_storage = self.registry.crd_def().storage.clone();
+        for (key, obj) in &snapshot {
+            let deleting = obj["metadata"]["deletionTimestamp"].is_string();
+            if !deleting {
+                continue;
+            }
+            let fin = finalizers(obj);
+            let uid = meta_str(obj, "uid").unwrap_or_default().to_string();
+            if key.0 == ns_storage {
+                let contents: Vec<Key> = snapshot
+                    .iter()
+                    .filter(|(k, _)| k.1 == key.2 && k.0 != ns_storage)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                if contents.is_empty() {
+                    if let Some(res) = self.def_for_storage(&key.0) {
+                        self.remove(&res, key.clone(), (**obj).clone());
+                    }
+                } else {
+                    for k in contents {
+                        self.delete_key(&k);
+                    }
+                }
+                continue;
+            }
+            if key.0 == crd_storage && fin.iter().any(|f| f == CRD_CLEANUP_FINALIZER) {
+                let storage = format!(
+                    "{}/{}",
+                    obj["spec"]["group"].as_str().unwrap_or_default(),
+                    obj["spec"]["names"]["plural"].as_str().unwrap_or_default()
+                );
+                let instances: Vec<Key> = snapshot
+                    .iter()
+                    .filter(|(k, _)| k.0 == storage)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                if instances.is_empty() {
+                    self.drop_finalizer(key, CRD_CLEANUP_FINALIZER);
+                } else {
+                    for k in instances {
+                        self.delete_key(&k);
+                    }
+                }
+                continue;
+            }
+            let dependents: Vec<Key> = snapshot
+                .iter()
+                .filter(|(_, v)| {
+                    v["metadata"]["ownerReferences"]
+                        .as_array()
+                        .is_some_and(|refs| {
+                            refs.iter().any(|r| r["uid"].as_str() == Some(uid.as_str()))
+                        })
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            if fin.iter().any(|f| f == "orphan") {
+                for k in &dependents {
+                    self.strip_owner_refs(k, std::slice::from_ref(&uid));
+                }
+                self.drop_finalizer(key, "orphan");
+            } else if fin.iter().any(|f| f == "foregroundDeletion") {
+                if dependents.is_empty() {
+                    self.drop_finalizer(key, "foregroundDeletion");
+                } else {
+                    for k in &dependents {
+                        let dep_deleting = self
+                            .objects
+                            .get(k)
+                            .is_some_and(|d| d["metadata"]["deletionTimestamp"].is_string());
+                        if !dep_deleting {
+                            self.delete_key(k);
+                        }
+                    }
+                }
+            }
+        }
+        // Dependents whose owners are all gone are deleted; dangling references are removed.
+        for (key, obj) in &snapshot {
+            let Some(refs) = obj["metadata"]["ownerReferences"].as_array() else {
+                continue;
+            };
+            if refs.is_empty() || !self.objects.contains_key(key) {
+                continue;
+            }
+            let missing: Vec<String> = refs
+                .iter()
+                .filter_map(|r| r["uid"].as_str())
+                .filter(|u| !uids.contains_key(*u))
+                .map(str::to_string)
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            if missing.len() == refs.len() {
+                if !obj["metadata"]["deletionTimestamp"].is_string() {
+                    self.delete_key(key);
+                }
+            } else {
+                self.strip_owner_refs(key, &missing);
+            }
+        }
+        self.rv != rv_before
+    }
+
+    fn strip_owner_refs(&mut self, key: &Key, uids: &[String]) {
+        let Some(obj) = self.objects.get(key).cloned() else {
+            return;
+        };
+        let Some(res) = self.def_for_storage(&key.0) else {
+            return;
+        };
+        let mut new = (*obj).clone();
+        if let Some(refs) = new["metadata"]["ownerReferences"].as_array_mut() {
+            refs.retain(|r| {
+                !r["uid"]
+                    .as_str()
+                    .is_some_and(|u| uids.iter().any(|x| x == u))
+            });
+            if refs.is_empty()
+                && let Some(m) = new["metadata"].as_object_mut()
+            {
+                m.remove("ownerReferences");
+            }
+        }
+        let ns = (!key.1.is_empty()).then_some(key.1.clone());
+        let opts = WriteOpts {
+            manager: "kube-controller-manager".into(),
+            ..Default::default()
+        };
+        let _ = self.finish(
+            &res,
+            ns.as_deref(),
+            Some(obj),
+            new,
+            false,
+            Managed::Update("kube-controller-manager".into()),
+            &opts,
+        );
+    }
+}
+
+fn apply_conflict(
+    res: &ResourceDef,
+    name: &str,
+    entries: &[Entry],
+    conflicts: &[(usize, fields::Path)],
+) -> ApiError {
+    let n = conflicts.len();
+    let mut by_manager: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut causes = Vec::new();
+    for (i, p) in conflicts {
+        let e = &entries[*i];
+        let field = fields::render_path(p);
+        causes.push(json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{}\" using {}", e.manager, e.api_version), "field": field}));
+        by_manager
+            .entry(format!("\"{}\" using {}", e.manager, e.api_version))
+            .or_default()
+            .push(field);
+    }
+    let message = if n == 1 {
+        let (m, fs) = by_manager
+            .iter()
+            .next()
+            .map(|(m, f)| (m.clone(), f.clone()))
+            .unwrap_or_default();
+        format!(
+            "Apply failed with 1 conflict: conflict with {m}: {}",
+            fs.join("")
+        )
+    } else {
+        let mut s = format!("Apply failed with {n} conflicts: ");
+        for (m, fs) in &by_manager {
+            s.push_str(&format!("conflicts with {m}:"));
+            for f in fs {
+                s.push_str(&format!("\n- {f}"));
+            }
+            s.push('\n');
+        }
+        s.trim_end().to_string()
+    };
+    let mut d = json!({"name": name, "kind": res.plural, "causes": causes});
+    if !res.group.is_empty() {
+        d["group"] = json!(res.group);
+    }
+    ApiError {
+        code: 409,
+        reason: "Conflict",
+        message,
+        details: Some(d),
+    }
+}
+
+/// Strategic merge patch for the built-in kinds served here: a JSON merge
+/// patch plus the `$patch`/`$retainKeys`/`$setElementOrder`/
+/// `$deleteFromPrimitiveList` directives, `ownerReferences` merged by `uid`
+/// and `finalizers` merged as a set (their `patchStrategy` in the Go types).
+pub fn strategic_merge(doc: &mut Value, patch: &Value, path: &str) -> ApiResult<()> {
+    let Some(p) = patch.as_object() else {
+        *doc = patch.clone();
+        return Ok(());
+    };
+    match p.get("$patch").and_then(Value::as_str) {
+        Some("replace") => {
+            let mut c = patch.clone();
+            if let Some(m) = c.as_object_mut() {
+                m.remove("$patch");
+            }
+            *doc = c;
+            return Ok(());
+        }
+        Some("delete") => {
+            *doc = Value::Null;
+            return Ok(());
+        }
+        _ => {}
+    }
+    if !doc.is_object() {
+        *doc = json!({});
+    }
+    let Some(d) = doc.as_object_mut() else {
+        return Ok(());
+    };
+    for (k, v) in p {
+        if let Some(field) = k.strip_prefix("$deleteFromPrimitiveList/") {
+            if let (Some(list), Some(del)) =
+                (d.get_mut(field).and_then(Value::as_array_mut), v.as_array())
+            {
+                list.retain(|x| !del.contains(x));
+            }
+            continue;
+        }
+        if k.starts_with('$') {
+            continue;
+        }
+        let child_path = format!("{path}.{k}");
+        if v.is_null() {
+            d.remove(k);
+            continue;
+        }
+        match (child_path.as_str(), v) {
+            (".metadata.ownerReferences", Value::Array(items)) => {
+                let cur = d.entry(k.clone()).or_insert_with(|| json!([]));
+                if let Some(list) = cur.as_array_mut() {
+                    for item in items {
+                        let uid = &item["uid"];
+                        if item["$patch"].as_str() == Some("delete") {
+                            list.retain(|x| x["uid"] != *uid);
+                        } else if let Some(x) = list.iter_mut().find(|x| x["uid"] == *uid) {
+                            strategic_merge(x, item, &child_path)?;
+                        } else {
+                            list.push(item.clone());
+                        }
+                    }
+                }
+            }
+            (".metadata.finalizers", Value::Array(items)) => {
+                let cur = d.entry(k.clone()).or_insert_with(|| json!([]));
+                if let Some(list) = cur.as_array_mut() {
+                    for item in items {
+                        if !list.contains(item) {
+                            list.push(item.clone());
+                        }
+                    }
+                }
+            }
+            (_, Value::Object(_)) => {
+                let cur = d.entry(k.clone()).or_insert(Value::Null);
+                strategic_merge(cur, v, &child_path)?;
+                if cur.is_null() {
+                    d.remove(k);
+                }
+            }
+            _ => {
+                d.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok(())
+}
