@@ -6,7 +6,16 @@
 //! and fails with [`KvError::Timeout`] instead of hanging, also when the
 //! server is alive on TCP but does not answer.
 
-use std::{collections::BTreeMap, future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use async_nats::{
     HeaderMap, HeaderName, HeaderValue,
@@ -286,9 +295,12 @@ impl NatsKv {
         });
         let tx = Arc::new(tx);
         let events = tx.clone();
+        // The client's own deadlines are longer than ours, so every call
+        // ends with our `Timeout`, whatever layer was waiting.
+        let inner_timeout = opts.request_timeout * 2;
         o = o
             .connection_timeout(opts.request_timeout)
-            .request_timeout(Some(opts.request_timeout))
+            .request_timeout(Some(inner_timeout))
             .event_callback(move |event| {
                 let tx = events.clone();
                 async move { on_event(&tx, &event) }
@@ -297,7 +309,7 @@ impl NatsKv {
             .await?
             .map_err(|e| KvError::ConnectionFailed(e.to_string()))?;
         let js = jetstream::ContextBuilder::new()
-            .timeout(opts.request_timeout)
+            .timeout(inner_timeout)
             .build(client.clone());
         Ok(NatsKv {
             client,
@@ -363,6 +375,7 @@ impl NatsKv {
                 client: self.client.clone(),
                 timeout: self.timeout,
                 status: self.status.clone(),
+                stats: WatchCounters::default(),
             }),
         })
     }
@@ -476,6 +489,27 @@ pub(crate) struct BucketInner {
     pub client: async_nats::Client,
     pub timeout: Duration,
     pub status: watch::Receiver<ConnectionStatus>,
+    pub stats: WatchCounters,
+}
+
+/// Counters of all watches (and scans) opened through one bucket handle.
+#[derive(Default)]
+pub(crate) struct WatchCounters {
+    pub messages: AtomicU64,
+    pub redeliveries_skipped: AtomicU64,
+    pub consumers_created: AtomicU64,
+}
+
+/// What the server delivered to the watches of one bucket handle: proves
+/// that a resume reads only the delta, and shows consumer churn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchStats {
+    /// Data messages received from the server (before prefix filtering).
+    pub messages: u64,
+    /// Messages at or below an already yielded revision, dropped.
+    pub redeliveries_skipped: u64,
+    /// Server-side consumers created, recreations included.
+    pub consumers_created: u64,
 }
 
 pub(crate) const KV_OPERATION: HeaderName = HeaderName::from_static("KV-Operation");
@@ -545,6 +579,16 @@ fn expected_revision(key: &str, expected: VersionToken) -> Result<u64> {
 impl NatsBucket {
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// Counters of the watches and scans opened through this handle (and its clones).
+    pub fn watch_stats(&self) -> WatchStats {
+        let c = &self.inner.stats;
+        WatchStats {
+            messages: c.messages.load(Ordering::Relaxed),
+            redeliveries_skipped: c.redeliveries_skipped.load(Ordering::Relaxed),
+            consumers_created: c.consumers_created.load(Ordering::Relaxed),
+        }
     }
 
     /// Number of consumers on the bucket's stream, fresh from the server.

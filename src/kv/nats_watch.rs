@@ -16,7 +16,7 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -262,6 +262,10 @@ impl Watcher {
         )
         .await?
         .map_err(|e| KvError::WatchError(format!("create consumer: {e}")))?;
+        self.inner
+            .stats
+            .consumers_created
+            .fetch_add(1, Ordering::Relaxed);
         let ci = consumer.cached_info();
         self.consumer = Some(Incarnation {
             name: ci.name.clone(),
@@ -415,6 +419,13 @@ impl Watcher {
             return self.recover("gap in consumer sequence").await;
         }
         inc.consumer_seq = d.consumer_seq;
+        self.inner.stats.messages.fetch_add(1, Ordering::Relaxed);
+        if d.stream_seq <= self.last_yielded {
+            self.inner
+                .stats
+                .redeliveries_skipped
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let reached_sync = inc.consumer_seq >= inc.sync_at || d.pending == 0;
         self.position = self.position.max(d.stream_seq);
         if d.stream_seq > self.last_yielded

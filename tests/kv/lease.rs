@@ -1,0 +1,369 @@
+//! The CAS lease: at most one holder, in one process and across processes.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rand::Rng;
+use slipstream::kv::{
+    KvStore,
+    lease::{Lease, LeaseConfig, LeaseError},
+    nats::{BucketConfig, ConnectOptions, NatsKv},
+};
+use tokio::time::Instant;
+
+use crate::{b, bucket, common::NatsServer, eventually};
+
+fn fast() -> LeaseConfig {
+    LeaseConfig {
+        ttl: Duration::from_millis(900),
+        renew_deadline: Duration::from_millis(600),
+        renew_interval: Duration::from_millis(150),
+        retry_interval: Duration::from_millis(40),
+    }
+}
+
+async fn store(server: &NatsServer) -> Arc<dyn KvStore> {
+    Arc::new(bucket(server, "leases").await)
+}
+
+#[tokio::test]
+async fn release_lets_another_contender_acquire_at_once() {
+    let server = NatsServer::start();
+    let s = store(&server).await;
+    let a = Lease::new(s.clone(), "leader", "a", fast()).unwrap();
+    let b_ = Lease::new(s.clone(), "leader", "b", fast()).unwrap();
+    assert!(a.try_acquire().await.unwrap());
+    assert!(a.is_held());
+    assert!(!b_.try_acquire().await.unwrap());
+    assert_eq!(b_.holder().await.unwrap().unwrap().holder, "a");
+    a.release().await.unwrap();
+    assert!(!a.is_held());
+    assert!(b_.holder().await.unwrap().is_none());
+    assert!(
+        b_.try_acquire().await.unwrap(),
+        "no wait for expiry after a release"
+    );
+    assert_eq!(a.holder().await.unwrap().unwrap().holder, "b");
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_taken_over_and_the_old_holder_renews_into_lost() {
+    let server = NatsServer::start();
+    let s = store(&server).await;
+    let a = Lease::new(s.clone(), "leader", "a", fast()).unwrap();
+    let b_ = Lease::new(s.clone(), "leader", "b", fast()).unwrap();
+    let mut a_state = a.subscribe();
+    assert!(a.try_acquire().await.unwrap());
+    assert!(*a_state.borrow_and_update());
+    // a stops renewing (stalled); b must wait until the record expires.
+    assert!(!b_.try_acquire().await.unwrap());
+    tokio::time::sleep(fast().renew_deadline).await;
+    assert!(
+        !a.is_held(),
+        "the holder stops before its record can be taken over"
+    );
+    assert!(!*a_state.borrow());
+    tokio::time::sleep(fast().ttl - fast().renew_deadline).await;
+    assert!(b_.try_acquire().await.unwrap());
+    match a.renew().await {
+        Err(LeaseError::Lost { key }) => assert_eq!(key, "leader"),
+        other => panic!("expected Lost, got {other:?}"),
+    }
+    assert!(!a.is_held());
+    assert!(!a.try_acquire().await.unwrap());
+    assert!(b_.is_held());
+    assert_eq!(a.transitions(), 2, "gained once, lost once");
+}
+
+#[tokio::test]
+async fn a_corrupt_lease_record_is_taken_over() {
+    let server = NatsServer::start();
+    let s = store(&server).await;
+    s.put("leader", b("{not json")).await.unwrap();
+    let a = Lease::new(s.clone(), "leader", "a", fast()).unwrap();
+    assert!(a.holder().await.is_err());
+    assert!(a.try_acquire().await.unwrap());
+    let rec = a.holder().await.unwrap().unwrap();
+    assert_eq!(rec.holder, "a");
+    assert!(rec.expires_at_ms > slipstream::kv::lease::unix_ms());
+}
+
+#[tokio::test]
+async fn renew_after_losing_fails_cleanly_and_flips_the_holding_state() {
+    let server = NatsServer::start();
+    let s = store(&server).await;
+    let a = Lease::new(s.clone(), "leader", "a", fast()).unwrap();
+    let mut state = a.subscribe();
+    assert!(a.try_acquire().await.unwrap());
+    a.renew().await.unwrap();
+    assert!(*state.borrow_and_update());
+    // Someone else writes the key: any later CAS by a fails.
+    s.put("leader", b("{\"holder\":\"intruder\"}"))
+        .await
+        .unwrap();
+    assert!(matches!(a.renew().await, Err(LeaseError::Lost { .. })));
+    assert!(!a.is_held());
+    assert!(!*state.borrow_and_update());
+    assert!(matches!(a.renew().await, Err(LeaseError::NotHeld { .. })));
+    assert!(matches!(
+        Lease::new(s.clone(), "bad key", "a", fast()),
+        Err(LeaseError::Kv(_))
+    ));
+    let bad = LeaseConfig {
+        renew_deadline: Duration::from_secs(5),
+        ..fast()
+    };
+    assert!(matches!(
+        Lease::new(s, "leader", "a", bad),
+        Err(LeaseError::InvalidConfig(_))
+    ));
+}
+
+#[tokio::test]
+async fn the_background_loop_keeps_the_lease_and_releases_it_on_stop() {
+    let server = NatsServer::start();
+    let s = store(&server).await;
+    let a = Arc::new(Lease::new(s.clone(), "leader", "a", fast()).unwrap());
+    let b_ = Lease::new(s.clone(), "leader", "b", fast()).unwrap();
+    let mut state = a.subscribe();
+    let task = a.clone().spawn();
+    tokio::time::timeout(Duration::from_secs(10), state.wait_for(|h| *h))
+        .await
+        .unwrap()
+        .unwrap();
+    // Held across several ttls thanks to renewals.
+    for _ in 0..4 {
+        tokio::time::sleep(fast().ttl / 2).await;
+        assert!(a.is_held());
+        assert!(!b_.try_acquire().await.unwrap());
+    }
+    task.stop().await;
+    assert!(!a.is_held());
+    assert!(b_.try_acquire().await.unwrap());
+}
+
+/// One contender: acquires, holds for a while renewing, then releases or
+/// "crashes" (goes silent and comes back as a fresh process). Returns terms.
+async fn contend(slot: Arc<Mutex<Arc<Lease>>>, make: impl Fn() -> Lease, until: Instant) -> u64 {
+    let mut terms = 0;
+    while Instant::now() < until {
+        let lease = slot.lock().unwrap().clone();
+        match lease.try_acquire().await {
+            Ok(true) => {}
+            _ => {
+                tokio::time::sleep(lease.config().retry_interval).await;
+                continue;
+            }
+        }
+        terms += 1;
+        let (hold, crash) = {
+            let mut rng = rand::rng();
+            (
+                Duration::from_millis(rng.random_range(100..400)),
+                rng.random_bool(0.3),
+            )
+        };
+        let end = Instant::now() + hold;
+        while Instant::now() < end {
+            tokio::time::sleep(lease.config().renew_interval).await;
+            if lease.renew().await.is_err() && !lease.is_held() {
+                break;
+            }
+        }
+        if crash {
+            // Silent: no release, the record must expire before a takeover.
+            *slot.lock().unwrap() = Arc::new(make());
+        } else {
+            let _ = lease.release().await;
+        }
+    }
+    let lease = slot.lock().unwrap().clone();
+    let _ = lease.release().await;
+    terms
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_contenders_in_one_process_never_hold_the_lease_at_once() {
+    let server = NatsServer::start();
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut slots = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        // One connection per contender, as separate replicas would have.
+        let s: Arc<dyn KvStore> = Arc::new(bucket(&server, "leases").await);
+        let id = format!("c{i}");
+        let make = move || Lease::new(s.clone(), "leader", id.clone(), fast()).unwrap();
+        let slot = Arc::new(Mutex::new(Arc::new(make())));
+        slots.push(slot.clone());
+        tasks.push(tokio::spawn(contend(slot, make, until)));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_holders = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (stop, max_holders, slots) = (stop.clone(), max_holders.clone(), slots.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let holders = slots.iter().filter(|s| s.lock().unwrap().is_held()).count() as u64;
+                max_holders.fetch_max(holders, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+        })
+    };
+    let mut terms = 0;
+    for t in tasks {
+        terms += t.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    assert_eq!(
+        max_holders.load(Ordering::Relaxed),
+        1,
+        "never two holders, and one at times"
+    );
+    assert!(terms >= 6, "the lease changed hands only {terms} times");
+}
+
+const CHILD_URL: &str = "SLIPSTREAM_LEASE_CHILD_URL";
+const CHILD_OUT: &str = "SLIPSTREAM_LEASE_CHILD_OUT";
+const CHILD_ID: &str = "SLIPSTREAM_LEASE_CHILD_ID";
+
+fn wall_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// Child-process entry of the multi-process test; a no-op unless spawned by it.
+#[tokio::test]
+async fn lease_contender_child_process() {
+    let (Ok(url), Ok(out), Ok(id)) = (
+        std::env::var(CHILD_URL),
+        std::env::var(CHILD_OUT),
+        std::env::var(CHILD_ID),
+    ) else {
+        return;
+    };
+    let opts = ConnectOptions {
+        request_timeout: Duration::from_secs(2),
+        ..ConnectOptions::new(url)
+    };
+    let s: Arc<dyn KvStore> = Arc::new(
+        NatsKv::connect(&opts)
+            .await
+            .unwrap()
+            .create_or_open(&BucketConfig::new("leases"))
+            .await
+            .unwrap(),
+    );
+    let make = {
+        let id = id.clone();
+        move || Lease::new(s.clone(), "leader", id.clone(), fast()).unwrap()
+    };
+    let slot = Arc::new(Mutex::new(Arc::new(make())));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Held intervals as seen by `is_held()`, the check before each write.
+    let sampler = {
+        let (slot, stop) = (slot.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut intervals = Vec::new();
+            let mut open: Option<(u64, u64)> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let held = slot.lock().unwrap().is_held();
+                let now = wall_micros();
+                open = match (open, held) {
+                    (None, true) => Some((now, now)),
+                    (Some((s, _)), true) => Some((s, now)),
+                    (Some(iv), false) => {
+                        intervals.push(iv);
+                        None
+                    }
+                    (None, false) => None,
+                };
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
+            intervals.extend(open);
+            intervals
+        })
+    };
+    let until = Instant::now() + Duration::from_secs(6);
+    contend(slot, make, until).await;
+    stop.store(true, Ordering::Relaxed);
+    let intervals = sampler.await.unwrap();
+    let text: String = intervals
+        .iter()
+        .map(|(s, e)| format!("{id} {s} {e}\n"))
+        .collect();
+    std::fs::write(out, text).unwrap();
+}
+
+#[tokio::test]
+async fn eight_contender_processes_never_hold_the_lease_at_once() {
+    let server = NatsServer::start();
+    // The bucket exists before the children race to open it.
+    bucket(&server, "leases").await;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut children = Vec::new();
+    for i in 0..8 {
+        let out = dir.path().join(format!("c{i}.txt"));
+        let child = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "lease::lease_contender_child_process",
+                "--test-threads=1",
+            ])
+            .env(CHILD_URL, server.url())
+            .env(CHILD_OUT, &out)
+            .env(CHILD_ID, format!("p{i}"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        children.push((child, out));
+    }
+    let mut intervals: Vec<(String, u64, u64)> = Vec::new();
+    for (mut child, out) in children {
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "a contender process failed: {status}");
+        for line in std::fs::read_to_string(&out).unwrap().lines() {
+            let mut parts = line.split(' ');
+            let id = parts.next().unwrap().to_owned();
+            let s: u64 = parts.next().unwrap().parse().unwrap();
+            let e: u64 = parts.next().unwrap().parse().unwrap();
+            intervals.push((id, s, e));
+        }
+    }
+    intervals.sort_by_key(|(_, s, _)| *s);
+    for pair in intervals.windows(2) {
+        let ((a, _, a_end), (b_, b_start, _)) = (&pair[0], &pair[1]);
+        assert!(
+            b_start > a_end,
+            "{a} held until {a_end} but {b_} already from {b_start}"
+        );
+    }
+    let holders: std::collections::BTreeSet<&str> =
+        intervals.iter().map(|(id, _, _)| id.as_str()).collect();
+    assert!(intervals.len() >= 6, "only {} terms", intervals.len());
+    assert!(holders.len() >= 2, "only {holders:?} ever held the lease");
+}
+
+#[tokio::test]
+async fn holder_reports_the_current_record() {
+    let server = NatsServer::start();
+    let s = store(&server).await;
+    let a = Lease::new(s.clone(), "leader", "pod-a", fast()).unwrap();
+    assert!(a.holder().await.unwrap().is_none());
+    assert!(a.try_acquire().await.unwrap());
+    let rec = a.holder().await.unwrap().unwrap();
+    assert_eq!(rec.holder, "pod-a");
+    assert_eq!(rec.transitions, 1);
+    assert!(eventually(Duration::from_secs(1), || async { a.is_held() }).await);
+}
