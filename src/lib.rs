@@ -2,10 +2,11 @@
 //! ConfigMaps. The modules follow the layers of DESIGN.md, top to bottom.
 
 pub mod cmd;
+pub mod controller;
 pub mod crd;
 pub mod kv;
-pub mod projection;
+pub mod leader;
 pub mod metrics;
 pub mod policy;
+pub mod projection;
 pub mod sink;
-pub mod controller;

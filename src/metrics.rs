@@ -47,6 +47,8 @@ pub struct Metrics {
     pub propagation_seconds: Histogram,
     /// NATS consumers (watches) open right now.
     pub open_watches: Gauge,
+    /// Leader election: is_leader, lease transitions, renew failures.
+    pub leader: crate::leader::LeaderMetrics,
 }
 
 impl Default for Metrics {
@@ -100,6 +102,8 @@ impl Metrics {
             "NATS watches open now",
             open_watches.clone(),
         );
+        let leader = crate::leader::LeaderMetrics::default();
+        leader.register(&mut registry);
         Self {
             registry: Arc::new(registry),
             applied_cursor,
@@ -110,6 +114,7 @@ impl Metrics {
             dropped_writes,
             propagation_seconds,
             open_watches,
+            leader,
         }
     }
 

@@ -10,6 +10,7 @@ use tracing::info;
 use super::{NatsArgs, parse_duration};
 use crate::{
     controller::{self, Config, Context, NatsConnector},
+    leader::{LeaderArgs, LeaderElection, LeaderStatus},
     metrics::Metrics,
     policy::AccessPolicy,
 };
@@ -40,9 +41,8 @@ pub struct RunArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
-    /// Elect one writing replica through a NATS KV lease (next issue; off).
-    #[arg(long, env = "SLIPSTREAM_LEADER_ELECTION", default_value_t = false)]
-    pub leader_election: bool,
+    #[command(flatten)]
+    pub leader: LeaderArgs,
     /// Watch only this namespace.
     #[arg(long, env = "SLIPSTREAM_NAMESPACE")]
     pub namespace: Option<String>,
@@ -58,11 +58,24 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-async fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> anyhow::Result<()> {
+async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Metrics,
+    leader: watch::Receiver<LeaderStatus>,
+) -> anyhow::Result<()> {
+    let readyz = move || {
+        let ready = leader.borrow().readiness();
+        async move {
+            match ready {
+                Ok(()) => (StatusCode::OK, "ok".to_owned()),
+                Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+            }
+        }
+    };
     let app = Router::new()
         .route("/metrics", get(move || async move { metrics.encode() }))
         .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
-        .route("/readyz", get(|| async { (StatusCode::OK, "ok") }));
+        .route("/readyz", get(readyz));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(%addr, "serving /metrics, /healthz, /readyz");
     axum::serve(listener, app).await?;
@@ -71,17 +84,35 @@ async fn serve_metrics(addr: SocketAddr, metrics: Metrics) -> anyhow::Result<()>
 
 pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
-    if args.leader_election {
-        anyhow::bail!("--leader-election is not available yet; run one replica");
-    }
     let policy = match &args.policy_file {
         Some(path) => AccessPolicy::from_file(path)?,
         None => AccessPolicy::allow_all(),
     };
-    let client = kube::Client::try_default().await?;
     let metrics = Metrics::new();
-    tokio::spawn(serve_metrics(args.metrics_addr, metrics.clone()));
-    let (_gate_tx, gate) = watch::channel(true);
+    let leader = LeaderElection::start(
+        &args.leader,
+        args.nats.connect_options("slipstream-leader"),
+        metrics.leader.clone(),
+    )?;
+    // The user agent names the replica, so API server audit logs tell writers apart.
+    let mut kube_config = kube::Config::infer().await?;
+    let user_agent = format!(
+        "slipstream/{} ({})",
+        env!("CARGO_PKG_VERSION"),
+        args.leader.identity()
+    );
+    if let Ok(value) = axum::http::HeaderValue::from_str(&user_agent) {
+        kube_config
+            .headers
+            .push((axum::http::header::USER_AGENT, value));
+    }
+    let client = kube::Client::try_from(kube_config)?;
+    tokio::spawn(serve_metrics(
+        args.metrics_addr,
+        metrics.clone(),
+        leader.status(),
+    ));
+    let gate = leader.gate();
     let kv = Arc::new(NatsConnector::new(
         args.nats.connect_options("slipstream-operator"),
     ));
@@ -91,6 +122,29 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     let ctx = Context::new(client, kv, policy, metrics, gate, config);
-    controller::run(ctx).await;
+    tokio::select! {
+        () = controller::run(ctx) => {}
+        () = shutdown_signal() => info!("shutdown signal received"),
+    }
+    // Stop writing at once (an in-flight write is abandoned; fencing keeps
+    // it harmless), then release the lease so a standby takes over now.
+    leader.stop_writing();
+    leader.shutdown().await;
     Ok(())
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
