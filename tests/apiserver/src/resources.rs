@@ -146,6 +146,8 @@ impl Registry {
                 true,
                 false,
             ),
+            // Served so deploy examples can be applied; no controller runs them.
+            builtin("apps", "v1", "Deployment", "deployments", &["deploy"], true, true),
             builtin(
                 "apiextensions.k8s.io",
                 "v1",
