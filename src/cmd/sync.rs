@@ -179,6 +179,7 @@ impl Syncer {
     /// written by a sync of the same bucket, prefixes and rules.
     fn restore(&mut self) -> anyhow::Result<()> {
         let Some(content) = self.sink.read()? else {
+            info!(dir = %self.config.dir.display(), "nothing synced here yet: full state-sync");
             return Ok(());
         };
         let state = content
@@ -214,6 +215,11 @@ impl Syncer {
                 }
             }
         }
+        info!(
+            %cursor,
+            files = content.files.len(),
+            "resuming from the cursor stored in the directory"
+        );
         self.entries = entries;
         self.seen = cursor;
         self.written = cursor;
@@ -379,6 +385,11 @@ where
                     backoff = Duration::from_millis(200);
                     synced = true;
                     syncer.flush()?;
+                    info!(
+                        updates = syncer.report.updates,
+                        cursor = %syncer.written,
+                        "caught up"
+                    );
                     pending_since = None;
                     if once {
                         break 'watch;
@@ -440,6 +451,7 @@ async fn shutdown_signal() {
 pub async fn main(args: SyncArgs) -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -291,7 +291,7 @@ fn probes_point_at_healthz_and_readyz_on_the_metrics_port() {
 fn default_install_runs_two_replicas_with_leader_election_and_pod_name_identity() {
     let docs = render_ok(&[]);
     let d = deployment(&docs);
-    assert_eq!((&d.spec).replicas, Some(2));
+    assert_eq!(d.spec.replicas, Some(2));
     let c = operator_container(&d);
     assert_eq!(c.args, Some(vec!["run".to_owned()]));
     assert_eq!(env_value(&c, "POD_NAME").unwrap(), "field:metadata.name");
@@ -307,7 +307,7 @@ fn default_install_runs_two_replicas_with_leader_election_and_pod_name_identity(
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     assert_eq!(
         pdb["spec"]["selector"]["matchLabels"],
-        serde_json::to_value(&(&d.spec).selector.match_labels).unwrap()
+        serde_json::to_value(&d.spec.selector.match_labels).unwrap()
     );
 
     let single = deployment(&render_ok(&[
