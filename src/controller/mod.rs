@@ -24,11 +24,11 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
     runtime::{
         Controller,
         controller::Action,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
-        finalizer::{Event as Finalizer, finalizer},
         watcher,
     },
 };
@@ -59,8 +59,6 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("ConfigMap: {0}")]
     Sink(#[from] SinkError),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -68,7 +66,6 @@ impl Error {
         match self {
             Error::Kube(_) => "KubernetesError",
             Error::Sink(e) => e.reason(),
-            Error::Finalizer(_) => "FinalizerFailed",
         }
     }
 }
@@ -409,15 +406,48 @@ async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
     }
     let api: Api<ConfigBinding> =
         Api::namespaced(ctx.client.clone(), &b.namespace().unwrap_or_default());
-    let ctx2 = ctx.clone();
-    finalizer(&api, FINALIZER, b, |event| async move {
-        match event {
-            Finalizer::Apply(b) => apply(b, ctx2).await,
-            Finalizer::Cleanup(b) => cleanup(b, ctx2).await,
+    let finalizers = b.finalizers().to_vec();
+    let has_finalizer = finalizers.iter().any(|f| f == FINALIZER);
+    if b.metadata.deletion_timestamp.is_some() {
+        if !has_finalizer {
+            return Ok(Action::await_change());
         }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+        cleanup(b.clone(), ctx).await?;
+        let rest: Vec<String> = finalizers.into_iter().filter(|f| f != FINALIZER).collect();
+        set_finalizers(&api, &b, rest).await?;
+        return Ok(Action::await_change());
+    }
+    if !has_finalizer {
+        let mut all = finalizers;
+        all.push(FINALIZER.to_owned());
+        set_finalizers(&api, &b, all).await?;
+        // the update triggers the next reconcile
+        return Ok(Action::await_change());
+    }
+    apply(b, ctx).await
+}
+
+/// Replaces the finalizer list, guarded by the resourceVersion we read.
+async fn set_finalizers(
+    api: &Api<ConfigBinding>,
+    b: &ConfigBinding,
+    list: Vec<String>,
+) -> Result<()> {
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": list, "resourceVersion": b.resource_version()}
+    });
+    match api
+        .patch(
+            &b.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn error_policy(b: Arc<ConfigBinding>, err: &Error, ctx: Arc<Context>) -> Action {

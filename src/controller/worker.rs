@@ -125,6 +125,9 @@ pub struct Worker {
     lingering: bool,
     skipped: Vec<String>,
     status: ConfigBindingStatus,
+    /// Keys of our last apply (Merge cannot tell ours from others' by
+    /// looking); `None` until we wrote once, so the first flush writes.
+    applied_keys: Option<Vec<String>>,
     head: Arc<std::sync::atomic::AtomicU64>,
     /// Received updates (catch-up and live) — what a restart costs.
     pub received: u64,
@@ -158,6 +161,10 @@ fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+fn content_keys(p: &Projected) -> Vec<String> {
+    p.data.keys().chain(p.binary_data.keys()).cloned().collect()
 }
 
 fn rv_number(rv: Option<&str>) -> Option<u64> {
@@ -212,6 +219,7 @@ impl Worker {
             lingering: false,
             skipped: status.skipped_keys.clone(),
             status,
+            applied_keys: None,
             head,
             received: 0,
             binding,
@@ -686,8 +694,12 @@ impl Worker {
             let same = obs.holds(&projected, self.target.policy)
                 && obs.binding.as_deref() == Some(self.target.binding.as_str())
                 && obs.generation == Some(self.target.generation)
-                && (self.target.policy == CreationPolicy::Merge
-                    || obs.foreign_keys(&projected).is_empty());
+                && match self.target.policy {
+                    CreationPolicy::Owner => obs.foreign_keys(&projected).is_empty(),
+                    CreationPolicy::Merge => {
+                        self.applied_keys.as_ref() == Some(&content_keys(&projected))
+                    }
+                };
             if same {
                 // invariant 5: nothing changed, nothing written
                 self.dirty_since = None;
@@ -709,6 +721,7 @@ impl Worker {
                 let cursor = obs.cursor;
                 self.target_state = TargetState::Present(Box::new(obs));
                 self.ctx.metrics.writes.get_or_create(&self.labels).inc();
+                self.applied_keys = Some(content_keys(&projected));
                 if let Some(since) = self.dirty_since.take() {
                     self.ctx
                         .metrics

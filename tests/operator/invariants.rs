@@ -1,0 +1,1 @@
+//! One test per DESIGN.md invariant (each fails when the invariant breaks).

@@ -1,0 +1,12 @@
+//! Operator integration tests: a real nats-server, the Kubernetes API
+//! emulator, and the controller running in-process.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod harness;
+mod invariants;
+mod sync;
+
+pub use harness::*;

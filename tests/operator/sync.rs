@@ -1,0 +1,207 @@
+//! Happy paths: projection into ConfigMaps, restart delta, policies, hand edits.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use slipstream::kv::{KvPurge, KvWriter};
+
+use crate::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puts_and_deletes_reach_the_configmap_with_cursor_and_status() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "web.port", "8080").await;
+    put(&kv, "api.port", "9090").await;
+    let _op = env.operator();
+    env.create_binding("web", "bucket: app\nprefixes: [web.]\nstripPrefix: true")
+        .await;
+    wait_data(&env, "web", &map(&[("port", "8080")])).await;
+    put(&kv, "web.a/b", "x").await;
+    let last = put(&kv, "web.gone", "1").await;
+    kv.delete("web.gone").await.unwrap();
+    let purge = kv.purge("web.port").await.unwrap().as_u64().unwrap();
+    let cm = wait_data(&env, "web", &map(&[("a_2Fb", "x")])).await;
+    assert!(cursor(&cm).unwrap() >= purge.max(last));
+    let b = eventually("status mirrors the annotation", || async {
+        let b = env.binding("web").await;
+        (b.status.as_ref()?.cursor.as_deref()? == cursor(&cm).unwrap().to_string()).then_some(b)
+    })
+    .await;
+    let status = b.status.unwrap();
+    assert_eq!(status.keys, Some(1));
+    assert_eq!(status.bytes, Some(1));
+    assert_eq!(ready_reason(&env.binding("web").await), "Synced");
+    let owner = cm.metadata.owner_references.unwrap();
+    assert_eq!(owner[0].kind, "ConfigBinding");
+    assert_eq!(owner[0].controller, Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_restart_delivers_only_the_delta() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    for i in 0..200 {
+        put(&kv, &format!("p.k{i:03}"), "v0").await;
+    }
+    let op = env.operator();
+    env.create_binding("b", "bucket: app\nprefixes: [p.]").await;
+    eventually("200 keys", || async {
+        env.cm("b").await.filter(|cm| data(cm).len() == 200)
+    })
+    .await;
+    let first = op.metrics.delivered_count("app", "catchup");
+    assert_eq!(first, 200, "initial state-sync delivers every key once");
+    op.kill();
+    for i in 0..7 {
+        put(&kv, &format!("p.k{i:03}"), "v1").await;
+    }
+    kv.delete("p.k199").await.unwrap();
+    let op = env.operator();
+    let cm = eventually("delta applied", || async {
+        env.cm("b").await.filter(|cm| {
+            let d = data(cm);
+            d.len() == 199 && d["p.k006"] == "v1"
+        })
+    })
+    .await;
+    assert_eq!(
+        op.metrics.delivered_count("app", "catchup"),
+        8,
+        "a restart replays only the 8 changes after the recorded cursor"
+    );
+    assert_eq!(data(&cm)["p.k007"], "v0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_writes_only_its_keys_and_owner_refuses_a_foreign_configmap() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "m.a", "1").await;
+    let mut foreign = ConfigMap::default();
+    foreign.metadata.name = Some("shared".into());
+    foreign.data = Some(map(&[("theirs", "keep")]));
+    env.configmaps()
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    let _op = env.operator();
+    env.create_binding(
+        "owner",
+        "bucket: app\nprefixes: [m.]\ntarget: {name: shared}",
+    )
+    .await;
+    wait_reason(&env, "owner", "TargetConflict").await;
+    assert!(
+        event_reasons(&env, "owner")
+            .await
+            .contains(&"TargetConflict".to_string())
+    );
+    assert_eq!(
+        data(&env.cm("shared").await.unwrap()),
+        map(&[("theirs", "keep")])
+    );
+    env.delete_binding("owner").await;
+    eventually("owner binding gone", || async {
+        env.bindings()
+            .get_opt("owner")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    env.create_binding(
+        "merge",
+        "bucket: app\nprefixes: [m.]\nstripPrefix: true\ntarget: {name: shared, creationPolicy: Merge}",
+    )
+    .await;
+    wait_data(&env, "shared", &map(&[("a", "1"), ("theirs", "keep")])).await;
+    kv.delete("m.a").await.unwrap();
+    wait_data(&env, "shared", &map(&[("theirs", "keep")])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmap_edited_or_deleted_by_hand_is_put_back() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "h.a", "1").await;
+    let _op = env.operator();
+    env.create_binding("h", "bucket: app\nprefixes: [h.]").await;
+    wait_data(&env, "h", &map(&[("h.a", "1")])).await;
+    let edit = serde_json::json!({"data": {"h.a": "hacked", "extra": "x"}});
+    env.configmaps()
+        .patch("h", &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .unwrap();
+    wait_data(&env, "h", &map(&[("h.a", "1")])).await;
+    env.configmaps()
+        .delete("h", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_data(&env, "h", &map(&[("h.a", "1")])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_policy_delete_removes_and_retain_keeps_the_configmap() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "d.a", "1").await;
+    let _op = env.operator();
+    env.create_binding("del", "bucket: app\nprefixes: [d.]")
+        .await;
+    env.create_binding(
+        "ret",
+        "bucket: app\nprefixes: [d.]\ntarget: {deletionPolicy: Retain}",
+    )
+    .await;
+    wait_data(&env, "del", &map(&[("d.a", "1")])).await;
+    wait_data(&env, "ret", &map(&[("d.a", "1")])).await;
+    env.delete_binding("del").await;
+    env.delete_binding("ret").await;
+    eventually("bindings gone", || async {
+        let a = env.bindings().get_opt("del").await.unwrap();
+        let b = env.bindings().get_opt("ret").await.unwrap();
+        (a.is_none() && b.is_none()).then_some(())
+    })
+    .await;
+    eventually("del ConfigMap gone", || async {
+        env.cm("del").await.is_none().then_some(())
+    })
+    .await;
+    let kept = env.cm("ret").await.expect("Retain keeps the ConfigMap");
+    assert_eq!(data(&kept), map(&[("d.a", "1")]));
+    assert!(
+        kept.metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_stops_writes_and_resume_writes_the_latest() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "s.a", "1").await;
+    let _op = env.operator();
+    env.create_binding("s", "bucket: app\nprefixes: [s.]").await;
+    wait_data(&env, "s", &map(&[("s.a", "1")])).await;
+    let patch = serde_json::json!({"spec": {"suspend": true}});
+    env.bindings()
+        .patch("s", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_reason(&env, "s", "Suspended").await;
+    put(&kv, "s.a", "2").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(data(&env.cm("s").await.unwrap()), map(&[("s.a", "1")]));
+    let patch = serde_json::json!({"spec": {"suspend": false}});
+    env.bindings()
+        .patch("s", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_data(&env, "s", &map(&[("s.a", "2")])).await;
+}
