@@ -34,6 +34,10 @@ bench: tools
 	$(CARGO) run --release --locked -p apiserver --example bench_apiserver
 	$(CARGO) run --release --locked --example bench_operator
 
+## bench-scale: 10,000 bindings / 1M keys on one replica vs the NATS floor and a naive baseline
+bench-scale: tools
+	$(CARGO) run --release --locked --example bench_scale
+
 ## chaos: random kills, pauses, NATS restarts and API faults for 2 minutes; checks nothing was lost
 chaos: tools
 	$(CARGO) run --release --locked --example chaos -- --duration 120s
