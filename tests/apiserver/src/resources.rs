@@ -147,7 +147,15 @@ impl Registry {
                 false,
             ),
             // Served so deploy examples can be applied; no controller runs them.
-            builtin("apps", "v1", "Deployment", "deployments", &["deploy"], true, true),
+            builtin(
+                "apps",
+                "v1",
+                "Deployment",
+                "deployments",
+                &["deploy"],
+                true,
+                true,
+            ),
             builtin(
                 "apiextensions.k8s.io",
                 "v1",
@@ -180,12 +188,21 @@ impl Registry {
             .cloned()
     }
 
+    fn builtin_kind(&self, group: &str, kind: &str) -> Arc<ResourceDef> {
+        let found = self
+            .builtins
+            .iter()
+            .find(|r| r.group == group && r.kind == kind);
+        // Both kinds are always in the built-in table.
+        found.cloned().unwrap_or_else(|| self.builtins[0].clone())
+    }
+
     pub fn namespace_def(&self) -> Arc<ResourceDef> {
-        self.builtins[0].clone()
+        self.builtin_kind("", "Namespace")
     }
 
     pub fn crd_def(&self) -> Arc<ResourceDef> {
-        self.builtins[6].clone()
+        self.builtin_kind("apiextensions.k8s.io", "CustomResourceDefinition")
     }
 
     /// All definitions sharing a storage key (the served versions of a CRD).

@@ -16,10 +16,22 @@ async fn create_stamps_uid_creation_timestamp_and_one_global_increasing_resource
     let (api, client) = start_with_crd().await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
     let widgets: Api<Widget> = Api::default_namespaced(client.clone());
-    let a = cms.create(&PostParams::default(), &cm("a", &[("k", "v")])).await.unwrap();
-    let w = widgets.create(&PostParams::default(), &widget("w", 1)).await.unwrap();
-    let b = cms.create(&PostParams::default(), &cm("b", &[])).await.unwrap();
-    assert!(rv_of(&a.metadata) < rv_of(&w.metadata) && rv_of(&w.metadata) < rv_of(&b.metadata), "one counter across resources");
+    let a = cms
+        .create(&PostParams::default(), &cm("a", &[("k", "v")]))
+        .await
+        .unwrap();
+    let w = widgets
+        .create(&PostParams::default(), &widget("w", 1))
+        .await
+        .unwrap();
+    let b = cms
+        .create(&PostParams::default(), &cm("b", &[]))
+        .await
+        .unwrap();
+    assert!(
+        rv_of(&a.metadata) < rv_of(&w.metadata) && rv_of(&w.metadata) < rv_of(&b.metadata),
+        "one counter across resources"
+    );
     assert_eq!(api.resource_version(), rv_of(&b.metadata));
     assert_eq!(a.metadata.uid.as_ref().unwrap().len(), 36);
     assert_ne!(a.metadata.uid, b.metadata.uid);
@@ -30,7 +42,10 @@ async fn create_stamps_uid_creation_timestamp_and_one_global_increasing_resource
 
     // A list carries the list resourceVersion (the store's current one).
     let list = cms.list(&ListParams::default()).await.unwrap();
-    assert_eq!(list.metadata.resource_version.as_deref(), Some(api.resource_version().to_string().as_str()));
+    assert_eq!(
+        list.metadata.resource_version.as_deref(),
+        Some(api.resource_version().to_string().as_str())
+    );
     assert_eq!(list.items.len(), 2);
 }
 
@@ -38,7 +53,9 @@ async fn create_stamps_uid_creation_timestamp_and_one_global_increasing_resource
 async fn create_of_an_existing_name_is_409_already_exists() {
     let (_api, client) = start().await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
-    cms.create(&PostParams::default(), &cm("dup", &[])).await.unwrap();
+    cms.create(&PostParams::default(), &cm("dup", &[]))
+        .await
+        .unwrap();
     let s = api_err(cms.create(&PostParams::default(), &cm("dup", &[])).await);
     assert_eq!((s.code, s.reason.as_str()), (409, "AlreadyExists"));
     assert_eq!(s.message, "configmaps \"dup\" already exists");
@@ -56,10 +73,24 @@ async fn create_in_a_missing_namespace_is_404_not_found() {
 #[tokio::test]
 async fn get_of_a_missing_object_is_404_not_found_status() {
     let (_api, client) = start_with_crd().await;
-    let s = api_err(Api::<ConfigMap>::default_namespaced(client.clone()).get("missing").await);
-    assert_eq!((s.code, s.reason.as_str(), s.message.as_str()), (404, "NotFound", "configmaps \"missing\" not found"));
-    let s = api_err(Api::<Widget>::default_namespaced(client).get("missing").await);
-    assert_eq!(s.message, "widgets.test.slipstream.io \"missing\" not found");
+    let s = api_err(
+        Api::<ConfigMap>::default_namespaced(client.clone())
+            .get("missing")
+            .await,
+    );
+    assert_eq!(
+        (s.code, s.reason.as_str(), s.message.as_str()),
+        (404, "NotFound", "configmaps \"missing\" not found")
+    );
+    let s = api_err(
+        Api::<Widget>::default_namespaced(client)
+            .get("missing")
+            .await,
+    );
+    assert_eq!(
+        s.message,
+        "widgets.test.slipstream.io \"missing\" not found"
+    );
     assert_eq!(s.details.unwrap().group, "test.slipstream.io");
 }
 
@@ -81,7 +112,10 @@ async fn generate_name_gets_a_random_five_character_suffix() {
 async fn update_with_a_stale_resource_version_is_409_conflict_and_without_one_is_unconditional() {
     let (_api, client) = start().await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
-    let v1 = cms.create(&PostParams::default(), &cm("u", &[("a", "1")])).await.unwrap();
+    let v1 = cms
+        .create(&PostParams::default(), &cm("u", &[("a", "1")]))
+        .await
+        .unwrap();
     let mut v2 = v1.clone();
     v2.data = Some([("a".to_string(), "2".to_string())].into());
     let v2 = cms.replace("u", &PostParams::default(), &v2).await.unwrap();
@@ -91,14 +125,24 @@ async fn update_with_a_stale_resource_version_is_409_conflict_and_without_one_is
     stale.data = Some([("a".to_string(), "3".to_string())].into());
     let s = api_err(cms.replace("u", &PostParams::default(), &stale).await);
     assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"));
-    assert!(s.message.contains("the object has been modified"), "{}", s.message);
+    assert!(
+        s.message.contains("the object has been modified"),
+        "{}",
+        s.message
+    );
 
     stale.metadata.resource_version = None;
-    let v3 = cms.replace("u", &PostParams::default(), &stale).await.unwrap();
+    let v3 = cms
+        .replace("u", &PostParams::default(), &stale)
+        .await
+        .unwrap();
     assert_eq!(v3.data.unwrap()["a"], "3");
 
     // PUT of a missing ConfigMap does not create it.
-    let s = api_err(cms.replace("missing", &PostParams::default(), &cm("missing", &[])).await);
+    let s = api_err(
+        cms.replace("missing", &PostParams::default(), &cm("missing", &[]))
+            .await,
+    );
     assert_eq!(s.code, 404);
 }
 
@@ -107,7 +151,9 @@ async fn list_pages_with_limit_and_continue() {
     let (_api, client) = start().await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
     for i in 0..5 {
-        cms.create(&PostParams::default(), &cm(&format!("p{i}"), &[])).await.unwrap();
+        cms.create(&PostParams::default(), &cm(&format!("p{i}"), &[]))
+            .await
+            .unwrap();
     }
     let mut names = Vec::new();
     let mut lp = ListParams::default().limit(2);
@@ -131,13 +177,30 @@ async fn label_and_field_selectors_filter_lists_with_all_operators() {
     let (_api, client) = start().await;
     create_namespace(&client, "other").await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    for (name, labels) in [("a", vec![("app", "web"), ("tier", "front")]), ("b", vec![("app", "api")]), ("c", vec![])] {
+    for (name, labels) in [
+        ("a", vec![("app", "web"), ("tier", "front")]),
+        ("b", vec![("app", "api")]),
+        ("c", vec![]),
+    ] {
         let mut c = cm(name, &[]);
-        c.metadata.labels = Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        c.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
         cms.create(&PostParams::default(), &c).await.unwrap();
     }
-    Api::<ConfigMap>::namespaced(client.clone(), "other").create(&PostParams::default(), &cm("a", &[])).await.unwrap();
-    let names = |l: kube::core::ObjectList<ConfigMap>| l.items.into_iter().map(|c| c.metadata.name.unwrap()).collect::<Vec<_>>();
+    Api::<ConfigMap>::namespaced(client.clone(), "other")
+        .create(&PostParams::default(), &cm("a", &[]))
+        .await
+        .unwrap();
+    let names = |l: kube::core::ObjectList<ConfigMap>| {
+        l.items
+            .into_iter()
+            .map(|c| c.metadata.name.unwrap())
+            .collect::<Vec<_>>()
+    };
     let cases: [(&str, &[&str]); 7] = [
         ("app=web", &["a"]),
         ("app!=web", &["b", "c"]),
@@ -148,12 +211,38 @@ async fn label_and_field_selectors_filter_lists_with_all_operators() {
         ("app,!tier", &["b"]),
     ];
     for (sel, want) in cases {
-        assert_eq!(names(cms.list(&ListParams::default().labels(sel)).await.unwrap()), want, "{sel}");
+        assert_eq!(
+            names(cms.list(&ListParams::default().labels(sel)).await.unwrap()),
+            want,
+            "{sel}"
+        );
     }
     let all: Api<ConfigMap> = Api::all(client.clone());
-    assert_eq!(names(all.list(&ListParams::default().fields("metadata.name=a")).await.unwrap()).len(), 2);
-    assert_eq!(names(all.list(&ListParams::default().fields("metadata.name=a,metadata.namespace=other")).await.unwrap()), ["a"]);
-    assert_eq!(names(all.list(&ListParams::default().fields("metadata.namespace!=default")).await.unwrap()), ["a"]);
+    assert_eq!(
+        names(
+            all.list(&ListParams::default().fields("metadata.name=a"))
+                .await
+                .unwrap()
+        )
+        .len(),
+        2
+    );
+    assert_eq!(
+        names(
+            all.list(&ListParams::default().fields("metadata.name=a,metadata.namespace=other"))
+                .await
+                .unwrap()
+        ),
+        ["a"]
+    );
+    assert_eq!(
+        names(
+            all.list(&ListParams::default().fields("metadata.namespace!=default"))
+                .await
+                .unwrap()
+        ),
+        ["a"]
+    );
     let s = api_err(cms.list(&ListParams::default().fields("data.x=1")).await);
     assert_eq!((s.code, s.reason.as_str()), (400, "BadRequest"));
 }
@@ -163,20 +252,35 @@ async fn events_in_both_groups_and_leases_round_trip() {
     let (_api, client) = start().await;
     let events: Api<Event> = Api::default_namespaced(client.clone());
     let e = Event {
-        metadata: ObjectMeta { name: Some("cm.1".into()), ..Default::default() },
-        involved_object: ObjectReference { kind: Some("ConfigMap".into()), name: Some("x".into()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some("cm.1".into()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            kind: Some("ConfigMap".into()),
+            name: Some("x".into()),
+            ..Default::default()
+        },
         reason: Some("Synced".into()),
         type_: Some("Normal".into()),
         ..Default::default()
     };
     events.create(&PostParams::default(), &e).await.unwrap();
-    let found = events.list(&ListParams::default().fields("involvedObject.name=x,reason=Synced")).await.unwrap();
+    let found = events
+        .list(&ListParams::default().fields("involvedObject.name=x,reason=Synced"))
+        .await
+        .unwrap();
     assert_eq!(found.items.len(), 1);
 
     let ev1: Api<EventV1> = Api::default_namespaced(client.clone());
     let e1 = EventV1 {
-        metadata: ObjectMeta { name: Some("e1".into()), ..Default::default() },
-        event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now())),
+        metadata: ObjectMeta {
+            name: Some("e1".into()),
+            ..Default::default()
+        },
+        event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::now(),
+        )),
         reporting_controller: Some("slipstream".into()),
         reporting_instance: Some("pod-1".into()),
         action: Some("Sync".into()),
@@ -185,20 +289,53 @@ async fn events_in_both_groups_and_leases_round_trip() {
         ..Default::default()
     };
     ev1.create(&PostParams::default(), &e1).await.unwrap();
-    assert_eq!(ev1.get("e1").await.unwrap().reporting_controller.as_deref(), Some("slipstream"));
+    assert_eq!(
+        ev1.get("e1").await.unwrap().reporting_controller.as_deref(),
+        Some("slipstream")
+    );
 
     let leases: Api<Lease> = Api::default_namespaced(client);
-    let l = Lease { metadata: ObjectMeta { name: Some("leader".into()), ..Default::default() }, spec: Some(LeaseSpec { holder_identity: Some("a".into()), ..Default::default() }) };
+    let l = Lease {
+        metadata: ObjectMeta {
+            name: Some("leader".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("a".into()),
+            ..Default::default()
+        }),
+    };
     let l = leases.create(&PostParams::default(), &l).await.unwrap();
     let mut next = l.clone();
     next.spec.as_mut().unwrap().holder_identity = Some("b".into());
-    leases.replace("leader", &PostParams::default(), &next).await.unwrap();
+    leases
+        .replace("leader", &PostParams::default(), &next)
+        .await
+        .unwrap();
     // A second replica racing with the old resourceVersion loses.
     let mut racer = l.clone();
     racer.spec.as_mut().unwrap().holder_identity = Some("c".into());
-    assert_eq!(api_err(leases.replace("leader", &PostParams::default(), &racer).await).code, 409);
-    leases.patch("leader", &PatchParams::default(), &Patch::Merge(json!({"spec": {"leaseDurationSeconds": 15}}))).await.unwrap();
-    leases.delete("leader", &DeleteParams::default()).await.unwrap();
+    assert_eq!(
+        api_err(
+            leases
+                .replace("leader", &PostParams::default(), &racer)
+                .await
+        )
+        .code,
+        409
+    );
+    leases
+        .patch(
+            "leader",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"leaseDurationSeconds": 15}})),
+        )
+        .await
+        .unwrap();
+    leases
+        .delete("leader", &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -208,7 +345,8 @@ async fn server_keeps_serving_while_the_test_runtime_is_blocked() {
     // own thread and runtime can answer it.
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(api.addr()).unwrap();
-    s.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");

@@ -30,7 +30,15 @@ use serde_json::{Value, json};
 
 /// The test custom resource: `widgets.test.slipstream.io`.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
-#[kube(group = "test.slipstream.io", version = "v1", kind = "Widget", namespaced, status = "WidgetStatus", schema = "disabled", shortname = "wd")]
+#[kube(
+    group = "test.slipstream.io",
+    version = "v1",
+    kind = "Widget",
+    namespaced,
+    status = "WidgetStatus",
+    schema = "disabled",
+    shortname = "wd"
+)]
 pub struct WidgetSpec {
     pub size: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,21 +133,43 @@ pub async fn install_crd(client: &Client) {
 
 pub fn cm(name: &str, data: &[(&str, &str)]) -> ConfigMap {
     ConfigMap {
-        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
-        data: Some(data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ),
         ..Default::default()
     }
 }
 
 pub fn widget(name: &str, size: i64) -> Widget {
-    Widget::new(name, WidgetSpec { size, ..Default::default() })
+    Widget::new(
+        name,
+        WidgetSpec {
+            size,
+            ..Default::default()
+        },
+    )
 }
 
 pub async fn create_namespace(client: &Client, name: &str) {
     let ns: Api<Namespace> = Api::all(client.clone());
-    ns.create(&PostParams::default(), &Namespace { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() })
-        .await
-        .unwrap();
+    ns.create(
+        &PostParams::default(),
+        &Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
 }
 
 /// The `kube::Error::Api` status of a failed call.
