@@ -538,7 +538,7 @@ impl State {
                 let ops: json_patch::Patch = serde_json::from_slice(body).map_err(|e| {
                     ApiError::bad_request(format!("error decoding JSON patch: {e}"))
                 })?;
-                json_patch::patch(&mut doc, &ops).map_err(|e| {
+                apply_json_patch(&mut doc, &ops).map_err(|e| {
                     ApiError::new(
                         422,
                         "Invalid",
@@ -1281,6 +1281,21 @@ impl State {
             &opts,
         );
     }
+}
+
+/// RFC 6902 as kube-apiserver applies it (evanphx/json-patch): a `test` for
+/// `null` succeeds on a missing path (kube-runtime's finalizer helper relies on it).
+fn apply_json_patch(doc: &mut Value, ops: &json_patch::Patch) -> Result<(), json_patch::PatchError> {
+    for op in &ops.0 {
+        if let json_patch::PatchOperation::Test(t) = op
+            && t.value.is_null()
+            && doc.pointer(t.path.as_str()).is_none()
+        {
+            continue;
+        }
+        json_patch::patch(doc, std::slice::from_ref(op))?;
+    }
+    Ok(())
 }
 
 fn apply_conflict(
