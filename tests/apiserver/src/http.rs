@@ -56,6 +56,8 @@ enum Route {
     Group(String),
     ResourceList(String, String),
     Health,
+    OpenApiRoot,
+    OpenApi(String, String),
     Resource {
         res: Arc<ResourceDef>,
         ns: Option<String>,
@@ -70,6 +72,9 @@ fn route(shared: &Shared, path: &str) -> Route {
     let (group, version, rest) = match segs.as_slice() {
         ["version"] => return Route::Version,
         ["healthz"] | ["readyz"] | ["livez"] => return Route::Health,
+        ["openapi", "v3"] => return Route::OpenApiRoot,
+        ["openapi", "v3", "api", v] => return Route::OpenApi(String::new(), v.to_string()),
+        ["openapi", "v3", "apis", g, v] => return Route::OpenApi(g.to_string(), v.to_string()),
         ["api"] => return Route::ApiVersions,
         ["apis"] => return Route::GroupList,
         ["apis", g] => return Route::Group(g.to_string()),
@@ -343,6 +348,30 @@ fn dispatch(shared: &Arc<Shared>, r: Route, req: Req<'_>) -> ApiResult<Response>
                 .map(|l| ok(&l))
                 .ok_or_else(|| ApiError::path_not_found(&format!("{g}/{v}")))
         }
+        Route::OpenApiRoot => {
+            let st = st()?;
+            let mut paths = serde_json::Map::new();
+            let mut gvs: Vec<(String, String)> = vec![(String::new(), "v1".to_string())];
+            for (g, vs) in st.registry.groups() {
+                gvs.extend(vs.into_iter().map(|v| (g.clone(), v)));
+            }
+            for (g, v) in gvs {
+                let key = if g.is_empty() {
+                    format!("api/{v}")
+                } else {
+                    format!("apis/{g}/{v}")
+                };
+                let url = format!("/openapi/v3/{key}?hash={}", st.rv);
+                paths.insert(key, json!({"serverRelativeURL": url}));
+            }
+            Ok(ok(&json!({"paths": paths})))
+        }
+        Route::OpenApi(g, v) => {
+            let st = st()?;
+            crate::openapi::group_version_doc(&st.registry, &g, &v)
+                .map(|d| ok(&d))
+                .ok_or_else(|| ApiError::path_not_found("openapi"))
+        }
         Route::NotFound => Err(ApiError::path_not_found("")),
         Route::Resource {
             res,
@@ -494,11 +523,13 @@ fn resource(
             Ok(ok(&State::present(res, &o)))
         }
         ("POST", None) => {
+            reject_protobuf(req.content_type)?;
             let body = parse_body(req.body, true)?;
             let mut st = lock()?;
             st.create(res, nsr, body, &write_opts(&req)).map(created)
         }
         ("PUT", Some(name)) => {
+            reject_protobuf(req.content_type)?;
             let body = parse_body(req.body, false)?;
             let mut st = lock()?;
             st.update(res, nsr, &name, status, body, &write_opts(&req))
@@ -531,6 +562,17 @@ fn resource(
             "the server does not allow this method on the requested resource ({m})"
         ))),
     }
+}
+
+/// Protobuf bodies (typed client-go clients such as `kubectl create configmap`)
+/// are not decoded; the answer is the 415 a server without that codec gives.
+fn reject_protobuf(content_type: &str) -> ApiResult<()> {
+    if content_type.starts_with("application/vnd.kubernetes.protobuf")
+        || content_type.starts_with("application/cbor")
+    {
+        return Err(ApiError::unsupported_media_type(content_type));
+    }
+    Ok(())
 }
 
 fn delete_opts(body: &Bytes, q: &HashMap<String, String>) -> ApiResult<DeleteOpts> {

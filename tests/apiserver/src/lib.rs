@@ -15,6 +15,7 @@ pub mod control;
 pub mod errors;
 pub mod fields;
 mod http;
+mod openapi;
 pub mod resources;
 pub mod selectors;
 pub mod store;

@@ -1285,7 +1285,10 @@ impl State {
 
 /// RFC 6902 as kube-apiserver applies it (evanphx/json-patch): a `test` for
 /// `null` succeeds on a missing path (kube-runtime's finalizer helper relies on it).
-fn apply_json_patch(doc: &mut Value, ops: &json_patch::Patch) -> Result<(), json_patch::PatchError> {
+fn apply_json_patch(
+    doc: &mut Value,
+    ops: &json_patch::Patch,
+) -> Result<(), json_patch::PatchError> {
     for op in &ops.0 {
         if let json_patch::PatchOperation::Test(t) = op
             && t.value.is_null()

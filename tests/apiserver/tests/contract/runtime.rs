@@ -12,12 +12,11 @@ use kube::{
     ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::Action,
         finalizer::{Event as FinalizerEvent, finalizer},
         reflector, watcher,
         watcher::Config as WatcherConfig,
-        WatchStreamExt,
     },
 };
 
@@ -36,7 +35,9 @@ async fn wait_store(store: &reflector::Store<ConfigMap>, want: &[&str]) {
 async fn reflector_follows_writes(streaming: bool) {
     let (api, client) = start().await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    cms.create(&PostParams::default(), &cm("pre", &[])).await.unwrap();
+    cms.create(&PostParams::default(), &cm("pre", &[]))
+        .await
+        .unwrap();
     let (store, writer) = reflector::store::<ConfigMap>();
     let mut cfg = WatcherConfig::default();
     if streaming {
@@ -45,20 +46,26 @@ async fn reflector_follows_writes(streaming: bool) {
     let stream = reflector(writer, watcher(cms.clone(), cfg)).applied_objects();
     let task = tokio::spawn(stream.for_each(|_| async {}));
     wait_store(&store, &["pre"]).await;
-    cms.create(&PostParams::default(), &cm("a", &[])).await.unwrap();
+    cms.create(&PostParams::default(), &cm("a", &[]))
+        .await
+        .unwrap();
     wait_store(&store, &["a", "pre"]).await;
     cms.delete("pre", &DeleteParams::default()).await.unwrap();
     wait_store(&store, &["a"]).await;
 
     // Closed watches are resumed from the last resourceVersion.
     api.faults().close_watches();
-    cms.create(&PostParams::default(), &cm("b", &[])).await.unwrap();
+    cms.create(&PostParams::default(), &cm("b", &[]))
+        .await
+        .unwrap();
     wait_store(&store, &["a", "b"]).await;
 
     // After compaction the watcher gets 410, relists, and converges.
     api.faults().compact();
     api.faults().close_watches();
-    cms.create(&PostParams::default(), &cm("c", &[])).await.unwrap();
+    cms.create(&PostParams::default(), &cm("c", &[]))
+        .await
+        .unwrap();
     cms.delete("a", &DeleteParams::default()).await.unwrap();
     wait_store(&store, &["b", "c"]).await;
     task.abort();
@@ -115,11 +122,19 @@ fn error_policy(_w: Arc<Widget>, _e: &ReconcileError, _ctx: Arc<Ctx>) -> Action 
 async fn controller_reconciles_create_update_status_and_delete_with_a_finalizer() {
     let (_api, client) = start_with_crd().await;
     let widgets: Api<Widget> = Api::default_namespaced(client.clone());
-    let ctx = Arc::new(Ctx { client: client.clone(), cleaned: Mutex::new(Vec::new()) });
-    let ctl = Controller::new(widgets.clone(), WatcherConfig::default()).run(reconcile, error_policy, ctx.clone()).for_each(|_| async {});
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        cleaned: Mutex::new(Vec::new()),
+    });
+    let ctl = Controller::new(widgets.clone(), WatcherConfig::default())
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|_| async {});
     let task = tokio::spawn(ctl);
 
-    widgets.create(&PostParams::default(), &widget("w1", 3)).await.unwrap();
+    widgets
+        .create(&PostParams::default(), &widget("w1", 3))
+        .await
+        .unwrap();
     let w = eventually("status written", || async {
         let w = widgets.get("w1").await.unwrap();
         (w.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Size3")).then_some(w)
@@ -128,7 +143,14 @@ async fn controller_reconciles_create_update_status_and_delete_with_a_finalizer(
     assert_eq!(w.finalizers(), ["test.slipstream.io/cleanup"]);
     assert_eq!(w.status.unwrap().observed_generation, Some(1));
 
-    widgets.patch("w1", &PatchParams::default(), &Patch::Merge(json!({"spec": {"size": 5}}))).await.unwrap();
+    widgets
+        .patch(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"size": 5}})),
+        )
+        .await
+        .unwrap();
     eventually("update reconciled", || async {
         let w = widgets.get("w1").await.unwrap();
         let s = w.status?;
@@ -136,8 +158,14 @@ async fn controller_reconciles_create_update_status_and_delete_with_a_finalizer(
     })
     .await;
 
-    widgets.delete("w1", &DeleteParams::default()).await.unwrap();
-    eventually("finalizer cleanup ran and the object is gone", || async { widgets.get_opt("w1").await.unwrap().is_none().then_some(()) }).await;
+    widgets
+        .delete("w1", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("finalizer cleanup ran and the object is gone", || async {
+        widgets.get_opt("w1").await.unwrap().is_none().then_some(())
+    })
+    .await;
     assert_eq!(*ctx.cleaned.lock().unwrap(), ["w1"]);
     task.abort();
 }
