@@ -229,7 +229,7 @@ impl LeaderMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "is_leader",
-            "1 while this replica holds the lease and may write",
+            "Whether this replica holds the lease and may write (1) or not (0)",
             self.is_leader.clone(),
         );
         registry.register(
@@ -706,7 +706,15 @@ async fn guard(lease: Arc<Lease>, shared: Arc<Shared>, mut stop: watch::Receiver
             biased;
             () = stopped(&mut stop) => return,
             changed = held_rx.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
+            () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                if !lease.is_held() {
+                    warn!(key = %shared.config.key, "renew deadline passed without a successful renew: stopped writing");
+                    shared.set_gate(false);
+                    shared.set_error(Some(
+                        "the renew deadline passed without a successful renew".to_owned(),
+                    ));
+                }
+            }
         }
     }
 }

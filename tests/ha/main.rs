@@ -1,0 +1,253 @@
+//! High availability with real processes: three replicas of the
+//! `slipstream` binary with leader election on, one nats-server, and the
+//! Kubernetes API emulator. Leaders are killed, terminated and paused, NATS
+//! is restarted and the API fails, while a writer streams updates; the
+//! checks of [`cluster::Cluster::check`] then prove nothing was lost, no
+//! ConfigMap moved backward and one replica wrote at a time. Failover
+//! figures are printed (run with `--nocapture`); they are measurements, not
+//! assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod chaos;
+mod cluster;
+mod election;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use apiserver::FaultRule;
+use cluster::{Cluster, Settings, Takedown, fail_over, spread};
+
+/// The tests run several processes each; one at a time keeps the 2-core
+/// CI machine from starving them.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_slipstream"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_fails_over_without_losing_or_regressing_anything() {
+    let _serial = serial().await;
+    let mut c = Cluster::start(&bin(), Settings::default()).await;
+    let writer = c.start_writer();
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let (old, new, took) = fail_over(&mut c, Takedown::Kill9).await.unwrap();
+        println!("kill -9 {old}: {new} wrote after {took:?}");
+        times.push(took);
+    }
+    writer.stop().await;
+    c.converge(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs_tail()));
+    let report = c.check().await;
+    println!("failover after kill -9 (ttl 2 s): {}", spread(&times));
+    println!("{}", report.summary());
+    report.assert_ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_the_lease_and_a_standby_writes_without_waiting_for_the_ttl() {
+    let _serial = serial().await;
+    let mut c = Cluster::start(&bin(), Settings::default()).await;
+    let writer = c.start_writer();
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let (old, new, took) = fail_over(&mut c, Takedown::Sigterm).await.unwrap();
+        println!("SIGTERM {old}: {new} wrote after {took:?}");
+        assert!(
+            c.replica(&old).log().contains("lease released"),
+            "{old} released its lease on SIGTERM"
+        );
+        times.push(took);
+    }
+    writer.stop().await;
+    c.converge(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs_tail()));
+    let report = c.check().await;
+    println!("failover after SIGTERM (ttl 2 s): {}", spread(&times));
+    println!("{}", report.summary());
+    report.assert_ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_ttl_is_replaced_and_after_sigcont_becomes_a_standby() {
+    let _serial = serial().await;
+    let mut c = Cluster::start(&bin(), Settings::default()).await;
+    let writer = c.start_writer();
+    let old = c.wait_leader(Duration::from_secs(30)).await.unwrap();
+    let paused_at = SystemTime::now();
+    c.replica(&old).pause();
+    let w = c
+        .wait_write_by_other(&old, paused_at, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("nobody took over\n{}", c.logs_tail()));
+    println!(
+        "SIGSTOP {old}: {} wrote after {:?}",
+        w.replica,
+        w.end.duration_since(paused_at).unwrap()
+    );
+    // The new leader moves the ConfigMaps ahead while the old one sleeps.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.replica(&old).resume();
+    let resumed_at = SystemTime::now();
+    tokio::time::sleep(c.settings.ttl * 3).await;
+    let metrics = c.replica(&old).metrics().await;
+    assert!(
+        metrics.lines().any(|l| l == "slipstream_is_leader 0"),
+        "{old} is a standby after SIGCONT:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("slipstream_lease_transitions_total{to=\"standby\"}"),
+        "{metrics}"
+    );
+    assert!(
+        c.replica(&old).log().contains("stopped writing"),
+        "{old} logged that it stopped writing"
+    );
+    let ready = c.replica(&old).readyz().await.unwrap_or_default();
+    assert!(
+        ready.starts_with("HTTP/1.1 200") || ready.starts_with("HTTP/1.0 200"),
+        "a standby is ready: {ready}"
+    );
+    assert_ne!(c.holder().await.as_deref(), Some(old.as_str()));
+    let late = c
+        .writes()
+        .into_iter()
+        .filter(|w| w.replica == old && w.start > resumed_at)
+        .count();
+    println!("successful writes by {old} after SIGCONT: {late}");
+    writer.stop().await;
+    c.converge(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs_tail()));
+    let report = c.check().await;
+    println!("{}", report.summary());
+    report.assert_ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_kill_9_and_restart_mid_stream_settles_on_one_leader_and_converges() {
+    let _serial = serial().await;
+    let mut c = Cluster::start(&bin(), Settings::default()).await;
+    let writer = c.start_writer();
+    for outage in [Duration::from_millis(500), Duration::from_secs(3)] {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c.nats.kill();
+        tokio::time::sleep(outage).await;
+        tokio::task::block_in_place(|| c.nats.restart());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (puts, deletes, errors) = writer.stop().await;
+    println!("writer: {puts} puts, {deletes} deletes, {errors} failed during outages");
+    let took = c
+        .converge(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs_tail()));
+    println!("converged {took:?} after the writer stopped");
+    // Exactly one replica says it is leader, and it is the lease holder.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut leaders = Vec::new();
+        for r in &c.replicas {
+            if r.metrics()
+                .await
+                .lines()
+                .any(|l| l == "slipstream_is_leader 1")
+            {
+                leaders.push(r.name.clone());
+            }
+        }
+        let holder = c.holder().await;
+        if leaders.len() == 1 && holder.as_deref() == Some(leaders[0].as_str()) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "leadership did not settle: {leaders:?} say leader, lease holder {holder:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = c.check().await;
+    println!("{}", report.summary());
+    report.assert_ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_write_errors_closed_watches_and_410_on_rewatch_lose_nothing() {
+    let _serial = serial().await;
+    let c = Cluster::start(&bin(), Settings::default()).await;
+    let writer = c.start_writer();
+    let faults = c.api.faults();
+    for round in 0..3 {
+        for code in [409u16, 500, 429] {
+            faults.add(FaultRule::new(code, 3).verb("patch").resource("configmaps"));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        faults.add(
+            FaultRule::new(500, 2)
+                .verb("patch")
+                .resource("configbindings"),
+        );
+        faults.close_watches();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        faults.compact();
+        faults.close_watches();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        println!("fault round {round} done");
+    }
+    writer.stop().await;
+    faults.clear();
+    c.converge(Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs_tail()));
+    let failed = c
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.is_write() && r.resource == "configmaps" && r.status >= 400)
+        .count();
+    assert!(failed > 0, "the injected write faults reached the operator");
+    let report = c.check().await;
+    println!(
+        "{failed} ConfigMap writes failed on purpose; {}",
+        report.summary()
+    );
+    report.assert_ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_chaos_run_loses_nothing_and_never_moves_backward() {
+    let _serial = serial().await;
+    let secs = std::env::var("HA_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(25);
+    let duration = Duration::from_secs(secs);
+    let outcome = chaos::run(
+        &bin(),
+        chaos::ChaosOptions {
+            duration,
+            seed: 7,
+            settings: Settings::default(),
+        },
+    )
+    .await;
+    outcome.print(duration);
+    assert!(
+        outcome.faults.values().sum::<u32>() >= 5,
+        "chaos injected faults"
+    );
+    assert!(outcome.puts > 0);
+    outcome.report.assert_ok();
+}
