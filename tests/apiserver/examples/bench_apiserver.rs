@@ -22,11 +22,18 @@ use tokio::sync::{Mutex, Semaphore};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn now_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -57,12 +64,20 @@ async fn main() {
     let latency_ms = arg("--write-latency-ms", 0);
     let objects = 100u64;
 
-    let api = ApiServer::start_with(Config { write_latency: Duration::from_millis(latency_ms), history_window: 100_000, ..Default::default() }).await.unwrap();
+    let api = ApiServer::start_with(Config {
+        write_latency: Duration::from_millis(latency_ms),
+        history_window: 100_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let cms: Api<ConfigMap> = Api::default_namespaced(api.client());
     let pp = PatchParams::apply("bench");
     for i in 0..objects {
         let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"t": "0", "seq": "0"}});
-        cms.patch(&format!("bench-{i}"), &pp, &Patch::Apply(body)).await.unwrap();
+        cms.patch(&format!("bench-{i}"), &pp, &Patch::Apply(body))
+            .await
+            .unwrap();
     }
     let start_rv = api.resource_version().to_string();
 
@@ -76,11 +91,20 @@ async fn main() {
         let delivered = delivered.clone();
         let rv = start_rv.clone();
         watch_tasks.push(tokio::spawn(async move {
-            let mut s = cms.watch(&WatchParams::default().timeout(seconds as u32 + 30), &rv).await.unwrap().boxed();
+            let mut s = cms
+                .watch(&WatchParams::default().timeout(seconds as u32 + 30), &rv)
+                .await
+                .unwrap()
+                .boxed();
             let mut local = Vec::new();
             while let Some(ev) = s.next().await {
                 if let Ok(WatchEvent::Modified(cm)) = ev {
-                    let sent: u64 = cm.data.as_ref().and_then(|d| d.get("t")).and_then(|t| t.parse().ok()).unwrap_or(0);
+                    let sent: u64 = cm
+                        .data
+                        .as_ref()
+                        .and_then(|d| d.get("t"))
+                        .and_then(|t| t.parse().ok())
+                        .unwrap_or(0);
                     local.push(now_micros().saturating_sub(sent));
                     delivered.fetch_add(1, Ordering::Relaxed);
                     if local.len() % 1000 == 0 {
@@ -110,7 +134,9 @@ async fn main() {
             let name = format!("bench-{}", seq % objects);
             let body = json!({"data": {"t": now_micros().to_string(), "seq": seq.to_string()}});
             let t = Instant::now();
-            let r = cms.patch(&name, &PatchParams::default(), &Patch::Merge(body)).await;
+            let r = cms
+                .patch(&name, &PatchParams::default(), &Patch::Merge(body))
+                .await;
             let us = t.elapsed().as_micros() as u64;
             drop(permit);
             match r {
@@ -135,14 +161,22 @@ async fn main() {
         let _ = t.await;
     }
 
-    println!("apiserver emulator benchmark ({} cores, write latency {latency_ms} ms)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "apiserver emulator benchmark ({} cores, write latency {latency_ms} ms)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
     println!(
         "writes: {total} merge patches over {:.2} s = {:.0} writes/s (target {rate}/s), errors {}",
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
         errors.load(Ordering::Relaxed)
     );
-    println!("watches: {watches} open, events delivered {} of {expected}", delivered.load(Ordering::Relaxed));
+    println!(
+        "watches: {watches} open, events delivered {} of {expected}",
+        delivered.load(Ordering::Relaxed)
+    );
     summary("write request latency", latencies.lock().await.clone());
     summary("watch delivery lag", lags.lock().await.clone());
 }

@@ -403,6 +403,7 @@ fn write_opts(req: &Req<'_>) -> WriteOpts {
         manager: req.manager.to_string(),
         dry_run: req.q.get("dryRun").is_some_and(|d| d == "All"),
         force: req.q.get("force").is_some_and(|f| f == "true" || f == "1"),
+        strict: req.q.get("fieldValidation").is_some_and(|f| f == "Strict"),
     }
 }
 

@@ -355,8 +355,10 @@ fn serve_thread(
         });
         let mut shutdown = shared.shutdown.subscribe();
         tokio::spawn(gc_loop(shared.clone()));
+        // kube-apiserver accepts request bodies up to 3 MiB.
         let app = axum::Router::new()
             .fallback(http::handle)
+            .layer(axum::extract::DefaultBodyLimit::max(3 * 1024 * 1024))
             .with_state(shared.clone());
         if ready.send(Ok(shared)).is_err() {
             return;

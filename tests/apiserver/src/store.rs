@@ -83,6 +83,8 @@ pub struct WriteOpts {
     pub manager: String,
     pub dry_run: bool,
     pub force: bool,
+    /// `fieldValidation=Strict`: unknown fields are an error instead of being dropped.
+    pub strict: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -860,7 +862,21 @@ impl State {
         let mut causes = validation::validate_meta(res, &new);
         causes.extend(validation::validate_config(res, &new));
         if res.custom {
-            causes.extend(validation::validate_custom(res, &mut new));
+            let mut pruned = Vec::new();
+            causes.extend(validation::validate_custom(res, &mut new, &mut pruned));
+            if opts.strict && !pruned.is_empty() {
+                let fields: Vec<String> = pruned
+                    .iter()
+                    .map(|p| format!("unknown field \"{p}\""))
+                    .collect();
+                return Err(ApiError::bad_request(format!(
+                    "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                    res.kind,
+                    res.version,
+                    res.kind,
+                    fields.join(", ")
+                )));
+            }
         }
         if res.kind == "CustomResourceDefinition" {
             causes.extend(validation::validate_crd(&new));

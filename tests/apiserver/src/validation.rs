@@ -271,8 +271,16 @@ fn preserves_unknown(s: &Value) -> bool {
         == Some(true)
 }
 
-/// Removes fields the schema does not know and applies `default`s.
-pub fn prune_and_default(v: &mut Value, s: &Value) {
+fn join_path(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Removes fields the schema does not know (recording their paths) and applies `default`s.
+pub fn prune_and_default(v: &mut Value, s: &Value, path: &str, pruned: &mut Vec<String>) {
     if s.get("x-kubernetes-int-or-string").and_then(Value::as_bool) == Some(true) {
         return;
     }
@@ -288,7 +296,7 @@ pub fn prune_and_default(v: &mut Value, s: &Value) {
                 match child {
                     Some(cs) => {
                         if let Some(cv) = m.get_mut(&k) {
-                            prune_and_default(cv, cs);
+                            prune_and_default(cv, cs, &join_path(path, &k), pruned);
                         }
                     }
                     None => {
@@ -296,6 +304,7 @@ pub fn prune_and_default(v: &mut Value, s: &Value) {
                             || additional.and_then(Value::as_bool) == Some(true);
                         if !keep {
                             m.remove(&k);
+                            pruned.push(join_path(path, &k));
                         }
                     }
                 }
@@ -305,15 +314,15 @@ pub fn prune_and_default(v: &mut Value, s: &Value) {
                     && let Some(d) = cs.get("default")
                 {
                     let mut d = d.clone();
-                    prune_and_default(&mut d, cs);
+                    prune_and_default(&mut d, cs, &join_path(path, k), &mut Vec::new());
                     m.insert(k.clone(), d);
                 }
             }
         }
         Value::Array(items) => {
             if let Some(is) = s.get("items") {
-                for i in items {
-                    prune_and_default(i, is);
+                for (n, i) in items.iter_mut().enumerate() {
+                    prune_and_default(i, is, &format!("{path}[{n}]"), pruned);
                 }
             }
         }
@@ -506,8 +515,9 @@ fn validate_object(m: &Map<String, Value>, s: &Value, path: &str, out: &mut Vec<
 }
 
 /// Custom resource: prune, default, then validate against the version's schema.
-/// `metadata`, `apiVersion` and `kind` are the server's, never pruned.
-pub fn validate_custom(res: &ResourceDef, obj: &mut Value) -> Vec<Cause> {
+/// `metadata`, `apiVersion` and `kind` are the server's, never pruned. Pruned
+/// field paths are appended to `pruned` (strict field validation rejects them).
+pub fn validate_custom(res: &ResourceDef, obj: &mut Value, pruned: &mut Vec<String>) -> Vec<Cause> {
     let Some(schema) = res.schema.as_ref() else {
         return Vec::new();
     };
@@ -534,7 +544,7 @@ pub fn validate_custom(res: &ResourceDef, obj: &mut Value) -> Vec<Cause> {
     {
         r.retain(|k| !matches!(k.as_str(), Some("apiVersion" | "kind" | "metadata")));
     }
-    prune_and_default(&mut body, &schema_no_meta);
+    prune_and_default(&mut body, &schema_no_meta, "", pruned);
     let mut out = Vec::new();
     validate_schema(&body, &schema_no_meta, "", &mut out);
     let Value::Object(mut bm) = body else {

@@ -230,3 +230,25 @@ async fn custom_resources_get_schema_defaults_and_unknown_fields_pruned() {
         "x-kubernetes-preserve-unknown-fields keeps it"
     );
 }
+
+#[tokio::test]
+async fn strict_field_validation_rejects_unknown_fields_instead_of_pruning() {
+    let (_api, client) = start_with_crd().await;
+    let raw: Api<kube::api::DynamicObject> =
+        Api::default_namespaced_with(client, &kube::api::ApiResource::erase::<Widget>(&()));
+    let obj: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "test.slipstream.io/v1", "kind": "Widget", "metadata": {"name": "s"},
+        "spec": {"size": 2, "unknown": "x"}
+    }))
+    .unwrap();
+    let strict = PatchParams::apply("t").validation(kube::api::ValidationDirective::Strict);
+    let s = api_err(raw.patch("s", &strict, &Patch::Apply(&obj)).await);
+    assert_eq!((s.code, s.reason.as_str()), (400, "BadRequest"));
+    assert!(
+        s.message
+            .contains("strict decoding error: unknown field \"spec.unknown\""),
+        "{}",
+        s.message
+    );
+    raw.create(&PostParams::default(), &obj).await.unwrap();
+}
