@@ -131,6 +131,8 @@ pub struct RequestRecord {
     pub field_manager: String,
     pub user_agent: String,
     pub status: u16,
+    /// Objects this request wrote to storage (0 for reads, failures and no-op writes).
+    pub storage_writes: u64,
     pub timestamp: SystemTime,
     pub duration: Duration,
 }
@@ -151,8 +153,12 @@ pub struct Counters {
     pub by_resource: BTreeMap<String, u64>,
     pub by_field_manager: BTreeMap<String, u64>,
     pub by_verb_resource: BTreeMap<(String, String), u64>,
-    /// Successful writes (2xx create/update/patch/delete/deletecollection).
+    /// Successful write requests (2xx create/update/patch/delete/deletecollection),
+    /// including no-op writes the server answered without storing anything.
     pub writes: u64,
+    /// Storage writes caused by requests (a no-op apply or patch adds nothing here).
+    /// Garbage-collector writes are not requests and are not counted.
+    pub storage_writes: u64,
 }
 
 impl Counters {
@@ -174,6 +180,7 @@ impl Counters {
             if r.is_write() && (200..300).contains(&r.status) {
                 c.writes += 1;
             }
+            c.storage_writes += r.storage_writes;
         }
         c
     }

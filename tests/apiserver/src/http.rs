@@ -276,6 +276,11 @@ pub async fn handle(
         field_manager,
         user_agent,
         status: resp.status().as_u16(),
+        storage_writes: resp
+            .extensions()
+            .get::<StorageWrites>()
+            .map(|w| w.0)
+            .unwrap_or(0),
         timestamp: SystemTime::now(),
         duration: started.elapsed(),
     };
@@ -526,43 +531,68 @@ fn resource(
         ("POST", None) => {
             reject_protobuf(req.content_type)?;
             let body = parse_body(req.body, true)?;
-            let mut st = lock()?;
-            st.create(res, nsr, body, &write_opts(&req)).map(created)
+            let opts = write_opts(&req);
+            mutate(shared, |st| st.create(res, nsr, body, &opts).map(created))
         }
         ("PUT", Some(name)) => {
             reject_protobuf(req.content_type)?;
             let body = parse_body(req.body, false)?;
-            let mut st = lock()?;
-            st.update(res, nsr, &name, status, body, &write_opts(&req))
-                .map(|v| ok(&v))
+            let opts = write_opts(&req);
+            mutate(shared, |st| {
+                st.update(res, nsr, &name, status, body, &opts)
+                    .map(|v| ok(&v))
+            })
         }
         ("PATCH", Some(name)) => {
             let ptype = PatchType::from_content_type(req.content_type)
                 .ok_or_else(|| ApiError::unsupported_media_type(req.content_type))?;
-            let mut st = lock()?;
-            let existed = st.get(res, nsr, &name).is_ok();
-            let v = st.patch(res, nsr, &name, status, ptype, req.body, &write_opts(&req))?;
-            Ok(if existed { ok(&v) } else { created(v) })
+            let opts = write_opts(&req);
+            mutate(shared, |st| {
+                let existed = st.get(res, nsr, &name).is_ok();
+                let v = st.patch(res, nsr, &name, status, ptype, req.body, &opts)?;
+                Ok(if existed { ok(&v) } else { created(v) })
+            })
         }
         ("DELETE", Some(name)) => {
             let opts = delete_opts(req.body, req.q)?;
-            let mut st = lock()?;
-            st.delete(res, nsr, &name, &opts).map(|v| ok(&v))
+            mutate(shared, |st| {
+                st.delete(res, nsr, &name, &opts).map(|v| ok(&v))
+            })
         }
         ("DELETE", None) => {
             let opts = delete_opts(req.body, req.q)?;
             let sel = selectors(res, req.q)?;
-            let mut st = lock()?;
-            let items = st.delete_collection(res, nsr, &sel, &opts)?;
-            let rv = st.rv;
-            Ok(ok(
-                &json!({"kind": res.list_kind, "apiVersion": res.api_version(), "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
-            ))
+            mutate(shared, |st| {
+                let items = st.delete_collection(res, nsr, &sel, &opts)?;
+                let rv = st.rv;
+                Ok(ok(
+                    &json!({"kind": res.list_kind, "apiVersion": res.api_version(), "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+                ))
+            })
         }
         (m, _) => Err(ApiError::method_not_allowed(format!(
             "the server does not allow this method on the requested resource ({m})"
         ))),
     }
+}
+
+/// How many storage writes (resourceVersion increments) a request caused.
+#[derive(Clone, Copy)]
+pub struct StorageWrites(pub u64);
+
+/// Runs a write under the store lock and tags the response with its storage writes.
+fn mutate(
+    shared: &Shared,
+    f: impl FnOnce(&mut State) -> ApiResult<Response>,
+) -> ApiResult<Response> {
+    let mut st = shared
+        .state
+        .lock()
+        .map_err(|_| ApiError::internal("store lock poisoned"))?;
+    let before = st.rv;
+    let mut resp = f(&mut st)?;
+    resp.extensions_mut().insert(StorageWrites(st.rv - before));
+    Ok(resp)
 }
 
 /// Protobuf bodies (typed client-go clients such as `kubectl create configmap`)

@@ -262,6 +262,11 @@ async fn a_no_op_apply_does_not_write_or_bump_the_resource_version() {
     );
     assert_eq!(api.resource_version(), rv, "no storage write");
     assert_eq!(api.counters().verb_resource("patch", "configmaps"), 2);
+    assert_eq!(
+        api.counters().storage_writes,
+        1,
+        "two apply requests, one storage write"
+    );
 }
 
 #[tokio::test]
