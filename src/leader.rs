@@ -360,7 +360,7 @@ enum Source {
     /// Connect, then open (or create, history 1) this bucket, retrying
     /// until NATS answers. The lease has its own connection.
     Nats {
-        opts: ConnectOptions,
+        opts: Box<ConnectOptions>,
         bucket: String,
     },
     Store(Arc<dyn KvStore>),
@@ -398,7 +398,7 @@ impl LeaderElection {
         Ok(Self::spawn(
             config,
             Source::Nats {
-                opts,
+                opts: Box::new(opts),
                 bucket: args.bucket.clone(),
             },
             metrics,

@@ -1074,7 +1074,7 @@ pub struct Report {
 impl Report {
     pub fn summary(&self) -> String {
         format!(
-            "{} ConfigMap versions observed, all checked for a monotone cursor; {} checked equal to the KV state at their cursor ({} KV operations); {} successful replica writes by {} replicas over {} leader terms, each inside its writer's gate-open interval; {} gate overlaps only while the old leader was SIGSTOPped, {} writes landing in such an overlap (fenced); failures: {}",
+            "{} ConfigMap versions observed, all checked for a monotone cursor; {} checked to hold every KV update their cursor covers ({} KV operations); {} successful replica writes by {} replicas over {} leader terms, each inside its writer's gate-open interval; {} gate overlaps only while the old leader was SIGSTOPped, {} writes landing in such an overlap (fenced); failures: {}",
             self.versions,
             self.content_checks,
             self.kv_ops,
@@ -1192,4 +1192,33 @@ pub async fn fail_over(
     let took = w.end.duration_since(t0).unwrap_or_default();
     cluster.replica(&leader).restart();
     Ok((leader, w.replica, took))
+}
+
+/// The `slipstream` binary for a runner outside `cargo test` (examples do
+/// not get `CARGO_BIN_EXE_*`): built with the runner's own profile.
+pub fn build_replica_bin() -> Result<PathBuf, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--bin", "slipstream"]);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run cargo to build slipstream: {e}"))?;
+    if !status.success() {
+        return Err(format!("building slipstream failed: {status}"));
+    }
+    // target/<profile>/examples/<name> -> target/<profile>/slipstream
+    let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|profile| profile.join("slipstream"))
+        .ok_or_else(|| format!("cannot find the target dir from {}", exe.display()))?;
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(format!("{} is missing after the build", bin.display()))
+    }
 }
