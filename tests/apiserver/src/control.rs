@@ -165,24 +165,31 @@ impl Counters {
     pub fn from_log(log: &[RequestRecord]) -> Self {
         let mut c = Self::default();
         for r in log {
-            *c.by_verb.entry(r.verb.clone()).or_default() += 1;
-            if !r.resource.is_empty() {
-                *c.by_resource.entry(r.resource.clone()).or_default() += 1;
-                *c.by_verb_resource
-                    .entry((r.verb.clone(), r.resource.clone()))
-                    .or_default() += 1;
-            }
-            if !r.field_manager.is_empty() {
-                *c.by_field_manager
-                    .entry(r.field_manager.clone())
-                    .or_default() += 1;
-            }
-            if r.is_write() && (200..300).contains(&r.status) {
-                c.writes += 1;
-            }
-            c.storage_writes += r.storage_writes;
+            c.add(r);
         }
         c
+    }
+
+    /// Counts one request.
+    pub fn add(&mut self, r: &RequestRecord) {
+        *self.by_verb.entry(r.verb.clone()).or_default() += 1;
+        if !r.resource.is_empty() {
+            *self.by_resource.entry(r.resource.clone()).or_default() += 1;
+            *self
+                .by_verb_resource
+                .entry((r.verb.clone(), r.resource.clone()))
+                .or_default() += 1;
+        }
+        if !r.field_manager.is_empty() {
+            *self
+                .by_field_manager
+                .entry(r.field_manager.clone())
+                .or_default() += 1;
+        }
+        if r.is_write() && (200..300).contains(&r.status) {
+            self.writes += 1;
+        }
+        self.storage_writes += r.storage_writes;
     }
 
     pub fn verb(&self, verb: &str) -> u64 {

@@ -285,7 +285,7 @@ pub async fn handle(
         duration: started.elapsed(),
     };
     shared.record(record);
-    if is_write {
+    if is_write && shared.state.lock().is_ok_and(|st| st.gc_dirty) {
         shared.gc.notify_one();
     }
     resp

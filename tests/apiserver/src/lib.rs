@@ -67,7 +67,7 @@ impl Default for Config {
             bookmark_interval: Duration::from_secs(1),
             port: 0,
             gc_interval: Duration::from_millis(200),
-            log_capacity: 1_000_000,
+            log_capacity: 200_000,
         }
     }
 }
@@ -96,6 +96,7 @@ pub(crate) struct Shared {
     pub(crate) close_watches: tokio_watch::Sender<u64>,
     pub(crate) shutdown: tokio_watch::Sender<bool>,
     pub(crate) log: Mutex<std::collections::VecDeque<RequestRecord>>,
+    pub(crate) counters: Mutex<Counters>,
     pub(crate) gc: Notify,
 }
 
@@ -112,6 +113,9 @@ impl Shared {
     }
 
     pub(crate) fn record(&self, r: RequestRecord) {
+        if let Ok(mut c) = self.counters.lock() {
+            c.add(&r);
+        }
         if let Ok(mut log) = self.log.lock() {
             if log.len() >= self.config.log_capacity {
                 log.pop_front();
@@ -200,17 +204,23 @@ impl ApiServer {
             .unwrap_or_default()
     }
 
+    /// Empties the request log and resets the counters.
     pub fn clear_requests(&self) {
         if let Ok(mut l) = self.shared.log.lock() {
             l.clear();
         }
+        if let Ok(mut c) = self.shared.counters.lock() {
+            *c = Counters::default();
+        }
     }
 
+    /// Request counts since start (or the last [`ApiServer::clear_requests`]);
+    /// exact even when the log has dropped old entries.
     pub fn counters(&self) -> Counters {
         self.shared
-            .log
+            .counters
             .lock()
-            .map(|mut l| Counters::from_log(l.make_contiguous()))
+            .map(|c| c.clone())
             .unwrap_or_default()
     }
 
@@ -351,6 +361,7 @@ fn serve_thread(
             close_watches: tokio_watch::channel(0).0,
             shutdown: tokio_watch::channel(false).0,
             log: Mutex::new(Default::default()),
+            counters: Mutex::new(Counters::default()),
             gc: Notify::new(),
         });
         let mut shutdown = shared.shutdown.subscribe();
@@ -382,7 +393,10 @@ async fn gc_loop(shared: Arc<Shared>) {
         }
         for _ in 0..32 {
             let worked = match shared.state.lock() {
-                Ok(mut st) => st.gc_pass(),
+                Ok(mut st) => {
+                    st.gc_dirty = false;
+                    st.gc_pass()
+                }
                 Err(_) => return,
             };
             if !worked {

@@ -191,6 +191,8 @@ pub struct State {
     pub window: usize,
     pub tx: broadcast::Sender<Arc<Change>>,
     pub registry: Registry,
+    /// Set by deletions and deletion marks: the garbage collector has work.
+    pub gc_dirty: bool,
 }
 
 impl State {
@@ -203,6 +205,7 @@ impl State {
             window,
             tx,
             registry: Registry::new(),
+            gc_dirty: false,
         };
         let ns = st.registry.namespace_def();
         for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
@@ -290,6 +293,9 @@ impl State {
         obj: Arc<Value>,
         old: Option<Arc<Value>>,
     ) {
+        if etype == EventType::Deleted || obj["metadata"]["deletionTimestamp"].is_string() {
+            self.gc_dirty = true;
+        }
         let json = Bytes::from(obj.to_string());
         let change = Arc::new(Change {
             rv: self.rv,
