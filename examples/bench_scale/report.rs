@@ -1,0 +1,123 @@
+//! The result table (stdout) and its JSON twin.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One line: a figure of ours next to its reference.
+pub struct Row {
+    pub scenario: &'static str,
+    pub measure: String,
+    pub ours: String,
+    pub reference: String,
+    pub ratio: String,
+    pub goal: String,
+    pub met: Option<bool>,
+}
+
+#[derive(Default)]
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    pub fn row(
+        &mut self,
+        scenario: &'static str,
+        measure: impl Into<String>,
+        ours: impl Into<String>,
+        reference: impl Into<String>,
+    ) -> &mut Row {
+        self.rows.push(Row {
+            scenario,
+            measure: measure.into(),
+            ours: ours.into(),
+            reference: reference.into(),
+            ratio: String::new(),
+            goal: String::new(),
+            met: None,
+        });
+        self.rows.last_mut().unwrap()
+    }
+
+    pub fn note(&mut self, n: impl Into<String>) {
+        let n = n.into();
+        eprintln!("bench: {n}");
+        self.notes.push(n);
+    }
+
+    pub fn print(&self, title: &str) {
+        let w = [12usize, 50, 16, 26, 8, 24];
+        let line = "-".repeat(w.iter().sum::<usize>() + 2 * w.len());
+        println!();
+        println!("{title}");
+        println!("{line}");
+        println!(
+            "{:<12}  {:<50}  {:>16}  {:>26}  {:>8}  {:<24}",
+            "scenario", "measure", "slipstream", "reference", "ratio", "goal"
+        );
+        println!("{line}");
+        let mut last = "";
+        for r in &self.rows {
+            let scen = if r.scenario == last { "" } else { r.scenario };
+            last = r.scenario;
+            let goal = match r.met {
+                Some(true) => format!("{} ok", r.goal),
+                Some(false) => format!("{} MISSED", r.goal),
+                None => r.goal.clone(),
+            };
+            println!(
+                "{:<12}  {:<50}  {:>16}  {:>26}  {:>8}  {:<24}",
+                scen, r.measure, r.ours, r.reference, r.ratio, goal
+            );
+        }
+        println!("{line}");
+        for n in &self.notes {
+            println!("* {n}");
+        }
+    }
+
+    pub fn json(&self, params: Value, raw: Value) -> Value {
+        let rows: Vec<Value> = self
+            .rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "scenario": r.scenario, "measure": r.measure, "slipstream": r.ours,
+                    "reference": r.reference, "ratio": r.ratio, "goal": r.goal, "met": r.met,
+                })
+            })
+            .collect();
+        json!({ "params": params, "rows": rows, "figures": raw, "notes": self.notes })
+    }
+}
+
+impl Row {
+    pub fn ratio(&mut self, r: f64) -> &mut Self {
+        self.ratio = if r.is_finite() {
+            format!("{r:.2}")
+        } else {
+            "-".into()
+        };
+        self
+    }
+
+    pub fn goal(&mut self, goal: impl Into<String>, met: bool) -> &mut Self {
+        self.goal = goal.into();
+        self.met = Some(met);
+        self
+    }
+}
