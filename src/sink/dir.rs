@@ -98,9 +98,16 @@ pub enum Written {
 
 /// Writes versions of a file set into one directory. One writer per
 /// directory; any number of readers.
+///
+/// Readers are protected by the rename alone. Durability against a power
+/// loss is opt-in ([`DirSink::durable`]): each fsync costs milliseconds on
+/// ordinary disks, and a caller can instead verify a version on restart
+/// (`slipstream sync` stores a checksum per file and resyncs on mismatch).
 #[derive(Debug)]
 pub struct DirSink {
     root: PathBuf,
+    /// fsync files and directories before and after the swap.
+    durable: bool,
     /// The last version written or read, to skip writes that change nothing.
     current: Option<DirContent>,
 }
@@ -112,8 +119,16 @@ impl DirSink {
         fs::create_dir_all(&root).map_err(io_err("create directory", &root))?;
         Ok(Self {
             root,
+            durable: false,
             current: None,
         })
+    }
+
+    /// With `true`, every version is on disk before `..data` points at it,
+    /// and the swap itself is on disk before `write` returns.
+    pub fn durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -197,8 +212,8 @@ impl DirSink {
         }
     }
 
-    /// Creates a fresh timestamped directory holding `files` and `state`,
-    /// all synced to disk.
+    /// Creates a fresh timestamped directory holding `files` and `state`
+    /// (synced to disk when durable).
     fn write_version(&self, files: &BTreeMap<String, Vec<u8>>, state: &[u8]) -> Result<String> {
         let now = time::OffsetDateTime::now_utc();
         let (name, dir) = (0u32..1000)
@@ -219,10 +234,12 @@ impl DirSink {
                 })
             })?;
         for (file, bytes) in files {
-            write_synced(&dir.join(file), bytes)?;
+            write_file(&dir.join(file), bytes, self.durable)?;
         }
-        write_synced(&dir.join(STATE_FILE), state)?;
-        sync_dir(&dir)?;
+        write_file(&dir.join(STATE_FILE), state, self.durable)?;
+        if self.durable {
+            sync_dir(&dir)?;
+        }
         Ok(name)
     }
 
@@ -237,7 +254,10 @@ impl DirSink {
         symlink(version, &tmp).map_err(io_err("create symlink", &tmp))?;
         let data = self.root.join(DATA_LINK);
         fs::rename(&tmp, &data).map_err(io_err("rename into place", &data))?;
-        sync_dir(&self.root)
+        if self.durable {
+            sync_dir(&self.root)?;
+        }
+        Ok(())
     }
 
     /// Replaces the state blob of the current version in place (atomic rename).
@@ -245,10 +265,13 @@ impl DirSink {
         let dir = self.root.join(version);
         let tmp = dir.join(STATE_TMP_FILE);
         let _ = fs::remove_file(&tmp);
-        write_synced(&tmp, state)?;
+        write_file(&tmp, state, self.durable)?;
         let dest = dir.join(STATE_FILE);
         fs::rename(&tmp, &dest).map_err(io_err("rename into place", &dest))?;
-        sync_dir(&dir)
+        if self.durable {
+            sync_dir(&dir)?;
+        }
+        Ok(())
     }
 
     /// `key -> ..data/key` for every key (also repairs links lost in a crash).
@@ -342,7 +365,7 @@ fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+fn write_file(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -350,7 +373,10 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
         .open(path)
         .map_err(io_err("create", path))?;
     f.write_all(bytes).map_err(io_err("write", path))?;
-    f.sync_data().map_err(io_err("sync", path))
+    if durable {
+        f.sync_data().map_err(io_err("sync", path))?;
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -466,6 +492,25 @@ mod tests {
             Some(b"s2".to_vec())
         );
         assert_eq!(reopened.write(&content, b"s2").unwrap(), Written::Unchanged);
+    }
+
+    #[test]
+    fn a_durable_sink_writes_the_same_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut sink = DirSink::open(tmp.path()).unwrap().durable(true);
+        sink.write(&files(&[("a", b"1")]), b"s1").unwrap();
+        assert_eq!(
+            sink.write(&files(&[("a", b"1")]), b"s2").unwrap(),
+            Written::StateOnly
+        );
+        sink.write(&files(&[("b", b"2")]), b"s3").unwrap();
+        assert_eq!(
+            sink.read().unwrap(),
+            Some(DirContent {
+                files: files(&[("b", b"2")]),
+                state: Some(b"s3".to_vec())
+            })
+        );
     }
 
     #[test]

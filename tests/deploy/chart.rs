@@ -6,6 +6,8 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Container, rbac::v1::ClusterRole};
 use serde_json::Value;
 
+use slipstream::policy::AccessPolicy;
+
 use crate::{chart_dir, parse_documents, root, run_helm};
 
 /// Renders the chart with `--set`-style overrides.
@@ -113,7 +115,8 @@ const EVERYTHING_ON: &[&str] = &[
     "nats.tls.clientCertSecret=nats-client",
     "networkPolicy.enabled=true",
     "metrics.serviceMonitor.enabled=true",
-    "policy.namespaces.shop.buckets[0]=app-config",
+    "policy.namespaces.shop[0].bucket=app-config",
+    "policy.namespaces.shop[0].prefixes[0]=web.",
 ];
 
 #[test]
@@ -300,7 +303,17 @@ fn default_install_runs_two_replicas_with_leader_election_and_pod_name_identity(
         env_value(&c, "SLIPSTREAM_LEASE_BUCKET").unwrap(),
         "slipstream-leases"
     );
-    assert_eq!(env_value(&c, "SLIPSTREAM_LEASE_KEY").unwrap(), "slipstream");
+    assert_eq!(
+        env_value(&c, "SLIPSTREAM_RELEASE_NAME").unwrap(),
+        "slipstream",
+        "the operator derives the lease key `slipstream.leader` from it"
+    );
+    assert_eq!(env_value(&c, "SLIPSTREAM_LEASE_KEY"), None);
+    let keyed = deployment(&render_ok(&["leaderElection.key=team-a"]));
+    assert_eq!(
+        env_value(&operator_container(&keyed), "SLIPSTREAM_LEASE_KEY").unwrap(),
+        "team-a"
+    );
     assert_eq!(env_value(&c, "SLIPSTREAM_COALESCE").unwrap(), "50ms");
     assert_eq!(env_value(&c, "SLIPSTREAM_LOG_FORMAT").unwrap(), "json");
     let pdb = one(&docs, "PodDisruptionBudget");
@@ -451,12 +464,30 @@ fn credential_modes_mount_files_or_reference_secret_keys() {
 
 #[test]
 fn access_policy_is_rendered_into_a_mounted_configmap() {
-    let docs = render_ok(&["policy.namespaces.shop.buckets[0]=app-config"]);
+    let docs = render_ok(&[
+        "policy.namespaces.shop[0].bucket=app-config",
+        "policy.namespaces.shop[0].prefixes[0]=web.",
+    ]);
     let cm = one(&docs, "ConfigMap");
-    let policy: Value = serde_yaml::from_str(cm["data"]["policy.yaml"].as_str().unwrap()).unwrap();
+    let text = cm["data"]["policy.yaml"].as_str().unwrap();
+    let policy: Value = serde_yaml::from_str(text).unwrap();
     assert_eq!(
         policy,
-        serde_json::json!({"namespaces": {"shop": {"buckets": ["app-config"]}}})
+        serde_json::json!({"namespaces": {"shop": [{"bucket": "app-config", "prefixes": ["web."]}]}})
+    );
+    // The operator's own parser reads what the chart renders.
+    let parsed = AccessPolicy::from_yaml(text, "policy.yaml").unwrap();
+    assert!(!parsed.is_allow_all());
+    assert!(
+        parsed
+            .check("shop", "app-config", &["web.x".into()])
+            .is_ok()
+    );
+    assert!(parsed.check("shop", "app-config", &["db.".into()]).is_err());
+    assert!(
+        parsed
+            .check("other", "app-config", &["web.".into()])
+            .is_err()
     );
 
     let d = deployment(&docs);
