@@ -529,8 +529,15 @@ fn resource(
             Ok(ok(&State::present(res, &o)))
         }
         ("POST", None) => {
-            reject_protobuf(req.content_type)?;
-            let body = parse_body(req.body, true)?;
+            let body = if req
+                .content_type
+                .starts_with("application/vnd.kubernetes.protobuf")
+            {
+                crate::protobuf::decode(req.body)
+                    .ok_or_else(|| ApiError::unsupported_media_type(req.content_type))?
+            } else {
+                parse_body(req.body, true)?
+            };
             let opts = write_opts(&req);
             mutate(shared, |st| st.create(res, nsr, body, &opts).map(created))
         }

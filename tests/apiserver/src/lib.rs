@@ -16,6 +16,7 @@ pub mod errors;
 pub mod fields;
 mod http;
 mod openapi;
+mod protobuf;
 pub mod resources;
 pub mod selectors;
 pub mod store;

@@ -134,6 +134,31 @@ async fn kubectl_get_apply_create_delete_and_api_resources_work_against_the_emul
         "a"
     );
     k.ok(&["delete", "configmap", "other"]);
+
+    // Generators (typed clients, protobuf bodies).
+    k.ok(&["create", "namespace", "shop"]);
+    k.ok(&[
+        "create",
+        "configmap",
+        "gen",
+        "-n",
+        "shop",
+        "--from-literal=x=y",
+    ]);
+    let gen_cm = Api::<ConfigMap>::namespaced(client.clone(), "shop")
+        .get("gen")
+        .await
+        .unwrap();
+    assert_eq!(gen_cm.data.unwrap()["x"], "y");
+    k.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "pw",
+        "--from-literal=pw=hunter2",
+    ]);
+    let pw = k.ok(&["get", "secret", "pw", "-o", "jsonpath={.data.pw}"]);
+    assert_eq!(pw.trim(), "aHVudGVyMg==");
     assert!(cms.get_opt("other").await.unwrap().is_none());
     let (ok, text) = k.run(&["get", "configmap", "missing"]);
     assert!(!ok && text.contains("NotFound"), "{text}");
