@@ -58,11 +58,19 @@ pub(crate) struct Delivery {
 /// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`
 /// (v1) and `$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]` (v2).
 pub(crate) fn parse_ack_subject(subject: &str) -> Option<Delivery> {
-    let tokens: Vec<&str> = subject.split('.').collect();
-    if tokens.len() < 9 || tokens[0] != "$JS" || tokens[1] != "ACK" {
+    // No allocation: this runs once per delivered message.
+    let mut tokens = [""; 12];
+    let mut n = 0;
+    for t in subject.split('.') {
+        if n < tokens.len() {
+            tokens[n] = t;
+        }
+        n += 1;
+    }
+    if n < 9 || tokens[0] != "$JS" || tokens[1] != "ACK" {
         return None;
     }
-    let base = match tokens.len() {
+    let base = match n {
         9 => 5,
         n if n >= 11 => 7,
         _ => return None,
@@ -80,7 +88,7 @@ pub(crate) async fn watch(
     prefixes: &[String],
     cursor: WatchCursor,
 ) -> Result<WatchStream> {
-    let mut w = Watcher::new(inner, prefixes, cursor, false, true)?;
+    let mut w = Box::new(Watcher::new(inner, prefixes, cursor, false, true)?);
     w.start().await?;
     Ok(Box::pin(futures::stream::unfold(w, |mut w| async move {
         w.next_event().await.map(|ev| (ev, w))

@@ -124,3 +124,86 @@ async fn connection_state_follows_the_server_going_away_and_coming_back() {
         .await
     );
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
+fn write_pki(dir: &std::path::Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    for (name, san, usage) in [
+        ("server", "127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth),
+        ("client", "client", ExtendedKeyUsagePurpose::ClientAuth),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![san.to_owned()]).unwrap();
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn mutual_tls_uses_the_ca_and_the_client_certificate() {
+    let pki = tempfile::tempdir().unwrap();
+    write_pki(pki.path());
+    let p = |f: &str| pki.path().join(f);
+    let server = NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true, timeout: 2 }}",
+        p("server.pem").display(),
+        p("server-key.pem").display(),
+        p("ca.pem").display()
+    ));
+    let mut opts = options(&server);
+    opts.tls_ca = Some(p("ca.pem"));
+    opts.tls_cert = Some(p("client.pem"));
+    opts.tls_key = Some(p("client-key.pem"));
+    works(&opts).await;
+    // The server requires a client certificate.
+    opts.tls_cert = None;
+    opts.tls_key = None;
+    refused(&opts).await;
+    // Without the CA the server's certificate is not trusted.
+    let untrusted = ConnectOptions {
+        tls_ca: None,
+        tls_cert: Some(p("client.pem")),
+        tls_key: Some(p("client-key.pem")),
+        ..options(&server)
+    };
+    refused(&untrusted).await;
+}
+
+#[tokio::test]
+async fn closing_the_client_ends_watches_with_a_final_not_connected() {
+    use futures::StreamExt;
+    use slipstream::kv::KvWatcher;
+
+    let server = NatsServer::start();
+    let nats = connect(&server).await;
+    let kv = nats
+        .create_or_open(&BucketConfig::new("app"))
+        .await
+        .unwrap();
+    let mut w = kv.watch_all().await.unwrap();
+    crate::until_synced(&mut w).await;
+    nats.close().await.unwrap();
+    let end = tokio::time::timeout(crate::EVENT_WAIT, w.next())
+        .await
+        .unwrap();
+    match end {
+        Some(Err(e)) => assert_eq!(e.reason(), "NotConnected", "{e}"),
+        other => panic!("expected a final NotConnected, got {other:?}"),
+    }
+    assert!(
+        tokio::time::timeout(crate::EVENT_WAIT, w.next())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(kv.get("k").await.is_err());
+}

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use slipstream::kv::{
     KvError, KvPurge, KvReader, KvUpdate, KvWatcher, KvWriter, VersionToken, WatchCursor,
-    WatchEvent,
-    nats::BucketConfig,
+    WatchEvent, nats::BucketConfig,
 };
 
 use crate::{
