@@ -59,9 +59,16 @@ async fn main() {
         let mut times = Vec::new();
         for i in 0..runs {
             match fail_over(&mut c, how).await {
-                Ok((old, new, took)) => {
-                    println!("{label} #{}: {old} -> {new} wrote after {took:?}", i + 1);
-                    times.push(took);
+                Ok(f) => {
+                    println!(
+                        "{label} #{}: {} -> {} wrote after {:?} ({} list requests before that write)",
+                        i + 1,
+                        f.old,
+                        f.new,
+                        f.took,
+                        f.relists
+                    );
+                    times.push(f.took);
                 }
                 Err(e) => {
                     eprintln!("{label} #{}: {e}", i + 1);

@@ -157,6 +157,15 @@ impl Replica {
         self.child.as_ref().map(Child::id)
     }
 
+    /// When the current process was started.
+    pub fn started_at(&self) -> Option<SystemTime> {
+        self.actions
+            .iter()
+            .rev()
+            .find(|(_, a)| *a == Action::Started)
+            .map(|(t, _)| *t)
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -1153,10 +1162,7 @@ pub enum Takedown {
 
 /// Takes the current leader down while the writer runs, measures the time
 /// until another replica's first ConfigMap write, then restarts the old one.
-pub async fn fail_over(
-    cluster: &mut Cluster,
-    how: Takedown,
-) -> Result<(String, String, Duration), String> {
+pub async fn fail_over(cluster: &mut Cluster, how: Takedown) -> Result<Failover, String> {
     let leader = cluster
         .wait_leader(Duration::from_secs(30))
         .await
@@ -1180,6 +1186,21 @@ pub async fn fail_over(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Standbys must be warm (past their initial lists and syncs): a
+    // replica restarted a moment ago would still be starting.
+    let warm = Duration::from_secs(2);
+    loop {
+        let youngest = cluster
+            .replicas
+            .iter()
+            .filter(|r| r.is_running())
+            .filter_map(|r| r.started_at())
+            .max();
+        match youngest.and_then(|t| t.elapsed().ok()) {
+            Some(up) if up < warm => tokio::time::sleep(warm - up).await,
+            _ => break,
+        }
+    }
     let t0 = SystemTime::now();
     match how {
         Takedown::Kill9 => cluster.replica(&leader).kill9(),
@@ -1190,8 +1211,52 @@ pub async fn fail_over(
         .await
         .ok_or_else(|| format!("nobody took over from {leader}\n{}", cluster.logs_tail()))?;
     let took = w.end.duration_since(t0).unwrap_or_default();
+    let relists = cluster
+        .api
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.verb == "list"
+                && r.timestamp >= t0
+                && r.timestamp <= w.end
+                && r.user_agent.contains(&format!("({})", w.replica))
+        })
+        .count();
+    if relists > 0 && std::env::var_os("HA_DEBUG_LISTS").is_some() {
+        for r in cluster
+            .api
+            .requests()
+            .iter()
+            .filter(|r| r.verb == "list" && r.timestamp >= t0 && r.timestamp <= w.end)
+        {
+            eprintln!(
+                "list {} +{:?} by {} (failover {} -> {})",
+                r.resource,
+                r.timestamp.duration_since(t0).unwrap_or_default(),
+                r.user_agent,
+                leader,
+                w.replica
+            );
+        }
+    }
     cluster.replica(&leader).restart();
-    Ok((leader, w.replica, took))
+    Ok(Failover {
+        old: leader,
+        new: w.replica,
+        took,
+        relists,
+    })
+}
+
+/// One measured failover.
+#[derive(Debug)]
+pub struct Failover {
+    pub old: String,
+    pub new: String,
+    /// From the signal to the new leader's first ConfigMap write.
+    pub took: Duration,
+    /// List requests the new leader made before that write (a warm standby makes none).
+    pub relists: usize,
 }
 
 /// The `slipstream` binary for a runner outside `cargo test` (examples do

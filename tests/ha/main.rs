@@ -41,7 +41,12 @@ async fn kill_9_of_the_leader_fails_over_without_losing_or_regressing_anything()
     let writer = c.start_writer();
     let mut times = Vec::new();
     for _ in 0..3 {
-        let (old, new, took) = fail_over(&mut c, Takedown::Kill9).await.unwrap();
+        let f = fail_over(&mut c, Takedown::Kill9).await.unwrap();
+        let (old, new, took) = (f.old, f.new, f.took);
+        assert_eq!(
+            f.relists, 0,
+            "the new leader wrote from its warm state, without re-listing"
+        );
         println!("kill -9 {old}: {new} wrote after {took:?}");
         times.push(took);
     }
@@ -62,7 +67,12 @@ async fn sigterm_releases_the_lease_and_a_standby_writes_without_waiting_for_the
     let writer = c.start_writer();
     let mut times = Vec::new();
     for _ in 0..3 {
-        let (old, new, took) = fail_over(&mut c, Takedown::Sigterm).await.unwrap();
+        let f = fail_over(&mut c, Takedown::Sigterm).await.unwrap();
+        let (old, new, took) = (f.old, f.new, f.took);
+        assert_eq!(
+            f.relists, 0,
+            "the new leader wrote from its warm state, without re-listing"
+        );
         println!("SIGTERM {old}: {new} wrote after {took:?}");
         assert!(
             c.replica(&old).log().contains("lease released"),
