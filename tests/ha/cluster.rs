@@ -856,29 +856,9 @@ impl Cluster {
         report.versions = observed.len();
 
         // 1. Never backward: per ConfigMap, the cursor never decreases.
-        let mut by_name: BTreeMap<&str, Vec<&Observed>> = BTreeMap::new();
-        for o in &observed {
-            by_name.entry(&o.name).or_default().push(o);
-        }
-        for (name, mut versions) in by_name {
-            versions.sort_by_key(|o| o.resource_version);
-            let mut last: Option<u64> = None;
-            for o in versions {
-                if let (Some(prev), cur) = (last, o.cursor)
-                    && cur.is_none_or(|c| c < prev)
-                {
-                    report.failures.push(format!(
-                        "{name} moved backward: cursor {prev} then {cur:?} at resourceVersion {}",
-                        o.resource_version
-                    ));
-                }
-                if let Some(c) = o.cursor {
-                    last = Some(last.map_or(c, |p| p.max(c)));
-                }
-            }
-        }
+        report.failures.extend(backward_moves(&observed));
 
-        // 2. Every version holds exactly the KV state at its cursor.
+        // 2. Every version holds every KV update its cursor covers.
         match self.kv_history().await {
             Err(e) => report.failures.push(e),
             Ok(ops) => {
@@ -1014,6 +994,34 @@ impl Cluster {
         report.terms = gates.len();
         report
     }
+}
+
+/// ConfigMap versions whose cursor is older than an earlier version's (in
+/// resourceVersion order), or that lost their cursor.
+pub fn backward_moves(observed: &[Observed]) -> Vec<String> {
+    let mut by_name: BTreeMap<&str, Vec<&Observed>> = BTreeMap::new();
+    for o in observed {
+        by_name.entry(&o.name).or_default().push(o);
+    }
+    let mut out = Vec::new();
+    for (name, mut versions) in by_name {
+        versions.sort_by_key(|o| o.resource_version);
+        let mut last: Option<u64> = None;
+        for o in versions {
+            if let Some(prev) = last
+                && o.cursor.is_none_or(|c| c < prev)
+            {
+                out.push(format!(
+                    "{name} moved backward: cursor {prev} then {:?} at resourceVersion {}",
+                    o.cursor, o.resource_version
+                ));
+            }
+            if let Some(c) = o.cursor {
+                last = Some(last.map_or(c, |p| p.max(c)));
+            }
+        }
+    }
+    out
 }
 
 /// Keys of `data` (a ConfigMap version with cursor `cursor`) that miss an

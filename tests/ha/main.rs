@@ -261,3 +261,75 @@ async fn short_chaos_run_loses_nothing_and_never_moves_backward() {
     assert!(outcome.puts > 0);
     outcome.report.assert_ok();
 }
+
+/// The checks themselves must be able to fail.
+mod checks {
+    use std::{collections::BTreeMap, time::SystemTime};
+
+    use crate::cluster::{KvOp, Observed, backward_moves, stale_keys};
+
+    fn op(revision: u64, key: &str, value: Option<&str>) -> KvOp {
+        KvOp {
+            revision,
+            key: key.to_owned(),
+            value: value.map(str::to_owned),
+        }
+    }
+
+    fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn version(rv: u64, cursor: Option<u64>) -> Observed {
+        Observed {
+            at: SystemTime::now(),
+            name: "b0".into(),
+            resource_version: rv,
+            cursor,
+            data: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn content_check_flags_a_missing_covered_update_and_accepts_newer_content() {
+        let ops = [
+            op(1, "b0.a", Some("1")),
+            op(2, "b0.b", Some("1")),
+            op(3, "b0.a", Some("2")),
+            op(4, "b0.b", None),
+            op(5, "b1.x", Some("other binding")),
+        ];
+        // Exactly the state at cursor 3.
+        assert!(stale_keys(&ops, "b0.", 3, &data(&[("a", "2"), ("b", "1")])).is_empty());
+        // Newer than the cursor (b deleted at 4): the cursor is a lower bound.
+        assert!(stale_keys(&ops, "b0.", 3, &data(&[("a", "2")])).is_empty());
+        // Misses update 3, which cursor 3 covers.
+        assert_eq!(
+            stale_keys(&ops, "b0.", 3, &data(&[("a", "1"), ("b", "1")])).len(),
+            1
+        );
+        // A value no key ever had, and a key that never existed.
+        assert_eq!(
+            stale_keys(&ops, "b0.", 4, &data(&[("a", "9"), ("zz", "1")])).len(),
+            2
+        );
+    }
+
+    #[test]
+    fn monotone_check_flags_a_cursor_that_moves_backward_or_disappears() {
+        let ok = [
+            version(1, None),
+            version(2, Some(5)),
+            version(3, Some(5)),
+            version(4, Some(9)),
+        ];
+        assert!(backward_moves(&ok).is_empty());
+        let back = [version(2, Some(9)), version(3, Some(5))];
+        assert_eq!(backward_moves(&back).len(), 1);
+        let lost = [version(2, Some(9)), version(3, None)];
+        assert_eq!(backward_moves(&lost).len(), 1);
+    }
+}
