@@ -340,6 +340,12 @@ pub trait KvReader: Send + Sync {
 /// the head at start, then live changes; a cursor older than the oldest
 /// retained revision yields `CursorExpired` instead of a silent clamp.
 /// Updates at or below the last delivered version are never yielded twice.
+///
+/// A lost connection or server-side consumer is recovered inside the watch
+/// (from the last position reached; the stream is silent while the server
+/// is unreachable). An `Err` item is final: the stream ends after it, and
+/// the caller resumes with a `_from` watch after the last version it got
+/// (or resyncs on `CursorExpired`). An empty prefix list is an error.
 #[async_trait]
 pub trait KvWatcher: Send + Sync {
     /// The union of `prefixes`, served by one server-side consumer.

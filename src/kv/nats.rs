@@ -649,7 +649,12 @@ impl BucketInner {
         timed(self.timeout, self.stream.get_info())
             .await?
             .map_err(|e| {
-                KvError::OperationFailed(format!("stream info of {}: {e}", self.stream_name))
+                // The server's error arrives as the request's source (code 10059).
+                if e.to_string().contains("stream not found") {
+                    KvError::BucketNotFound(self.name.clone())
+                } else {
+                    KvError::OperationFailed(format!("stream info of {}: {e}", self.stream_name))
+                }
             })
     }
 }

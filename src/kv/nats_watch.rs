@@ -324,7 +324,9 @@ impl Watcher {
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + RECREATE_BUDGET);
             match self.create_consumer().await {
                 Ok(()) => return Ok(()),
-                Err(e @ KvError::CursorExpired { .. }) => return Err(e),
+                Err(e @ (KvError::CursorExpired { .. } | KvError::BucketNotFound(_))) => {
+                    return Err(e);
+                }
                 Err(e) if Instant::now() >= deadline => {
                     return Err(KvError::WatchError(format!(
                         "watch consumer lost ({reason}) and not recreated: {e}; resume after the last version received"

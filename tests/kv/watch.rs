@@ -301,3 +301,22 @@ async fn a_watch_never_yields_a_revision_twice_or_out_of_order() {
     assert!(all.windows(2).all(|p| p[0].version() < p[1].version()));
     assert_eq!(kv.watch_stats().redeliveries_skipped, 0);
 }
+
+#[tokio::test]
+async fn deleting_the_bucket_ends_its_watches_with_bucket_not_found() {
+    let server = NatsServer::start();
+    let nats = crate::connect(&server).await;
+    let kv = nats
+        .create_or_open(&BucketConfig::new("gone"))
+        .await
+        .unwrap();
+    kv.put("k", b("v")).await.unwrap();
+    let mut w = kv.watch_all().await.unwrap();
+    until_synced(&mut w).await;
+    nats.delete_bucket("gone").await.unwrap();
+    match tokio::time::timeout(crate::EVENT_WAIT, futures::StreamExt::next(&mut w)).await {
+        Ok(Some(Err(e))) => assert_eq!(e.reason(), "BucketNotFound", "{e}"),
+        other => panic!("expected BucketNotFound, got {other:?}"),
+    }
+    assert_eq!(kv.info().await.unwrap_err().reason(), "BucketNotFound");
+}
