@@ -878,6 +878,31 @@ mod tests {
     }
 
     #[test]
+    fn reconnects_are_counted_once_per_lost_connection() {
+        let (tx, rx) = watch::channel(ConnectionStatus {
+            state: ConnectionState::Connected,
+            reconnects: 0,
+        });
+        // The initial connect's event changes nothing.
+        on_event(&tx, &async_nats::Event::Connected);
+        assert_eq!(rx.borrow().reconnects, 0);
+        on_event(&tx, &async_nats::Event::Disconnected);
+        assert_eq!(rx.borrow().state, ConnectionState::Disconnected);
+        on_event(&tx, &async_nats::Event::Connected);
+        on_event(&tx, &async_nats::Event::Connected);
+        assert_eq!(
+            *rx.borrow(),
+            ConnectionStatus {
+                state: ConnectionState::Connected,
+                reconnects: 1
+            }
+        );
+        on_event(&tx, &async_nats::Event::Closed);
+        on_event(&tx, &async_nats::Event::Disconnected);
+        assert_eq!(rx.borrow().state, ConnectionState::Closed);
+    }
+
+    #[test]
     fn only_one_auth_method_is_accepted() {
         let opts = ConnectOptions {
             token: Some("t".into()),

@@ -367,3 +367,38 @@ async fn holder_reports_the_current_record() {
     assert_eq!(rec.transitions, 1);
     assert!(eventually(Duration::from_secs(1), || async { a.is_held() }).await);
 }
+
+#[tokio::test]
+async fn a_holder_whose_renewals_hang_stops_being_leader_at_its_deadline() {
+    let mut server = NatsServer::start();
+    // Calls hang for up to 10 s; the lease deadline is 600 ms.
+    let opts = ConnectOptions {
+        request_timeout: Duration::from_secs(10),
+        ..ConnectOptions::new(server.url())
+    };
+    let s: Arc<dyn KvStore> = Arc::new(
+        NatsKv::connect(&opts)
+            .await
+            .unwrap()
+            .create_or_open(&BucketConfig::new("leases"))
+            .await
+            .unwrap(),
+    );
+    let a = Arc::new(Lease::new(s, "leader", "a", fast()).unwrap());
+    let mut state = a.subscribe();
+    let task = a.clone().spawn();
+    tokio::time::timeout(Duration::from_secs(10), state.wait_for(|h| *h))
+        .await
+        .unwrap()
+        .unwrap();
+    server.pause();
+    // Well before the hanging renew call could return, the holding state is
+    // false: it follows the deadline, not the call.
+    tokio::time::timeout(Duration::from_secs(5), state.wait_for(|h| !*h))
+        .await
+        .expect("still leader while renewals hang")
+        .unwrap();
+    assert!(!a.is_held());
+    server.resume();
+    drop(task);
+}
