@@ -50,6 +50,8 @@ pub struct Change {
     pub obj: Arc<Value>,
     /// `obj` serialized once, shared by every watch.
     pub json: Bytes,
+    /// The whole watch event line for `etype` (`json` is a slice of it).
+    pub line: Bytes,
     /// The object before this write (for selector transitions on watches).
     pub old: Option<Arc<Value>>,
 }
@@ -296,7 +298,14 @@ impl State {
         if etype == EventType::Deleted || obj["metadata"]["deletionTimestamp"].is_string() {
             self.gc_dirty = true;
         }
-        let json = Bytes::from(obj.to_string());
+        let prefix = format!("{{\"type\":\"{}\",\"object\":", etype.as_str());
+        let mut buf = prefix.into_bytes();
+        let start = buf.len();
+        serde_json::to_writer(&mut buf, &*obj).unwrap_or_default();
+        let end = buf.len();
+        buf.extend_from_slice(b"}\n");
+        let line = Bytes::from(buf);
+        let json = line.slice(start..end);
         let change = Arc::new(Change {
             rv: self.rv,
             storage: res.storage.clone(),
@@ -304,6 +313,7 @@ impl State {
             etype,
             obj,
             json,
+            line,
             old,
         });
         self.history.push_back(change.clone());

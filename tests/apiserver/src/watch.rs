@@ -45,13 +45,14 @@ fn bookmark(res: &ResourceDef, rv: u64, initial_end: bool) -> Bytes {
 
 struct Filter {
     res: Arc<ResourceDef>,
+    api_version: String,
     ns: Option<String>,
     sel: Selectors,
 }
 
 impl Filter {
     fn object_bytes(&self, obj: &Arc<Value>, json: &Bytes) -> Bytes {
-        if obj["apiVersion"].as_str() == Some(self.res.api_version().as_str()) {
+        if obj["apiVersion"].as_str() == Some(self.api_version.as_str()) {
             json.clone()
         } else {
             Bytes::from(State::present(&self.res, obj).to_string())
@@ -81,6 +82,10 @@ impl Filter {
             (EventType::Deleted, true, _) | (EventType::Deleted, _, true) => EventType::Deleted,
             _ => return None,
         };
+        if etype == c.etype && c.obj["apiVersion"].as_str() == Some(self.api_version.as_str()) {
+            // The common case: the line serialized at commit time, shared by all watches.
+            return Some(c.line.clone());
+        }
         Some(line(etype.as_str(), &self.object_bytes(&c.obj, &c.json)))
     }
 }
@@ -95,6 +100,7 @@ pub fn start(
     p: WatchParams,
 ) -> ApiResult<Response> {
     let filter = Filter {
+        api_version: res.api_version(),
         res: res.clone(),
         ns: ns.clone(),
         sel,
