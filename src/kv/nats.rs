@@ -551,7 +551,9 @@ pub(crate) fn to_update(key: String, op: Operation, value: Bytes, revision: u64)
     match op {
         Operation::Put => KvUpdate::Put(KvEntry {
             key,
-            value,
+            // detached from the connection's read buffer: a value kept for
+            // long pins its own bytes, not the 64 KiB buffer it arrived in
+            value: Bytes::copy_from_slice(&value),
             version,
         }),
         Operation::Delete => KvUpdate::Delete { key, version },

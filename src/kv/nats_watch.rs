@@ -275,6 +275,16 @@ impl Watcher {
             .consumers_created
             .fetch_add(1, Ordering::Relaxed);
         let ci = consumer.cached_info();
+        let resumed = !self.state_sync || self.synced;
+        if resumed && ci.delivered.stream_sequence > self.position {
+            // The server clamped the start to its first sequence: messages
+            // after the position expired between our check and the creation.
+            delete_in_background(&self.inner, ci.name.clone());
+            return Err(KvError::CursorExpired {
+                cursor: VersionToken::from_u64(self.position),
+                first_retained: VersionToken::from_u64(ci.delivered.stream_sequence + 1),
+            });
+        }
         self.consumer = Some(Incarnation {
             name: ci.name.clone(),
             sub,
