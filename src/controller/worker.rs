@@ -87,6 +87,22 @@ impl Health {
         }
     }
 
+    /// What the stored status already says (a restarted worker does not
+    /// re-announce it); `Syncing` for a new binding.
+    fn from_status(status: &ConfigBindingStatus) -> Self {
+        match status.condition("Ready") {
+            Some(c) => Self {
+                ready: c.status == "True",
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                stalled: status
+                    .condition("Stalled")
+                    .is_some_and(|s| s.status == "True"),
+            },
+            None => Self::err("Syncing", "waiting for the bucket watch", false),
+        }
+    }
+
     fn err(reason: &str, message: impl Into<String>, stalled: bool) -> Self {
         Self {
             ready: false,
@@ -117,6 +133,9 @@ pub struct Worker {
     /// When the oldest update not yet written arrived.
     dirty_since: Option<Instant>,
     flush_at: Option<Instant>,
+    /// When the last ConfigMap write completed: a change after a quiet
+    /// window is written at once, later ones wait for the window to end.
+    last_write: Option<Instant>,
     retry_at: Option<Instant>,
     backoff: Duration,
     conflicts: u32,
@@ -212,10 +231,11 @@ impl Worker {
             target_state: TargetState::Unknown,
             dirty_since: None,
             flush_at: None,
+            last_write: None,
             retry_at: None,
             backoff: Duration::from_millis(200),
             conflicts: 0,
-            health: Health::err("Syncing", "waiting for the bucket watch", false),
+            health: Health::from_status(&status),
             lingering: false,
             skipped: status.skipped_keys.clone(),
             status,
@@ -372,18 +392,18 @@ impl Worker {
         let new = match cm {
             None => TargetState::Absent,
             Some(cm) => {
-                let obs = Observed::from_configmap(&cm);
-                // a late event older than what we wrote tells nothing new
+                // a late event older than what we wrote (the echo of our own
+                // write, most often) tells nothing new: drop it before copying
                 if let TargetState::Present(cur) = &self.target_state
                     && let (Some(a), Some(b)) = (
-                        rv_number(obs.resource_version.as_deref()),
+                        rv_number(cm.metadata.resource_version.as_deref()),
                         rv_number(cur.resource_version.as_deref()),
                     )
                     && a <= b
                 {
                     return;
                 }
-                TargetState::Present(Box::new(obs))
+                TargetState::Present(Box::new(Observed::from_owned(*cm)))
             }
         };
         self.target_state = new;
@@ -587,7 +607,12 @@ impl Worker {
         if changed {
             self.dirty_since.get_or_insert(at);
             if self.synced && self.flush_at.is_none() {
-                self.schedule_flush(self.ctx.config.coalesce);
+                // at most one write per window: the first change after a
+                // quiet window goes out at once, the rest of a burst waits
+                let wait = self.last_write.map_or(Duration::ZERO, |w| {
+                    (w + self.ctx.config.coalesce).saturating_duration_since(Instant::now())
+                });
+                self.schedule_flush(wait);
             }
         }
     }
@@ -715,13 +740,16 @@ impl Worker {
         let result = self.write(&projected, resource_version).await;
         match result {
             Ok(cm) => {
+                self.last_write = Some(Instant::now());
                 self.conflicts = 0;
                 self.backoff = Duration::from_millis(200);
-                let obs = Observed::from_configmap(&cm);
+                let obs = Observed::from_owned(cm);
                 let cursor = obs.cursor;
                 self.target_state = TargetState::Present(Box::new(obs));
                 self.ctx.metrics.writes.get_or_create(&self.labels).inc();
-                self.applied_keys = Some(content_keys(&projected));
+                if self.target.policy == CreationPolicy::Merge {
+                    self.applied_keys = Some(content_keys(&projected));
+                }
                 if let Some(since) = self.dirty_since.take() {
                     self.ctx
                         .metrics
@@ -857,9 +885,12 @@ impl Worker {
     }
 
     /// Records the condition and writes status if anything changed; an
-    /// Event on every transition.
+    /// Event when readiness, reason or stalled change.
     async fn set_health(&mut self, health: Health) {
         let transition = health != self.health;
+        // an Event per state change, not per new cursor in the message
+        let announce = (health.ready, &health.reason, health.stalled)
+            != (self.health.ready, &self.health.reason, self.health.stalled);
         let mut status = self.status.clone();
         super::set_conditions(
             &mut status,
@@ -887,7 +918,7 @@ impl Worker {
                 self.retry_later();
             }
         }
-        if transition {
+        if announce {
             let event = KubeEvent {
                 type_: if health.ready {
                     EventType::Normal

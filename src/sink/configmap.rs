@@ -106,6 +106,18 @@ pub struct Observed {
 }
 
 impl Observed {
+    /// Like [`Observed::from_configmap`], moving the content instead of
+    /// copying it (a watch event or a write response we own anyway).
+    pub fn from_owned(mut cm: ConfigMap) -> Self {
+        let data = cm.data.take().unwrap_or_default();
+        let binary_data = cm.binary_data.take().unwrap_or_default();
+        Self {
+            data,
+            binary_data,
+            ..Self::from_configmap(&cm)
+        }
+    }
+
     pub fn from_configmap(cm: &ConfigMap) -> Self {
         let ann = cm.metadata.annotations.as_ref();
         let get = |k: &str| ann.and_then(|a| a.get(k)).cloned();
@@ -195,6 +207,42 @@ pub fn check_ownership(
     Ok(())
 }
 
+/// The body of an apply: [`ConfigMapSink::desired`]'s metadata with the
+/// content borrowed, not copied, on every write.
+#[derive(Debug, serde::Serialize)]
+struct ApplyBody<'a> {
+    #[serde(flatten)]
+    object: ConfigMap,
+    #[serde(skip_serializing_if = "is_empty")]
+    data: &'a BTreeMap<String, String>,
+    #[serde(rename = "binaryData", skip_serializing_if = "is_empty")]
+    binary_data: &'a BTreeMap<String, ByteString>,
+}
+
+fn is_empty<V>(m: &&BTreeMap<String, V>) -> bool {
+    m.is_empty()
+}
+
+impl<'a> ApplyBody<'a> {
+    fn new(
+        target: &TargetRef,
+        content: &'a Projected,
+        cursor: WatchCursor,
+        resource_version: Option<&str>,
+    ) -> Self {
+        let empty = Projected {
+            bytes: content.bytes,
+            keys: content.keys,
+            ..Projected::default()
+        };
+        Self {
+            object: ConfigMapSink::desired(target, &empty, cursor, resource_version),
+            data: &content.data,
+            binary_data: &content.binary_data,
+        }
+    }
+}
+
 /// Writes ConfigMaps of one Kubernetes client.
 #[derive(Clone)]
 pub struct ConfigMapSink {
@@ -258,11 +306,14 @@ impl ConfigMapSink {
         cursor: WatchCursor,
         resource_version: Option<&str>,
     ) -> Result<ConfigMap> {
-        let cm = Self::desired(target, content, cursor, resource_version);
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         Ok(self
             .api(&target.namespace)
-            .patch(&target.name, &pp, &Patch::Apply(&cm))
+            .patch(
+                &target.name,
+                &pp,
+                &Patch::Apply(&ApplyBody::new(target, content, cursor, resource_version)),
+            )
             .await?)
     }
 
@@ -342,6 +393,30 @@ impl ConfigMapSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apply_body_serializes_exactly_like_the_desired_configmap() {
+        let content = Projected {
+            data: BTreeMap::from([("a".into(), "1".into())]),
+            binary_data: BTreeMap::from([("b".into(), ByteString(vec![0xff]))]),
+            keys: 2,
+            bytes: 2,
+            ..Projected::default()
+        };
+        let cursor = WatchCursor::after(VersionToken::from_u64(7));
+        for (content, policy) in [
+            (content.clone(), CreationPolicy::Owner),
+            (Projected::default(), CreationPolicy::Merge),
+        ] {
+            let t = target(policy);
+            let want =
+                serde_json::to_value(ConfigMapSink::desired(&t, &content, cursor, Some("5")))
+                    .unwrap();
+            let got =
+                serde_json::to_value(ApplyBody::new(&t, &content, cursor, Some("5"))).unwrap();
+            assert_eq!(got, want);
+        }
+    }
 
     fn target(policy: CreationPolicy) -> TargetRef {
         TargetRef {
