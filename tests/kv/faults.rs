@@ -225,3 +225,49 @@ async fn a_lost_consumer_is_recreated_and_redelivered_history_is_not_passed_on()
     assert!(stats.consumers_created >= 2, "{stats:?}");
     assert!(stats.redeliveries_skipped > 0, "{stats:?}");
 }
+
+#[tokio::test]
+async fn a_watch_recovers_after_the_server_was_frozen_past_its_heartbeats() {
+    let mut server = NatsServer::start();
+    let kv = bucket_with(&server, BucketConfig::new("app")).await;
+    let mut w = kv.watch_all().await.unwrap();
+    until_synced(&mut w).await;
+    // Read the watch all the time, as the operator does.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Some(ev) = w.next().await {
+            if tx.send(ev).is_err() {
+                break;
+            }
+        }
+    });
+    let v1 = kv.put("k", b("1")).await.unwrap();
+    assert_eq!(recv(&mut rx).await.version(), v1);
+
+    // Frozen longer than the missed-heartbeat limit: the watch starts
+    // recreating its consumer, each attempt timing out, until SIGCONT.
+    server.pause();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    server.resume();
+
+    put_retrying(&kv, "k", b("2")).await;
+    let u = recv(&mut rx).await;
+    assert!(
+        matches!(&u, KvUpdate::Put(e) if &e.value[..] == b"2"),
+        "{u:?}"
+    );
+    assert!(u.version() > v1);
+    let stats = kv.watch_stats();
+    assert!(stats.consumers_created >= 2, "{stats:?}");
+    assert_eq!(stats.redeliveries_skipped, 0);
+    reader.abort();
+}
+
+async fn recv(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Result<WatchEvent, KvError>>,
+) -> KvUpdate {
+    match tokio::time::timeout(crate::EVENT_WAIT, rx.recv()).await {
+        Ok(Some(Ok(WatchEvent::Update(u)))) => u,
+        other => panic!("expected an update, got {other:?}"),
+    }
+}
