@@ -506,15 +506,35 @@ pub async fn main(args: SyncArgs) -> anyhow::Result<()> {
     };
     // Fail on bad rules before connecting.
     config.rules()?;
-    let kv = NatsKv::connect(&args.nats.connect_options("slipstream-sync"))
-        .await
-        .with_context(|| format!("connecting to NATS at {}", args.nats.url))?;
-    let bucket = kv
-        .open(&config.bucket)
-        .await
-        .with_context(|| format!("opening bucket {:?}", config.bucket))?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(200);
+    // `--once` fails at once; a long-running sync waits for NATS and the
+    // bucket to appear (a sidecar may start before either).
+    let bucket = loop {
+        let opened = async {
+            let kv = NatsKv::connect(&args.nats.connect_options("slipstream-sync"))
+                .await
+                .with_context(|| format!("connecting to NATS at {}", args.nats.url))?;
+            kv.open(&config.bucket)
+                .await
+                .with_context(|| format!("opening bucket {:?}", config.bucket))
+        };
+        match opened.await {
+            Ok(bucket) => break bucket,
+            Err(e) if args.once => return Err(e),
+            Err(e) => {
+                warn!(error = format!("{e:#}"), retry_in = ?backoff, "not syncing yet");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = &mut shutdown => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
     info!(bucket = %config.bucket, prefixes = ?config.prefixes, dir = %config.dir.display(), "syncing");
-    let report = run(&bucket, config, args.once, shutdown_signal()).await?;
+    let report = run(&bucket, config, args.once, shutdown).await?;
     info!(%report, "stopped");
     if args.once {
         println!("{report}");

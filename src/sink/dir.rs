@@ -108,6 +108,9 @@ pub struct DirSink {
     root: PathBuf,
     /// fsync files and directories before and after the swap.
     durable: bool,
+    /// This sink made every per-key symlink of the current version and
+    /// removed leftovers, so only the previous version needs removing.
+    tidy: bool,
     /// The last version written or read, to skip writes that change nothing.
     current: Option<DirContent>,
 }
@@ -120,6 +123,7 @@ impl DirSink {
         Ok(Self {
             root,
             durable: false,
+            tidy: false,
             current: None,
         })
     }
@@ -160,20 +164,31 @@ impl DirSink {
     /// as one atomic step for readers. Nothing is written when both are
     /// already current; a state-only change replaces just the state blob.
     pub fn write(&mut self, files: &BTreeMap<String, Vec<u8>>, state: &[u8]) -> Result<Written> {
-        for name in files.keys() {
-            check_name(name)?;
-            self.check_not_occupied(name)?;
-        }
         if self.current.is_none() {
             self.current = self.read()?;
         }
-        if let (Some(cur), Some(version)) = (&self.current, self.current_version()?)
+        // Same keys as a version this sink already linked and cleaned up
+        // after: only the version directory changes (the common case of a
+        // value update), so skip the per-key symlink and leftover scans.
+        let same_keys = self.tidy
+            && self
+                .current
+                .as_ref()
+                .is_some_and(|c| c.files.keys().eq(files.keys()));
+        for name in files.keys() {
+            check_name(name)?;
+            if !same_keys {
+                self.check_not_occupied(name)?;
+            }
+        }
+        let previous = self.current_version()?;
+        if let (Some(cur), Some(version)) = (&self.current, &previous)
             && cur.files == *files
         {
             if cur.state.as_deref() == Some(state) {
                 return Ok(Written::Unchanged);
             }
-            self.replace_state(&version, state)?;
+            self.replace_state(version, state)?;
             self.current = Some(DirContent {
                 files: files.clone(),
                 state: Some(state.to_vec()),
@@ -183,9 +198,17 @@ impl DirSink {
 
         let version = self.write_version(files, state)?;
         self.swap_data_link(&version)?;
-        self.link_keys(files)?;
-        self.unlink_gone_keys(files)?;
-        self.remove_old_versions(&version)?;
+        if same_keys {
+            if let Some(prev) = previous.filter(|p| *p != version && is_version_name(p)) {
+                let path = self.root.join(prev);
+                fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
+            }
+        } else {
+            self.link_keys(files)?;
+            self.unlink_gone_keys(files)?;
+            self.remove_old_versions(&version)?;
+            self.tidy = true;
+        }
         self.current = Some(DirContent {
             files: files.clone(),
             state: Some(state.to_vec()),
@@ -469,6 +492,38 @@ mod tests {
         );
         assert_eq!(fs::read(tmp.path().join("b")).unwrap(), b"3");
         assert_eq!(fs::read(tmp.path().join("c")).unwrap(), b"4");
+    }
+
+    #[test]
+    fn value_only_updates_keep_one_version_and_every_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut sink = DirSink::open(tmp.path()).unwrap();
+        let mut last = String::new();
+        for i in 0..5u8 {
+            let Written::Swapped(v) = sink
+                .write(&files(&[("a", &[i]), ("b", &[i])]), b"")
+                .unwrap()
+            else {
+                panic!()
+            };
+            last = v;
+        }
+        assert_eq!(
+            entries(tmp.path()),
+            ["..data", "a", "b", last.as_str()].map(String::from).into()
+        );
+        assert_eq!(fs::read(tmp.path().join("b")).unwrap(), [4]);
+        // A key change after value-only updates still links and unlinks.
+        let Written::Swapped(v) = sink
+            .write(&files(&[("a", b"x"), ("c", b"y")]), b"")
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            entries(tmp.path()),
+            ["..data", "a", "c", v.as_str()].map(String::from).into()
+        );
     }
 
     #[test]

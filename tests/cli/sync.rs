@@ -468,6 +468,56 @@ async fn an_expired_cursor_falls_back_to_a_full_resync() {
 }
 
 #[tokio::test]
+async fn a_live_sync_waits_for_its_bucket_then_syncs_and_stops_cleanly_on_sigterm() {
+    let server = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let mut child = std::process::Command::new(crate::BIN)
+        .args([
+            "sync",
+            "--nats",
+            &server.url(),
+            "--bucket",
+            "late",
+            "--prefix",
+            "web.",
+            "--strip-prefix",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still waiting, not exited"
+    );
+
+    let b = bucket(&server, "late").await;
+    b.put("web.greeting", Bytes::from("hi")).await.unwrap();
+    eventually("the file appears", || {
+        read_dir_files(&dir) == files(&[("greeting", b"hi")])
+    })
+    .await;
+    b.put("web.greeting", Bytes::from("hi again"))
+        .await
+        .unwrap();
+    eventually("the file changes", || {
+        read_dir_files(&dir) == files(&[("greeting", b"hi again")])
+    })
+    .await;
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("not syncing yet"), "{stderr}");
+}
+
+#[tokio::test]
 async fn bad_input_gives_a_clear_error_and_writes_nothing() {
     let server = NatsServer::start();
     let url = server.url();
