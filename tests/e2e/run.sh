@@ -62,7 +62,7 @@ cm_value() { kubectl -n "$ns" get configmap web-config -o "jsonpath={.data.$1}";
 cm_is() { [ "$(cm_value "$1")" = "$2" ]; }
 cm_lacks() { kubectl -n "$ns" get configmap web-config >/dev/null && [ -z "$(cm_value "$1")" ]; }
 file_is() { [ "$(kubectl -n "$ns" exec "deploy/$1" -c app -- cat "$2")" = "$3" ]; }
-lease_holder() { kv --bucket slipstream-leases get slipstream.leader; }
+lease_holder() { kv --bucket slipstream-leases get slipstream.leader || true; }
 
 step "kind cluster $cluster"
 kind create cluster --name "$cluster" --wait 120s
