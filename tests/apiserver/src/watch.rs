@@ -184,9 +184,24 @@ async fn pump(
             msg = rx.recv() => match msg {
                 Ok(c) => {
                     seen = c.rv;
-                    if let Some(b) = filter.event(&c)
-                        && tx.send(b).await.is_err()
-                    {
+                    let mut batch: Vec<Bytes> = filter.event(&c).into_iter().collect();
+                    // Under load, send what has queued up as one chunk (fewer wakeups and writes).
+                    while batch.len() < 256 {
+                        match rx.try_recv() {
+                            Ok(c) => {
+                                seen = c.rv;
+                                batch.extend(filter.event(&c));
+                            }
+                            Err(broadcast::error::TryRecvError::Empty) => break,
+                            Err(_) => return,
+                        }
+                    }
+                    let chunk = match batch.len() {
+                        0 => continue,
+                        1 => batch.swap_remove(0),
+                        _ => Bytes::from(batch.concat()),
+                    };
+                    if tx.send(chunk).await.is_err() {
                         return;
                     }
                 }
