@@ -33,6 +33,7 @@ bench: tools
 	$(CARGO) run --release --locked --example bench_kv
 	$(CARGO) run --release --locked -p apiserver --example bench_apiserver
 	$(CARGO) run --release --locked --example bench_operator
+	$(CARGO) run --release --locked --example bench_sync
 
 ## bench-scale: 10,000 bindings / 1M keys on one replica vs the NATS floor and a naive baseline
 bench-scale: tools
