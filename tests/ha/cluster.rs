@@ -1273,6 +1273,14 @@ pub fn build_replica_bin() -> Result<PathBuf, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "--bin", "slipstream"]);
+    // Built together with this example, features resolve as they did for
+    // the example, so the dependencies it already built are reused.
+    if let Some(example) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+    {
+        cmd.args(["--example", &example]);
+    }
     if !cfg!(debug_assertions) {
         cmd.arg("--release");
     }
