@@ -64,6 +64,8 @@ struct Catchup {
     stream: std::sync::Mutex<WatchStream>,
     mode: CatchupMode,
     fresh: BTreeMap<String, Bytes>,
+    /// Keys a state-sync explicitly reported deleted (tombstones).
+    removed: Vec<String>,
     max_version: WatchCursor,
     _permit: OwnedSemaphorePermit,
 }
@@ -440,6 +442,7 @@ impl Worker {
                     stream: std::sync::Mutex::new(stream),
                     mode,
                     fresh: BTreeMap::new(),
+                    removed: Vec::new(),
                     max_version: WatchCursor::none(),
                     _permit: permit,
                 });
@@ -484,6 +487,7 @@ impl Worker {
                         }
                         KvUpdate::Delete { key, .. } | KvUpdate::Purge { key, .. } => {
                             c.fresh.remove(&key);
+                            c.removed.push(key);
                         }
                     },
                     CatchupMode::Delta => {
@@ -501,10 +505,15 @@ impl Worker {
                         self.entries != c.fresh
                     } else {
                         c.fresh.iter().any(|(k, v)| self.entries.get(k) != Some(v))
+                            || c.removed.iter().any(|k| self.entries.contains_key(k))
                     };
                     if prune {
                         self.entries = c.fresh;
                     } else {
+                        // keep keys we cannot prove deleted, drop those with a tombstone
+                        for k in &c.removed {
+                            self.entries.remove(k);
+                        }
                         self.entries.extend(c.fresh);
                     }
                     if changed {
@@ -551,6 +560,7 @@ impl Worker {
                                     stream: std::sync::Mutex::new(stream),
                                     mode,
                                     fresh: BTreeMap::new(),
+                                    removed: Vec::new(),
                                     max_version: WatchCursor::none(),
                                     _permit: permit,
                                 });
@@ -804,16 +814,16 @@ impl Worker {
         } else if let TargetState::Present(obs) = &self.target_state
             && self.target.policy == CreationPolicy::Owner
         {
+            // hand-added keys are not ours to keep; remove them in the same write
             let foreign = obs.foreign_keys(content);
             if !foreign.is_empty()
                 && let Some(rv) = &resource_version
             {
-                let cm = self
+                return self
                     .ctx
                     .sink
-                    .remove_keys(&self.target, &foreign, rv)
-                    .await?;
-                resource_version = cm.metadata.resource_version.clone();
+                    .replace_content(&self.target, content, self.seen, &foreign, rv)
+                    .await;
             }
         }
         self.ctx

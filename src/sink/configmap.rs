@@ -317,26 +317,40 @@ impl ConfigMapSink {
             .await?)
     }
 
-    /// Removes keys someone else added to a ConfigMap we own, guarded by
-    /// `resource_version`.
-    pub async fn remove_keys(
+    /// Writes the content and cursor AND removes `foreign` keys (added by
+    /// hand, owned by another field manager, which an apply cannot remove)
+    /// in one merge patch guarded by `resource_version`.
+    pub async fn replace_content(
         &self,
         target: &TargetRef,
-        keys: &[String],
+        content: &Projected,
+        cursor: WatchCursor,
+        foreign: &[String],
         resource_version: &str,
     ) -> Result<ConfigMap> {
-        let nulls: serde_json::Map<String, serde_json::Value> = keys
-            .iter()
-            .map(|k| (k.clone(), serde_json::Value::Null))
-            .collect();
-        let patch = serde_json::json!({
-            "metadata": {"resourceVersion": resource_version},
-            "data": nulls.clone(),
-            "binaryData": nulls,
-        });
+        let desired = Self::desired(target, content, cursor, Some(resource_version));
+        let mut patch = serde_json::to_value(&desired)
+            .map_err(|e| SinkError::Kube(kube::Error::SerdeError(e)))?;
+        for field in ["data", "binaryData"] {
+            let map = patch
+                .as_object_mut()
+                .map(|o| o.entry(field).or_insert_with(|| serde_json::json!({})));
+            if let Some(serde_json::Value::Object(m)) = map {
+                for k in foreign {
+                    m.entry(k.clone()).or_insert(serde_json::Value::Null);
+                }
+            }
+        }
         Ok(self
             .api(&target.namespace)
-            .patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                &target.name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..PatchParams::default()
+                },
+                &Patch::Merge(&patch),
+            )
             .await?)
     }
 

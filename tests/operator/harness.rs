@@ -89,6 +89,39 @@ impl Env {
         }
     }
 
+    /// Like `start_with_nats`, but NATS is stopped before anyone connects.
+    pub async fn start_with_nats_stopped(nats: &mut NatsServer) -> Env2 {
+        init_tracing();
+        let url = nats.url();
+        nats.stop();
+        let api = ApiServer::start().await.unwrap();
+        let client = api.client();
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        crds.create(&PostParams::default(), &ConfigBinding::crd())
+            .await
+            .unwrap();
+        Env2 { url, api, client }
+    }
+
+    pub async fn start_with_token(nats: NatsServer, token: &str) -> Env {
+        init_tracing();
+        let api = ApiServer::start().await.unwrap();
+        let client = api.client();
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        crds.create(&PostParams::default(), &ConfigBinding::crd())
+            .await
+            .unwrap();
+        let mut opts = ConnectOptions::new(nats.url());
+        opts.token = Some(token.to_owned());
+        let kv = NatsKv::connect(&opts).await.unwrap();
+        Env {
+            nats,
+            api,
+            client,
+            kv,
+        }
+    }
+
     pub fn connector(&self) -> Arc<dyn KvConnector> {
         Arc::new(NatsConnector::new(ConnectOptions::new(self.nats.url())))
     }
@@ -97,28 +130,17 @@ impl Env {
         self.operator_with(AccessPolicy::allow_all(), Duration::from_millis(20))
     }
 
+    pub fn operator_with_url(&self, url: &str) -> Operator {
+        start_operator(
+            &self.client,
+            Arc::new(NatsConnector::new(ConnectOptions::new(url))),
+            AccessPolicy::allow_all(),
+            Duration::from_millis(20),
+        )
+    }
+
     pub fn operator_with(&self, policy: AccessPolicy, coalesce: Duration) -> Operator {
-        let metrics = Metrics::new();
-        let (gate_tx, gate) = watch::channel(true);
-        let config = Config {
-            coalesce,
-            ..Config::default()
-        };
-        let ctx = Context::new(
-            self.client.clone(),
-            self.connector(),
-            policy,
-            metrics.clone(),
-            gate,
-            config,
-        );
-        let task = tokio::spawn(controller::run(ctx.clone()));
-        Operator {
-            ctx,
-            metrics,
-            gate: gate_tx,
-            task,
-        }
+        start_operator(&self.client, self.connector(), policy, coalesce)
     }
 
     pub async fn bucket(&self, name: &str) -> NatsBucket {
@@ -159,6 +181,81 @@ impl Env {
     pub async fn cm(&self, name: &str) -> Option<ConfigMap> {
         self.configmaps().get_opt(name).await.unwrap()
     }
+}
+
+pub fn start_operator(
+    client: &Client,
+    kv: Arc<dyn KvConnector>,
+    policy: AccessPolicy,
+    coalesce: Duration,
+) -> Operator {
+    let metrics = Metrics::new();
+    let (gate_tx, gate) = watch::channel(true);
+    let config = Config {
+        coalesce,
+        ..Config::default()
+    };
+    let ctx = Context::new(client.clone(), kv, policy, metrics.clone(), gate, config);
+    let task = tokio::spawn(controller::run(ctx.clone()));
+    Operator {
+        ctx,
+        metrics,
+        gate: gate_tx,
+        task,
+    }
+}
+
+/// An environment whose NATS was down at start.
+pub struct Env2 {
+    pub url: String,
+    pub api: ApiServer,
+    pub client: Client,
+}
+
+impl Env2 {
+    pub fn operator(&self) -> Operator {
+        start_operator(
+            &self.client,
+            Arc::new(NatsConnector::new(ConnectOptions::new(self.url.clone()))),
+            AccessPolicy::allow_all(),
+            Duration::from_millis(20),
+        )
+    }
+
+    pub async fn create_binding(&self, name: &str, yaml: &str) -> ConfigBinding {
+        let spec: ConfigBindingSpec = serde_yaml::from_str(yaml).unwrap();
+        let api: Api<ConfigBinding> = Api::namespaced(self.client.clone(), NS);
+        api.create(&PostParams::default(), &ConfigBinding::new(name, spec))
+            .await
+            .unwrap()
+    }
+
+    pub async fn binding(&self, name: &str) -> ConfigBinding {
+        let api: Api<ConfigBinding> = Api::namespaced(self.client.clone(), NS);
+        api.get(name).await.unwrap()
+    }
+
+    pub async fn cm(&self, name: &str) -> Option<ConfigMap> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), NS);
+        api.get_opt(name).await.unwrap()
+    }
+
+    pub async fn reconnect(&self, _nats: &NatsServer) -> NatsKv {
+        NatsKv::connect(&ConnectOptions::new(self.url.clone()))
+            .await
+            .unwrap()
+    }
+}
+
+impl NatsKvExt for NatsKv {
+    async fn bucket(&self, name: &str) -> NatsBucket {
+        self.create_or_open(&BucketConfig::new(name)).await.unwrap()
+    }
+}
+
+pub trait NatsKvExt {
+    #[allow(async_fn_in_trait)]
+    async fn bucket(&self, name: &str) -> NatsBucket;
 }
 
 pub fn data(cm: &ConfigMap) -> BTreeMap<String, String> {
@@ -209,17 +306,42 @@ where
 }
 
 /// Waits until the ConfigMap's data equals `want`.
-pub async fn wait_data(env: &Env, name: &str, want: &BTreeMap<String, String>) -> ConfigMap {
+pub trait HasClient {
+    fn kube(&self) -> &Client;
+}
+
+impl HasClient for Env {
+    fn kube(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl HasClient for Env2 {
+    fn kube(&self) -> &Client {
+        &self.client
+    }
+}
+
+pub async fn wait_data(
+    env: &impl HasClient,
+    name: &str,
+    want: &BTreeMap<String, String>,
+) -> ConfigMap {
+    let api: Api<ConfigMap> = Api::namespaced(env.kube().clone(), NS);
     eventually(&format!("ConfigMap {name} == {want:?}"), || async {
-        env.cm(name).await.filter(|cm| &data(cm) == want)
+        api.get_opt(name)
+            .await
+            .unwrap()
+            .filter(|cm| &data(cm) == want)
     })
     .await
 }
 
 /// Waits until the binding's Ready condition has `reason`.
-pub async fn wait_reason(env: &Env, name: &str, reason: &str) -> ConfigBinding {
+pub async fn wait_reason(env: &impl HasClient, name: &str, reason: &str) -> ConfigBinding {
+    let api: Api<ConfigBinding> = Api::namespaced(env.kube().clone(), NS);
     eventually(&format!("binding {name} reason {reason}"), || async {
-        let b = env.binding(name).await;
+        let b = api.get(name).await.unwrap();
         let r = b.status.as_ref()?.condition("Ready")?.reason.clone();
         (r == reason).then_some(b)
     })

@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod bad_input;
 mod harness;
 mod invariants;
 mod sync;
