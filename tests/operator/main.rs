@@ -6,6 +6,7 @@
 mod common;
 
 mod bad_input;
+mod binary;
 mod harness;
 mod invariants;
 mod sync;

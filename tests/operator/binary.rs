@@ -1,0 +1,163 @@
+//! The real `slipstream` binary against the emulator and NATS: SIGKILL
+//! mid-burst, restart, and check the three promises of a crash.
+
+use std::{
+    collections::BTreeMap,
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use kube::runtime::watcher;
+use slipstream::kv::{
+    KvReader,
+    nats::{BucketConfig, NatsBucket},
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::*;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_operator(env: &Env, kubeconfig: &std::path::Path, metrics_port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_slipstream"))
+        .args([
+            "run",
+            "--nats",
+            &env.nats.url(),
+            "--coalesce",
+            "20ms",
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn scrape(port: u16) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
+fn metric(text: &str, line_prefix: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+async fn kv_truth(kv: &NatsBucket) -> BTreeMap<String, String> {
+    kv.scan("burst.")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.key, String::from_utf8(e.value.to_vec()).unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_binary_restarts_from_its_cursor_and_never_goes_backward() {
+    let env = Env::start().await;
+    let mut config = BucketConfig::new("app");
+    config.history = 64;
+    let kv = env.kv.create_or_open(&config).await.unwrap();
+    for i in 0..50 {
+        put(&kv, &format!("burst.k{i:02}"), "0").await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    env.api.write_kubeconfig(&kubeconfig).unwrap();
+    let port = free_port();
+    let mut child = spawn_operator(&env, &kubeconfig, port);
+    env.create_binding("burst", "bucket: app\nprefixes: [burst.]")
+        .await;
+    eventually("initial sync", || async {
+        env.cm("burst").await.filter(|cm| data(cm).len() == 50)
+    })
+    .await;
+
+    // record every cursor the ConfigMap ever shows
+    let cursors = Arc::new(Mutex::new(Vec::new()));
+    {
+        let api = env.configmaps();
+        let out = cursors.clone();
+        let wc = watcher::Config::default().fields("metadata.name=burst");
+        tokio::spawn(async move {
+            let mut s = watcher(api, wc).boxed();
+            while let Some(ev) = s.next().await {
+                if let Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) = ev
+                    && let Some(c) = cursor(&cm)
+                {
+                    out.lock().unwrap().push(c);
+                }
+            }
+        });
+    }
+
+    // burst; SIGKILL the operator in the middle of it
+    for i in 0..1500u32 {
+        put(&kv, &format!("burst.k{:02}", i % 50), &i.to_string()).await;
+        if i == 600 {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+        }
+    }
+    let killed_at = cursor(&env.cm("burst").await.unwrap()).unwrap();
+    let head = kv
+        .info()
+        .await
+        .unwrap()
+        .last_revision
+        .unwrap()
+        .as_u64()
+        .unwrap();
+    assert!(killed_at < head, "the kill left work to do");
+
+    let mut child = spawn_operator(&env, &kubeconfig, port);
+    let truth = kv_truth(&kv).await;
+    let cm = wait_data(&env, "burst", &truth).await;
+    assert_eq!(cursor(&cm), Some(head));
+    let delivered = eventually("metrics of the restarted binary", || async {
+        let text = scrape(port).await?;
+        metric(
+            &text,
+            "slipstream_kv_updates_delivered_total{bucket=\"app\",source=\"catchup\"}",
+        )
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        delivered,
+        head - killed_at,
+        "the restart delivered exactly the updates after the recorded cursor"
+    );
+    assert!(delivered < 1500 + 50);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let seen = cursors.lock().unwrap().clone();
+    assert!(seen.len() >= 2);
+    for w in seen.windows(2) {
+        assert!(w[0] <= w[1], "cursor went backward: {} -> {}", w[0], w[1]);
+    }
+}
