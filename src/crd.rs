@@ -6,6 +6,9 @@
 //! malformed bindings before the operator ever sees them; the controller
 //! validates again so the emulator and older servers get the same answers.
 
+// several `printcolumn(...)` entries repeat the same keys by design
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
@@ -22,6 +25,8 @@ pub const MAX_PREFIX_LEN: usize = 253;
 pub const MAX_SKIPPED_LISTED: usize = 20;
 
 /// Projects NATS JetStream KV prefixes into a ConfigMap in the binding's namespace.
+// kube's printcolumn(...) repeats `type_ =` by design; clippy reads that as a duplicate.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "slipstream.io",
