@@ -27,8 +27,24 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn_operator(env: &Env, kubeconfig: &std::path::Path, metrics_port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_slipstream"))
+/// The operator process; SIGKILLed and reaped on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn sigkill(&mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+fn spawn_operator(env: &Env, kubeconfig: &std::path::Path, metrics_port: u16) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_slipstream"))
         .args([
             "run",
             "--nats",
@@ -43,7 +59,8 @@ fn spawn_operator(env: &Env, kubeconfig: &std::path::Path, metrics_port: u16) ->
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Proc(child)
 }
 
 async fn scrape(port: u16) -> Option<String> {
@@ -119,8 +136,7 @@ async fn sigkilled_binary_restarts_from_its_cursor_and_never_goes_backward() {
     for i in 0..1500u32 {
         put(&kv, &format!("burst.k{:02}", i % 50), &i.to_string()).await;
         if i == 600 {
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
+            child.sigkill();
         }
     }
     let killed_at = cursor(&env.cm("burst").await.unwrap()).unwrap();
@@ -146,8 +162,7 @@ async fn sigkilled_binary_restarts_from_its_cursor_and_never_goes_backward() {
         )
     })
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.sigkill();
     assert_eq!(
         delivered,
         head - killed_at,

@@ -27,11 +27,10 @@ use slipstream::{
 
 use crate::*;
 
+type Versions = Arc<Mutex<Vec<(Option<u64>, BTreeMap<String, String>)>>>;
+
 /// Records every version of a ConfigMap the emulator serves: (cursor, data).
-fn record_versions(
-    env: &Env,
-    name: &str,
-) -> Arc<Mutex<Vec<(Option<u64>, BTreeMap<String, String>)>>> {
+fn record_versions(env: &Env, name: &str) -> Versions {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let api = env.configmaps();
     let wc = watcher::Config::default().fields(&format!("metadata.name={name}"));
@@ -76,14 +75,6 @@ async fn invariant_1_every_written_cursor_matches_the_kv_state_at_that_revision(
     wait_data(&env, "b", &state).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let versions = versions.lock().unwrap().clone();
-    if std::env::var("DEBUG_INV1").is_ok() {
-        for (r, s) in truth.iter().take(12) {
-            eprintln!("truth {r}: {s:?}");
-        }
-        for v in versions.iter().take(6) {
-            eprintln!("cm {v:?}");
-        }
-    }
     assert!(versions.len() > 2, "the burst was written in several steps");
     let mut last = 0;
     for (c, d) in versions {
