@@ -130,6 +130,13 @@ impl Env {
         self.operator_with(AccessPolicy::allow_all(), Duration::from_millis(20))
     }
 
+    /// An operator whose "may write" gate starts at `may_write`.
+    pub fn operator_gated(&self, may_write: bool) -> Operator {
+        let op = self.operator();
+        op.gate.send(may_write).unwrap();
+        op
+    }
+
     pub fn operator_with_url(&self, url: &str) -> Operator {
         start_operator(
             &self.client,

@@ -205,3 +205,77 @@ async fn suspend_stops_writes_and_resume_writes_the_latest() {
         .unwrap();
     wait_data(&env, "s", &map(&[("s.a", "2")])).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_writes_nothing_and_writes_pending_content_when_it_becomes_leader() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "g.a", "1").await;
+    let op = env.operator_gated(false);
+    env.create_binding("g", "bucket: app\nprefixes: [g.]").await;
+    put(&kv, "g.b", "2").await;
+    eventually("standby dropped a write", || async {
+        (op.metrics.dropped_writes.get() > 0).then_some(())
+    })
+    .await;
+    assert!(env.cm("g").await.is_none(), "a standby writes nothing");
+    let b = env.binding("g").await;
+    assert!(b.status.is_none(), "not even status");
+    assert!(b.metadata.finalizers.unwrap_or_default().is_empty());
+    let lists_before = env.api.counters().verb_resource("list", "configbindings");
+    op.gate.send(true).unwrap();
+    wait_data(&env, "g", &map(&[("g.a", "1"), ("g.b", "2")])).await;
+    assert_eq!(
+        env.api.counters().verb_resource("list", "configbindings"),
+        lists_before,
+        "pending content is written without a re-list"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_deleted_removes_its_bindings_and_others_keep_syncing() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::Api;
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "n.a", "1").await;
+    let namespaces: Api<Namespace> = Api::all(env.client.clone());
+    let mut ns = Namespace::default();
+    ns.metadata.name = Some("doomed".into());
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let _op = env.operator();
+    let spec = serde_yaml::from_str("bucket: app\nprefixes: [n.]").unwrap();
+    let doomed: Api<slipstream::crd::ConfigBinding> = Api::namespaced(env.client.clone(), "doomed");
+    doomed
+        .create(
+            &PostParams::default(),
+            &slipstream::crd::ConfigBinding::new("b", spec),
+        )
+        .await
+        .unwrap();
+    env.create_binding("keep", "bucket: app\nprefixes: [n.]")
+        .await;
+    let doomed_cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), "doomed");
+    eventually("doomed ConfigMap written", || async {
+        doomed_cms.get_opt("b").await.unwrap()
+    })
+    .await;
+    namespaces
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("namespace gone", || async {
+        namespaces
+            .get_opt("doomed")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    put(&kv, "n.a", "2").await;
+    wait_data(&env, "keep", &map(&[("n.a", "2")])).await;
+}
