@@ -156,8 +156,26 @@ pub async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        // Over the 3 MiB request limit (or an unreadable body): a Status, like the real server.
+        Err(e) => {
+            let code = e.status().as_u16();
+            let reason = if code == 413 {
+                "RequestEntityTooLarge"
+            } else {
+                "BadRequest"
+            };
+            return ApiError::new(
+                code,
+                reason,
+                format!("Request entity too large: limit is 3145728 ({e})"),
+            )
+            .into_response();
+        }
+    };
     let started = Instant::now();
     let mut paused = shared.paused.subscribe();
     while *paused.borrow_and_update() {

@@ -352,3 +352,34 @@ async fn server_keeps_serving_while_the_test_runtime_is_blocked() {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.contains("\"major\":\"1\""));
 }
+
+#[tokio::test]
+async fn dry_run_writes_are_validated_but_not_stored() {
+    let (api, client) = start().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let rv = api.resource_version();
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let c = cms.create(&dry, &cm("dry", &[("a", "1")])).await.unwrap();
+    assert_eq!(c.metadata.name.as_deref(), Some("dry"));
+    assert!(cms.get_opt("dry").await.unwrap().is_none());
+    assert_eq!(api.resource_version(), rv);
+    assert_eq!(
+        api_err(cms.create(&dry, &cm("Bad_Name", &[])).await).code,
+        422
+    );
+}
+
+#[tokio::test]
+async fn request_bodies_over_three_mebibytes_get_a_413_status() {
+    let (_api, client) = start().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let huge = "x".repeat(3 * 1024 * 1024 + 1);
+    let s = api_err(
+        cms.create(&PostParams::default(), &cm("huge", &[("a", &huge)]))
+            .await,
+    );
+    assert_eq!((s.code, s.reason.as_str()), (413, "RequestEntityTooLarge"));
+}
