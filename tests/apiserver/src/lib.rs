@@ -386,11 +386,19 @@ fn serve_thread(
 
 async fn gc_loop(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.subscribe();
+    let mut ticks = 0u64;
     loop {
-        tokio::select! {
-            _ = shared.gc.notified() => {}
-            _ = tokio::time::sleep(shared.config.gc_interval) => {}
+        let woken = tokio::select! {
+            _ = shared.gc.notified() => true,
+            _ = tokio::time::sleep(shared.config.gc_interval) => false,
             _ = shutdown.wait_for(|s| *s) => return,
+        };
+        ticks += 1;
+        // A full scan every tick only while deletions are pending; otherwise every
+        // tenth tick (dependents created with owners that never existed).
+        let dirty = shared.state.lock().map(|st| st.gc_dirty).unwrap_or(false);
+        if !woken && !dirty && !ticks.is_multiple_of(10) {
+            continue;
         }
         for _ in 0..32 {
             let worked = match shared.state.lock() {

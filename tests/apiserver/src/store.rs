@@ -103,6 +103,9 @@ enum Managed {
     Keep,
 }
 
+/// Retained watch history is also capped at this many serialized bytes.
+pub const HISTORY_BYTES_MAX: usize = 256 * 1024 * 1024;
+
 pub const CRD_CLEANUP_FINALIZER: &str = "customresourcecleanup.apiextensions.k8s.io";
 
 pub fn now_rfc3339() -> String {
@@ -191,6 +194,8 @@ pub struct State {
     /// Watches starting at a resourceVersion below this get 410 Gone.
     pub floor: u64,
     pub window: usize,
+    /// Serialized size of the retained history.
+    pub history_bytes: usize,
     pub tx: broadcast::Sender<Arc<Change>>,
     pub registry: Registry,
     /// Set by deletions and deletion marks: the garbage collector has work.
@@ -205,6 +210,7 @@ impl State {
             history: VecDeque::new(),
             floor: 0,
             window,
+            history_bytes: 0,
             tx,
             registry: Registry::new(),
             gc_dirty: false,
@@ -316,9 +322,14 @@ impl State {
             line,
             old,
         });
+        self.history_bytes += change.line.len();
         self.history.push_back(change.clone());
-        while self.history.len() > self.window {
+        // The window is bounded by count and by serialized size (large ConfigMaps).
+        while self.history.len() > self.window
+            || (self.history_bytes > HISTORY_BYTES_MAX && self.history.len() > 1)
+        {
             if let Some(c) = self.history.pop_front() {
+                self.history_bytes -= c.line.len();
                 self.floor = self.floor.max(c.rv);
             }
         }
@@ -366,6 +377,7 @@ impl State {
     /// Drops the retained history: a watch from any earlier resourceVersion gets 410.
     pub fn compact(&mut self) {
         self.history.clear();
+        self.history_bytes = 0;
         self.floor = self.rv;
     }
 
