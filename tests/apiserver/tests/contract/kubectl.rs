@@ -196,3 +196,38 @@ async fn kubectl_get_apply_create_delete_and_api_resources_work_against_the_emul
             .any(|r| r.user_agent.starts_with("kubectl/"))
     );
 }
+
+#[tokio::test]
+async fn the_binary_serves_on_a_given_port_and_writes_a_kubeconfig() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kc");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apiserver"))
+        .args(["--port", "0", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("banner").unwrap();
+        if let Some(url) = line.strip_prefix("Kubernetes API emulator listening on ") {
+            break url.to_string();
+        }
+    };
+    let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+    assert_eq!(
+        kc.clusters[0].cluster.as_ref().unwrap().server.as_deref(),
+        Some(url.as_str())
+    );
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::default_namespaced(Client::try_from(cfg).unwrap());
+    cms.create(&PostParams::default(), &cm("from-child", &[]))
+        .await
+        .unwrap();
+    assert!(cms.get_opt("from-child").await.unwrap().is_some());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
