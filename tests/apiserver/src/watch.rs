@@ -137,7 +137,13 @@ pub fn start(
         (st.tx.subscribe(), st.rv)
     };
     let (tx, out) = mpsc::channel::<Bytes>(256);
-    tokio::spawn(pump(shared, filter, first, rx, tx, start_rv, p));
+    // Subscribed before the response goes out, so a close requested after the
+    // client sees the watch open always reaches it.
+    let mut closer = shared.close_watches.subscribe();
+    closer.borrow_and_update();
+    let shutdown = shared.shutdown.subscribe();
+    let signals = Signals { closer, shutdown };
+    tokio::spawn(pump(shared, filter, first, rx, tx, start_rv, p, signals));
     let body = futures::stream::unfold(out, |mut out| async move {
         out.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), out))
     });
@@ -157,6 +163,12 @@ fn stream_response(body: Body) -> Response {
     resp
 }
 
+struct Signals {
+    closer: tokio::sync::watch::Receiver<u64>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     shared: Arc<Shared>,
     filter: Filter,
@@ -165,15 +177,17 @@ async fn pump(
     tx: mpsc::Sender<Bytes>,
     start_rv: u64,
     p: WatchParams,
+    signals: Signals,
 ) {
     for b in first {
         if tx.send(b).await.is_err() {
             return;
         }
     }
-    let mut closer = shared.close_watches.subscribe();
-    closer.borrow_and_update();
-    let mut shutdown = shared.shutdown.subscribe();
+    let Signals {
+        mut closer,
+        mut shutdown,
+    } = signals;
     let mut seen = start_rv;
     let deadline = tokio::time::sleep(p.timeout.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(deadline);
