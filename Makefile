@@ -34,6 +34,7 @@ bench: tools
 	$(CARGO) run --release --locked -p apiserver --example bench_apiserver
 	$(CARGO) run --release --locked --example bench_operator
 	$(CARGO) run --release --locked --example bench_sync
+	$(CARGO) run --release --locked --example bench_failover
 
 ## bench-scale: 10,000 bindings / 1M keys on one replica vs the NATS floor and a naive baseline
 bench-scale: tools
