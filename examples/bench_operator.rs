@@ -44,7 +44,15 @@ const WRITE_LATENCY: Duration = Duration::from_millis(3);
 
 struct Op {
     metrics: Metrics,
+    ctx: Arc<Context>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.ctx.shutdown();
+    }
 }
 
 fn start_operator(client: &Client, nats_url: &str) -> Op {
@@ -59,8 +67,8 @@ fn start_operator(client: &Client, nats_url: &str) -> Op {
         gate,
         Config::default(),
     );
-    let task = tokio::spawn(controller::run(ctx));
-    Op { metrics, task }
+    let task = tokio::spawn(controller::run(ctx.clone()));
+    Op { metrics, ctx, task }
 }
 
 async fn create_binding(client: &Client, name: &str, prefix: &str) {
@@ -175,8 +183,7 @@ async fn latency_at_200_per_second() -> (Duration, Duration, usize) {
         .filter_map(|(v, at)| seen.get(v).map(|t| t.saturating_duration_since(*at)))
         .collect();
     lat.sort();
-    op.task.abort();
-    drop(op.metrics);
+    drop(op);
     (percentile(&lat, 0.5), percentile(&lat, 0.99), lat.len())
 }
 
@@ -218,7 +225,7 @@ async fn writes_per_update_in_a_burst() -> (u64, f64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let writes = metrics.write_count("default", "burst") - before;
-    op.task.abort();
+    drop(op);
     (writes, writes as f64 / 10_000.0)
 }
 
@@ -254,7 +261,7 @@ async fn restart_after_100_changes_on_100k_keys() -> (u64, Duration) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    op.task.abort();
+    drop(op);
     tokio::time::sleep(Duration::from_millis(200)).await;
     for i in 0..100u32 {
         kv.put(&format!("r{:02}.k{}", i % 100, i), Bytes::from("changed"))
@@ -286,8 +293,9 @@ async fn restart_after_100_changes_on_100k_keys() -> (u64, Duration) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let took = start.elapsed();
-    let delivered = op.metrics.delivered_count("bench", "catchup");
-    op.task.abort();
+    let delivered = op.metrics.delivered_count("bench", "catchup")
+        + op.metrics.delivered_count("bench", "shared");
+    drop(op);
     (delivered, took)
 }
 

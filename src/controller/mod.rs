@@ -120,6 +120,10 @@ pub struct Config {
     pub namespace: Option<String>,
     /// Most catch-up watches open at once (bounds NATS consumers).
     pub catchup_concurrency: usize,
+    /// Most ConfigMap reads and writes (with their status write) in flight
+    /// at once: thousands of bindings starting together must not open
+    /// thousands of API connections.
+    pub api_concurrency: usize,
 }
 
 impl Default for Config {
@@ -128,6 +132,7 @@ impl Default for Config {
             coalesce: Duration::from_millis(50),
             namespace: None,
             catchup_concurrency: 16,
+            api_concurrency: 64,
         }
     }
 }
@@ -152,6 +157,7 @@ pub struct Context {
     pub hub: Hub,
     pub sink: ConfigMapSink,
     catchup_permits: Arc<Semaphore>,
+    api_permits: Arc<Semaphore>,
     workers: Mutex<HashMap<(String, String), WorkerHandle>>,
     ids: AtomicU64,
 }
@@ -180,6 +186,7 @@ impl Context {
             hub: Hub::new(kv.clone(), metrics.clone()),
             sink: ConfigMapSink::new(client.clone()),
             catchup_permits: Arc::new(Semaphore::new(config.catchup_concurrency.max(1))),
+            api_permits: Arc::new(Semaphore::new(config.api_concurrency.max(1))),
             workers: Mutex::default(),
             ids: AtomicU64::new(1),
             client,
@@ -199,6 +206,15 @@ impl Context {
     /// Number of bindings with a running worker.
     pub fn worker_count(&self) -> usize {
         lock(&self.workers).len()
+    }
+
+    /// Stops every worker at once (and with them the bucket watches), like
+    /// a crash: nothing pending is flushed.
+    pub fn shutdown(&self) {
+        let handles: Vec<WorkerHandle> = lock(&self.workers).drain().map(|(_, h)| h).collect();
+        for h in handles {
+            h.task.abort();
+        }
     }
 
     fn stop_worker(&self, key: &(String, String)) {
@@ -494,7 +510,9 @@ pub async fn run(ctx: Arc<Context>) {
         None => Api::all(ctx.client.clone()),
     };
     let cm_task = tokio::spawn(watch_configmaps(ctx.clone()));
+    let api_concurrency = u16::try_from(ctx.config.api_concurrency.max(1)).unwrap_or(u16::MAX);
     Controller::new(bindings, watcher::Config::default().any_semantic())
+        .with_config(kube::runtime::controller::Config::default().concurrency(api_concurrency))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| async move {
@@ -504,8 +522,5 @@ pub async fn run(ctx: Arc<Context>) {
         })
         .await;
     cm_task.abort();
-    let keys: Vec<_> = lock(&ctx.workers).keys().cloned().collect();
-    for k in keys {
-        ctx.stop_worker(&k);
-    }
+    ctx.shutdown();
 }

@@ -263,12 +263,14 @@ impl Worker {
     /// catch-up only needs the delta after its cursor.
     async fn load_target(&mut self) {
         loop {
-            match self
+            let permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
+            let read = self
                 .ctx
                 .sink
                 .read(&self.target.namespace, &self.target.name)
-                .await
-            {
+                .await;
+            drop(permit);
+            match read {
                 Ok(None) => {
                     self.target_state = TargetState::Absent;
                     return;
@@ -664,6 +666,8 @@ impl Worker {
         if !self.synced {
             return;
         }
+        // held through the write and its status write (bounded API concurrency)
+        let _permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
         if self.binding.spec.suspend {
             self.set_health(Health::err(
                 "Suspended",

@@ -24,11 +24,7 @@ async fn missing_bucket_is_reported_and_recovers_once_created() {
         b.status.unwrap().condition("Ready").unwrap().status,
         "False"
     );
-    assert!(
-        event_reasons(&env, "b")
-            .await
-            .contains(&"BucketNotFound".to_string())
-    );
+    wait_event(&env, "b", "BucketNotFound").await;
     let kv = env.bucket("later").await;
     put(&kv, "k.a", "1").await;
     wait_data(&env, "b", &map(&[("k.a", "1")])).await;
@@ -60,11 +56,7 @@ async fn invalid_bucket_name_zero_and_duplicate_prefixes_never_sync() {
                 let b = wait_reason(&env, name, reason).await;
                 let s = b.status.unwrap();
                 assert_eq!(s.condition("Stalled").unwrap().status, "True");
-                assert!(
-                    event_reasons(&env, name)
-                        .await
-                        .contains(&reason.to_string())
-                );
+                wait_event(&env, name, reason).await;
                 assert!(env.cm(name).await.is_none());
             }
             Err(e) => panic!("{name}: {e}"),

@@ -47,12 +47,14 @@ impl Operator {
     /// Stops the controller like a crash: nothing is flushed.
     pub fn kill(self) {
         self.task.abort();
+        self.ctx.shutdown();
     }
 }
 
 impl Drop for Operator {
     fn drop(&mut self) {
         self.task.abort();
+        self.ctx.shutdown();
     }
 }
 
@@ -376,4 +378,16 @@ pub async fn event_reasons(env: &Env, binding: &str) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Waits until an Event with `reason` was recorded for the binding.
+pub async fn wait_event(env: &Env, binding: &str, reason: &str) {
+    eventually(&format!("Event {reason} for {binding}"), || async {
+        event_reasons(env, binding)
+            .await
+            .iter()
+            .any(|r| r == reason)
+            .then_some(())
+    })
+    .await
 }

@@ -93,11 +93,7 @@ async fn merge_writes_only_its_keys_and_owner_refuses_a_foreign_configmap() {
     )
     .await;
     wait_reason(&env, "owner", "TargetConflict").await;
-    assert!(
-        event_reasons(&env, "owner")
-            .await
-            .contains(&"TargetConflict".to_string())
-    );
+    wait_event(&env, "owner", "TargetConflict").await;
     assert_eq!(
         data(&env.cm("shared").await.unwrap()),
         map(&[("theirs", "keep")])
