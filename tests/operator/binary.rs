@@ -10,7 +10,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use slipstream::kv::{
     KvReader,
     nats::{BucketConfig, NatsBucket},
@@ -121,7 +121,8 @@ async fn sigkilled_binary_restarts_from_its_cursor_and_never_goes_backward() {
         let out = cursors.clone();
         let wc = watcher::Config::default().fields("metadata.name=burst");
         tokio::spawn(async move {
-            let mut s = watcher(api, wc).boxed();
+            // backoff: once the emulator is gone, errors must not spin the runtime
+            let mut s = watcher(api, wc).default_backoff().boxed();
             while let Some(ev) = s.next().await {
                 if let Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) = ev
                     && let Some(c) = cursor(&cm)

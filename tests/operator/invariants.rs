@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::{
     Api,
     api::{Patch, PatchParams, PostParams},
-    runtime::watcher,
+    runtime::{WatchStreamExt, watcher},
 };
 use slipstream::{
     crd::ConfigBinding,
@@ -36,7 +36,8 @@ fn record_versions(env: &Env, name: &str) -> Versions {
     let wc = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let out = seen.clone();
     tokio::spawn(async move {
-        let mut s = watcher(api, wc).boxed();
+        // backoff: once the emulator is gone, errors must not spin the runtime
+        let mut s = watcher(api, wc).default_backoff().boxed();
         while let Some(ev) = s.next().await {
             if let Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) = ev {
                 out.lock().unwrap().push((cursor(&cm), data(&cm)));
