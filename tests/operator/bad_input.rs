@@ -280,3 +280,35 @@ async fn binding_deleted_mid_burst_leaves_no_configmap_behind() {
         "no write after the binding went"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_value_over_1_mib_is_not_written_and_the_last_good_content_stays() {
+    // nats-server refuses payloads over 1 MB unless told otherwise
+    let env = Env::start_with_nats(NatsServer::start_with_config("max_payload: 4MB")).await;
+    let kv = env.bucket("app").await;
+    put(&kv, "k.small", "ok").await;
+    let _op = env.operator();
+    env.create_binding("b", "bucket: app\nprefixes: [k.]").await;
+    env.create_binding("other", "bucket: app\nprefixes: [o.]")
+        .await;
+    wait_data(&env, "b", &map(&[("k.small", "ok")])).await;
+    let huge = "x".repeat(1024 * 1024 + 1);
+    put(&kv, "k.huge", &huge).await;
+    let b = wait_reason(&env, "b", "TooLarge").await;
+    assert_eq!(
+        b.status.unwrap().condition("Ready").unwrap().status,
+        "False"
+    );
+    wait_event(&env, "b", "TooLarge").await;
+    put(&kv, "o.x", "1").await;
+    wait_data(&env, "other", &map(&[("o.x", "1")])).await;
+    assert_eq!(
+        data(&env.cm("b").await.unwrap()),
+        map(&[("k.small", "ok")]),
+        "the last good content stays"
+    );
+    kv.delete("k.huge").await.unwrap();
+    put(&kv, "k.after", "2").await;
+    wait_data(&env, "b", &map(&[("k.small", "ok"), ("k.after", "2")])).await;
+    wait_reason(&env, "b", "Synced").await;
+}
