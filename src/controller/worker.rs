@@ -70,6 +70,19 @@ struct Catchup {
     _permit: OwnedSemaphorePermit,
 }
 
+impl Catchup {
+    fn new(stream: WatchStream, mode: CatchupMode, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            stream: std::sync::Mutex::new(stream),
+            mode,
+            fresh: BTreeMap::new(),
+            removed: Vec::new(),
+            max_version: WatchCursor::none(),
+            _permit: permit,
+        }
+    }
+}
+
 /// A condition the worker wants in status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Health {
@@ -440,14 +453,7 @@ impl Worker {
         match result {
             Ok(stream) => {
                 self.ctx.metrics.open_watches.inc();
-                self.catchup = Some(Catchup {
-                    stream: std::sync::Mutex::new(stream),
-                    mode,
-                    fresh: BTreeMap::new(),
-                    removed: Vec::new(),
-                    max_version: WatchCursor::none(),
-                    _permit: permit,
-                });
+                self.catchup = Some(Catchup::new(stream, mode, permit));
             }
             Err(e) => {
                 self.set_health(Health::err(e.reason(), e.to_string(), false))
@@ -558,14 +564,7 @@ impl Worker {
                                 self.ctx.catchup_permits.clone().acquire_owned().await
                             {
                                 self.ctx.metrics.open_watches.inc();
-                                self.catchup = Some(Catchup {
-                                    stream: std::sync::Mutex::new(stream),
-                                    mode,
-                                    fresh: BTreeMap::new(),
-                                    removed: Vec::new(),
-                                    max_version: WatchCursor::none(),
-                                    _permit: permit,
-                                });
+                                self.catchup = Some(Catchup::new(stream, mode, permit));
                             }
                         }
                         Err(e) => {
