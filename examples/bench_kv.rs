@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv::Store};
 use bytes::Bytes;
-use common::NatsServer;
+use common::{NatsServer, percentile};
 use futures::StreamExt;
 use slipstream::kv::{
     KvUpdate, KvWatcher, VersionToken, WatchCursor, WatchEvent,
@@ -32,11 +32,6 @@ const SYNC_VALUE: usize = 100;
 const SYNC_RUNS: usize = 3;
 const RESUME_CHANGES: usize = 100;
 const ACK_BATCH: usize = 2_000;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

@@ -16,7 +16,7 @@ use std::{
 
 use apiserver::ApiServer;
 use bytes::Bytes;
-use common::NatsServer;
+use common::{NatsServer, percentile};
 use futures::StreamExt;
 use k8s_openapi::{
     api::core::v1::ConfigMap,
@@ -89,14 +89,6 @@ async fn wait_until<F: Fn() -> bool>(f: F, limit: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     false
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 fn ms(d: Duration) -> f64 {

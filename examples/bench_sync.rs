@@ -14,7 +14,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::NatsServer;
+use common::{NatsServer, percentile};
 use futures::StreamExt;
 use slipstream::{
     cmd::sync::{SyncConfig, run},
@@ -27,11 +27,6 @@ use slipstream::{
 
 const ROUNDS: usize = 200;
 const VALUE_BYTES: usize = 100;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

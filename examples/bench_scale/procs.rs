@@ -2,7 +2,7 @@
 //! about it and about the emulator threads of this process.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::Path,
     process::{Child, Command, Stdio},
     sync::OnceLock,
@@ -73,12 +73,7 @@ pub fn emulator_cpu() -> Duration {
     total
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
+pub use crate::common::free_port;
 
 /// A running `slipstream run`.
 pub struct Operator {

@@ -4,13 +4,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
+pub use crate::common::percentile;
 
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

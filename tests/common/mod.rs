@@ -1,7 +1,15 @@
 //! Shared test infrastructure. Include from a test crate with
 //! `#[path = "../common/mod.rs"] mod common;`.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 pub mod nats;
+pub mod util;
 
 pub use nats::NatsServer;
+pub use util::{free_port, percentile};

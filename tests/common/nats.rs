@@ -6,13 +6,15 @@
 //! (per-key TTL and limit markers); `make tools` installs a pinned one.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::OnceLock,
     thread,
     time::{Duration, Instant},
 };
+
+use super::util::free_port;
 
 const MIN_VERSION: (u64, u64) = (2, 11);
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -75,11 +77,6 @@ fn parse_version(text: &str) -> Option<(u64, u64, u64)> {
         parts.next()?.parse().ok()?,
         parts.next().and_then(|p| p.parse().ok()).unwrap_or(0),
     ))
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port");
-    listener.local_addr().expect("local addr").port()
 }
 
 /// A running nats-server owned by one test.

@@ -14,7 +14,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
     io::{BufRead, BufReader},
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -48,7 +47,7 @@ use slipstream::{
 };
 use tokio::task::JoinHandle;
 
-use crate::common::NatsServer;
+use crate::common::{NatsServer, free_port};
 
 pub const NS: &str = "default";
 pub const BUCKET: &str = "app";
@@ -87,13 +86,6 @@ impl Default for Settings {
 
 fn ms(d: Duration) -> String {
     format!("{}ms", d.as_millis())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free loopback port")
 }
 
 fn signal(pid: u32, sig: &str) {

@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::TcpListener,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
@@ -17,15 +16,7 @@ use slipstream::kv::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::*;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::{common::free_port, *};
 
 /// The operator process; SIGKILLed and reaped on drop.
 struct Proc(Child);
