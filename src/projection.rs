@@ -36,6 +36,9 @@ use crate::crd::{ConfigBindingSpec, KeyPolicy, MAX_BUCKET_LEN, MAX_PREFIX_LEN, M
 pub const MAX_CONFIGMAP_BYTES: usize = 1024 * 1024;
 /// The longest ConfigMap key.
 pub const MAX_KEY_LEN: usize = 253;
+/// Most bytes of the sources annotation (a ConfigMap's annotations share
+/// 256 KiB); past it a restart re-reads the full state instead.
+pub const MAX_SOURCES_BYTES: usize = 128 * 1024;
 
 /// A binding spec the operator cannot serve. Reason word: `InvalidSpec`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -131,6 +134,8 @@ pub struct Projected {
     pub bytes: usize,
     /// Keys written (`data` + `binaryData`).
     pub keys: usize,
+    /// [`ProjectionRules::sources`] when the target needs it on record.
+    pub sources: Option<String>,
 }
 
 impl Projected {
@@ -269,6 +274,59 @@ impl ProjectionRules {
             name
         };
         (self.map_key(&kv_key) == KeyDecision::Mapped(configmap_key.to_owned())).then_some(kv_key)
+    }
+
+    /// The KV key that ConfigMap key `configmap_key` came from when it was
+    /// matched by `prefix` (one of the binding's prefixes), if these rules
+    /// map it back there. Works for every rule set, unlike [`Self::kv_key_of`].
+    pub fn kv_key_under(&self, prefix: &str, configmap_key: &str) -> Option<String> {
+        let name = match self.key_policy {
+            KeyPolicy::Escape => unescape_key(configmap_key)?,
+            KeyPolicy::Skip | KeyPolicy::Fail => configmap_key.to_owned(),
+        };
+        let kv_key = if self.strip_prefix {
+            format!("{prefix}{name}")
+        } else {
+            name
+        };
+        (self.matching_prefix(&kv_key) == Some(prefix)
+            && self.map_key(&kv_key) == KeyDecision::Mapped(configmap_key.to_owned()))
+        .then_some(kv_key)
+    }
+
+    /// Which prefix each written ConfigMap key came from, as JSON
+    /// `{"<prefix>": ["<configmap key>", ...]}`: what a restart needs to map
+    /// the ConfigMap back to KV keys when the keys alone cannot tell (Merge
+    /// targets hold other writers' keys; stripped keys of several prefixes).
+    /// `None` when it would exceed [`MAX_SOURCES_BYTES`].
+    pub fn sources<'a>(&self, kv_keys: impl IntoIterator<Item = &'a str>) -> Option<String> {
+        let mut by_prefix: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for kv_key in kv_keys {
+            if let (Some(prefix), KeyDecision::Mapped(cm_key)) =
+                (self.matching_prefix(kv_key), self.map_key(kv_key))
+            {
+                by_prefix.entry(prefix).or_default().push(cm_key);
+            }
+        }
+        let text = serde_json::to_string(&by_prefix).ok()?;
+        (text.len() <= MAX_SOURCES_BYTES).then_some(text)
+    }
+
+    /// `(configmap key, kv key)` pairs from a [`Self::sources`] text; `None`
+    /// when it does not parse or names a key these rules would not write.
+    pub fn parse_sources(&self, text: &str) -> Option<Vec<(String, String)>> {
+        let by_prefix: BTreeMap<String, Vec<String>> = serde_json::from_str(text).ok()?;
+        let mut out = Vec::new();
+        for (prefix, cm_keys) in by_prefix {
+            if !self.prefixes.contains(&prefix) {
+                return None;
+            }
+            for cm_key in cm_keys {
+                let kv_key = self.kv_key_under(&prefix, &cm_key)?;
+                out.push((cm_key, kv_key));
+            }
+        }
+        Some(out)
     }
 
     /// Projects KV entries `(key, value)` (keys outside the prefixes are
@@ -668,6 +726,36 @@ mod tests {
             rules(&["web."], false, KeyPolicy::Escape).kv_key_of("api.x"),
             None
         );
+    }
+
+    #[test]
+    fn sources_map_stripped_keys_of_several_prefixes_back() {
+        let r = rules(&["a.", "b.", "b.x."], true, KeyPolicy::Escape);
+        let kv = ["a.k/1", "b.j", "b.x.j2"];
+        let text = r.sources(kv).unwrap();
+        assert_eq!(text, r#"{"a.":["k_2F1"],"b.":["j"],"b.x.":["j2"]}"#);
+        let mut back = r.parse_sources(&text).unwrap();
+        back.sort();
+        assert_eq!(
+            back,
+            [
+                ("j".to_string(), "b.j".to_string()),
+                ("j2".into(), "b.x.j2".into()),
+                ("k_2F1".into(), "a.k/1".into()),
+            ]
+        );
+        // a key listed under a prefix that does not produce it is refused
+        assert_eq!(r.parse_sources(r#"{"b.":["x.j2"]}"#), None);
+        assert_eq!(r.parse_sources(r#"{"c.":["j"]}"#), None);
+        assert_eq!(r.parse_sources("not json"), None);
+    }
+
+    #[test]
+    fn sources_too_large_for_an_annotation_are_left_out() {
+        let r = rules(&["p."], false, KeyPolicy::Escape);
+        let keys: Vec<String> = (0..20_000).map(|i| format!("p.key-{i:08}")).collect();
+        assert_eq!(r.sources(keys.iter().map(String::as_str)), None);
+        assert!(r.sources(keys[..100].iter().map(String::as_str)).is_some());
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::{
     projection::{Projected, ProjectionRules},
     sink::configmap::{
         BINDING_ANNOTATION, ConfigMapSink, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Observed, SinkError,
-        TargetRef, check_ownership,
+        TargetRef, check_ownership, content_digest,
     },
 };
 
@@ -290,30 +290,11 @@ impl Worker {
                 }
                 Ok(Some(cm)) => {
                     let obs = Observed::from_configmap(&cm);
-                    let resumable = obs.binding.as_deref() == Some(self.target.binding.as_str())
-                        && obs.generation == Some(self.target.generation)
-                        && self.target.policy == CreationPolicy::Owner
-                        && self.rules.is_invertible()
-                        && !obs.cursor.is_none();
-                    if resumable {
-                        let mut entries = BTreeMap::new();
-                        let text = obs.data.iter().map(|(k, v)| (k, v.as_bytes().to_vec()));
-                        let bin = obs.binary_data.iter().map(|(k, v)| (k, v.0.clone()));
-                        let mut complete = true;
-                        for (cm_key, value) in text.chain(bin) {
-                            match self.rules.kv_key_of(cm_key) {
-                                Some(kv_key) => {
-                                    entries.insert(kv_key, Bytes::from(value));
-                                }
-                                None => complete = false,
-                            }
-                        }
-                        if complete {
-                            self.entries = entries;
-                            self.seen = obs.cursor;
-                            info!(binding = %self.labels.binding, cursor = %self.seen, keys = self.entries.len(),
-                                  "resuming from the ConfigMap's cursor");
-                        }
+                    if let Some(entries) = self.resumable_entries(&cm, &obs) {
+                        self.entries = entries;
+                        self.seen = obs.cursor;
+                        info!(binding = %self.labels.binding, cursor = %self.seen, keys = self.entries.len(),
+                              "resuming from the ConfigMap's cursor");
                     }
                     self.target_state = TargetState::Present(Box::new(obs));
                     return;
@@ -326,6 +307,59 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// The KV entries a ConfigMap we wrote reflects at its cursor: it names
+    /// this binding and generation, its keys map back to KV keys (by the
+    /// sources annotation, or by the keys themselves when the rules are
+    /// invertible and the target is ours alone), and our keys still hold
+    /// what we wrote (digest). `None` means a full state-sync instead.
+    fn resumable_entries(&self, cm: &ConfigMap, obs: &Observed) -> Option<BTreeMap<String, Bytes>> {
+        if obs.binding.as_deref() != Some(self.target.binding.as_str())
+            || obs.generation != Some(self.target.generation)
+            || obs.cursor.is_none()
+        {
+            return None;
+        }
+        let written = obs.digest.as_deref()?;
+        let data = cm.data.as_ref();
+        let binary = cm.binary_data.as_ref();
+        let pairs = match obs.sources.as_deref() {
+            Some(text) => self.rules.parse_sources(text)?,
+            None if self.target.policy == CreationPolicy::Owner && self.rules.is_invertible() => {
+                let keys = data
+                    .into_iter()
+                    .flat_map(|d| d.keys())
+                    .chain(binary.into_iter().flat_map(|b| b.keys()));
+                keys.map(|k| Some((k.clone(), self.rules.kv_key_of(k)?)))
+                    .collect::<Option<Vec<_>>>()?
+            }
+            None => return None,
+        };
+        let mut ours_text = BTreeMap::new();
+        let mut ours_binary = BTreeMap::new();
+        let mut entries = BTreeMap::new();
+        for (cm_key, kv_key) in pairs {
+            if let Some(v) = data.and_then(|d| d.get(&cm_key)) {
+                entries.insert(kv_key, Bytes::copy_from_slice(v.as_bytes()));
+                ours_text.insert(cm_key, v.as_bytes());
+            } else if let Some(v) = binary.and_then(|b| b.get(&cm_key)) {
+                entries.insert(kv_key, Bytes::copy_from_slice(&v.0));
+                ours_binary.insert(cm_key, v.0.as_slice());
+            } else {
+                debug!(binding = %self.labels.binding, key = cm_key, "a key we wrote is gone; full resync");
+                return None;
+            }
+        }
+        let now = content_digest(
+            ours_text.iter().map(|(k, v)| (k.as_str(), *v)),
+            ours_binary.iter().map(|(k, v)| (k.as_str(), *v)),
+        );
+        if now != written {
+            info!(binding = %self.labels.binding, "the ConfigMap was changed since our last write; full resync");
+            return None;
+        }
+        Some(entries)
     }
 
     pub async fn run(mut self) {
@@ -676,7 +710,7 @@ impl Worker {
             .await;
             return;
         }
-        let projected = match self
+        let mut projected = match self
             .rules
             .project(self.entries.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
         {
@@ -693,6 +727,10 @@ impl Worker {
                 return;
             }
         };
+        if self.target.policy == CreationPolicy::Merge || !self.rules.is_invertible() {
+            // a restart needs this to map our keys back to KV keys
+            projected.sources = self.rules.sources(self.entries.keys().map(String::as_str));
+        }
         self.skipped = projected.skipped.clone();
         if matches!(self.target_state, TargetState::Unknown) {
             match self
@@ -730,6 +768,7 @@ impl Worker {
                 return self.write_failed(e).await;
             }
             let same = obs.holds(&projected, self.target.policy)
+                && obs.stamped(&projected)
                 && obs.binding.as_deref() == Some(self.target.binding.as_str())
                 && obs.generation == Some(self.target.generation)
                 && match self.target.policy {

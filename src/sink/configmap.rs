@@ -30,6 +30,12 @@ pub const CURSOR_ANNOTATION: &str = "slipstream.io/cursor";
 pub const BINDING_ANNOTATION: &str = "slipstream.io/binding";
 /// The binding generation whose rules produced the content.
 pub const GENERATION_ANNOTATION: &str = "slipstream.io/generation";
+/// [`content_digest`] of the keys the operator wrote: a restart resumes
+/// from the cursor only when the ConfigMap still holds exactly them.
+pub const DIGEST_ANNOTATION: &str = "slipstream.io/content-digest";
+/// Which prefix each written key came from (see `ProjectionRules::sources`),
+/// on targets whose keys alone cannot be mapped back to KV keys.
+pub const SOURCES_ANNOTATION: &str = "slipstream.io/sources";
 /// Stamped on every ConfigMap the operator writes; the operator watches it.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "slipstream";
@@ -78,6 +84,54 @@ impl From<kube::Error> for SinkError {
     }
 }
 
+/// FNV-1a (64 bit, hex) over `data` then `binaryData` entries in key order,
+/// each length-prefixed. Stable across builds and platforms, so it can be
+/// stored in an annotation and checked by a later process.
+pub fn content_digest<'a>(
+    data: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    binary_data: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) -> String {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    fn feed(h: &mut u64, bytes: &[u8]) {
+        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            *h = (*h ^ u64::from(*b)).wrapping_mul(PRIME);
+        }
+    }
+    let mut h = OFFSET;
+    for (k, v) in data {
+        feed(&mut h, k.as_bytes());
+        feed(&mut h, v);
+    }
+    feed(&mut h, b"binaryData");
+    for (k, v) in binary_data {
+        feed(&mut h, k.as_bytes());
+        feed(&mut h, v);
+    }
+    format!("{h:016x}")
+}
+
+/// [`content_digest`] of projected content.
+pub fn projected_digest(content: &Projected) -> String {
+    content_digest(
+        content.data.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
+        content
+            .binary_data
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.0.as_slice())),
+    )
+}
+
+/// Records what a write carries besides the content: its digest and, when
+/// the target needs it, the key sources.
+fn stamp(annotations: &mut BTreeMap<String, String>, content: &Projected) {
+    annotations.insert(DIGEST_ANNOTATION.into(), projected_digest(content));
+    match &content.sources {
+        Some(sources) => annotations.insert(SOURCES_ANNOTATION.into(), sources.clone()),
+        None => annotations.remove(SOURCES_ANNOTATION),
+    };
+}
+
 /// Which ConfigMap a binding writes, and how.
 #[derive(Debug, Clone)]
 pub struct TargetRef {
@@ -101,6 +155,10 @@ pub struct Observed {
     pub binding: Option<String>,
     pub generation: Option<i64>,
     pub owner_uid: Option<String>,
+    /// [`DIGEST_ANNOTATION`]: what we last wrote, as we wrote it.
+    pub digest: Option<String>,
+    /// [`SOURCES_ANNOTATION`].
+    pub sources: Option<String>,
     pub data: BTreeMap<String, String>,
     pub binary_data: BTreeMap<String, ByteString>,
 }
@@ -128,6 +186,8 @@ impl Observed {
                 .unwrap_or_default(),
             binding: get(BINDING_ANNOTATION),
             generation: get(GENERATION_ANNOTATION).and_then(|g| g.parse().ok()),
+            digest: get(DIGEST_ANNOTATION),
+            sources: get(SOURCES_ANNOTATION),
             owner_uid: cm
                 .metadata
                 .owner_references
@@ -158,6 +218,13 @@ impl Observed {
                         .all(|(k, v)| self.binary_data.get(k) == Some(v))
             }
         }
+    }
+
+    /// True when our annotations already describe `content` (digest and
+    /// sources), so writing it again would change nothing.
+    pub fn stamped(&self, content: &Projected) -> bool {
+        self.sources == content.sources
+            && self.digest.as_deref() == Some(projected_digest(content).as_str())
     }
 
     /// Keys in the ConfigMap that `content` does not have (hand-added keys,
@@ -235,8 +302,12 @@ impl<'a> ApplyBody<'a> {
             keys: content.keys,
             ..Projected::default()
         };
+        let mut object = ConfigMapSink::desired(target, &empty, cursor, resource_version);
+        if let Some(annotations) = object.metadata.annotations.as_mut() {
+            stamp(annotations, content);
+        }
         Self {
-            object: ConfigMapSink::desired(target, &empty, cursor, resource_version),
+            object,
             data: &content.data,
             binary_data: &content.binary_data,
         }
@@ -277,6 +348,7 @@ impl ConfigMapSink {
         }
         annotations.insert(BINDING_ANNOTATION.into(), target.binding.clone());
         annotations.insert(GENERATION_ANNOTATION.into(), target.generation.to_string());
+        stamp(&mut annotations, content);
         let owner_references = match target.policy {
             CreationPolicy::Owner => target.owner.clone().map(|o| vec![o]),
             CreationPolicy::Merge => None,

@@ -9,6 +9,7 @@ mod bad_input;
 mod binary;
 mod harness;
 mod invariants;
+mod resume;
 mod sync;
 
 pub use harness::*;
