@@ -136,6 +136,8 @@ pub struct Projected {
     pub keys: usize,
     /// [`ProjectionRules::sources`] when the target needs it on record.
     pub sources: Option<String>,
+    /// The bucket incarnation the content was read from, put on record.
+    pub incarnation: Option<u64>,
 }
 
 impl Projected {

@@ -28,6 +28,11 @@ pub struct RunArgs {
     /// Wait this long after the first update of a burst before writing.
     #[arg(long, env = "SLIPSTREAM_COALESCE", default_value = "50ms", value_parser = parse_duration)]
     pub coalesce: Duration,
+    /// Least time between two status writes of one binding that only move
+    /// its cursor, counts or lastSyncTime (condition changes go out at once;
+    /// the last change is always written when the interval ends).
+    #[arg(long, env = "SLIPSTREAM_STATUS_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub status_interval: Duration,
     /// YAML access policy (namespaces -> buckets and prefixes). Default: allow all.
     #[arg(long, env = "SLIPSTREAM_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
@@ -118,6 +123,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     ));
     let config = Config {
         coalesce: args.coalesce,
+        status_interval: args.status_interval,
         namespace: args.namespace,
         ..Config::default()
     };

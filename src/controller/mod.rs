@@ -124,6 +124,11 @@ pub struct Config {
     /// at once: thousands of bindings starting together must not open
     /// thousands of API connections.
     pub api_concurrency: usize,
+    /// Least time between two status writes of one binding carrying only a
+    /// new cursor, counts or sync time; condition changes are written at once
+    /// and the last change after a quiet spell is always written when the
+    /// interval ends.
+    pub status_interval: Duration,
 }
 
 impl Default for Config {
@@ -133,6 +138,7 @@ impl Default for Config {
             namespace: None,
             catchup_concurrency: 16,
             api_concurrency: 64,
+            status_interval: Duration::from_secs(2),
         }
     }
 }

@@ -158,11 +158,23 @@ pub struct Worker {
     /// A resync could not tell deleted keys from aged-out ones.
     lingering: bool,
     skipped: Vec<String>,
+    /// The status we want in the API (written, or waiting for `status_due`).
     status: ConfigBindingStatus,
+    /// `status` holds changes not written yet.
+    status_dirty: bool,
+    /// When status was last written: cursor-only changes wait until
+    /// `config.status_interval` has passed since.
+    status_written_at: Option<Instant>,
+    /// The trailing status write (or its retry).
+    status_due: Option<Instant>,
+    /// `observedGeneration` as last written: a new generation is news.
+    status_written_generation: Option<i64>,
     /// Keys of our last apply (Merge cannot tell ours from others' by
     /// looking); `None` until we wrote once, so the first flush writes.
     applied_keys: Option<Vec<String>>,
     head: Arc<std::sync::atomic::AtomicU64>,
+    /// The bucket incarnation `seen` and `entries` belong to.
+    incarnation: Option<u64>,
     /// Received updates (catch-up and live) — what a restart costs.
     pub received: u64,
 }
@@ -253,9 +265,14 @@ impl Worker {
             health: Health::from_status(&status),
             lingering: false,
             skipped: status.skipped_keys.clone(),
+            status_dirty: false,
+            status_written_at: None,
+            status_due: None,
+            status_written_generation: status.observed_generation,
             status,
             applied_keys: None,
             head,
+            incarnation: None,
             received: 0,
             binding,
         }
@@ -293,6 +310,7 @@ impl Worker {
                     if let Some(entries) = self.resumable_entries(&cm, &obs) {
                         self.entries = entries;
                         self.seen = obs.cursor;
+                        self.incarnation = obs.incarnation;
                         info!(binding = %self.labels.binding, cursor = %self.seen, keys = self.entries.len(),
                               "resuming from the ConfigMap's cursor");
                     }
@@ -375,7 +393,8 @@ impl Worker {
         self.head = sub.head.clone();
         let mut gate = self.ctx.gate.clone();
         loop {
-            let deadline = min_deadline(self.flush_at, self.retry_at);
+            let deadline =
+                min_deadline(min_deadline(self.flush_at, self.retry_at), self.status_due);
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     None => break,
@@ -398,6 +417,10 @@ impl Worker {
                         self.flush_at = None;
                         self.flush().await;
                     }
+                    if self.status_due.is_some_and(|s| s <= Instant::now()) {
+                        self.status_due = None;
+                        self.write_pending_status(false).await;
+                    }
                 },
                 changed = gate.changed() => {
                     if changed.is_err() {
@@ -415,6 +438,7 @@ impl Worker {
     async fn on_hub(&mut self, ev: HubEvent) {
         match ev {
             HubEvent::Attached(store) => {
+                self.adopt_incarnation(store.incarnation());
                 self.store = Some(store);
                 self.synced = false;
                 self.catching_up = true;
@@ -563,6 +587,7 @@ impl Worker {
                     }
                     // a state-sync started after the ConfigMap was read covers its cursor
                     if let TargetState::Present(obs) = &self.target_state
+                        && !self.other_incarnation(obs)
                         && let Some(v) = obs.cursor.version()
                     {
                         self.seen.advance(v);
@@ -623,6 +648,28 @@ impl Worker {
                 self.retry_later();
             }
         }
+    }
+
+    /// A bucket deleted and created again restarts its revisions at 1: the
+    /// entries and cursor we hold belong to the old one. Start over with a
+    /// pruning state-sync of the new bucket; its first write replaces the old
+    /// cursor (cursors are compared within one incarnation only).
+    fn adopt_incarnation(&mut self, now: Option<u64>) {
+        if let (Some(old), Some(new)) = (self.incarnation, now)
+            && old != new
+        {
+            warn!(binding = %self.labels.binding, "the bucket was deleted and created again; resyncing from its new content");
+            self.ctx.metrics.error("BucketRecreated");
+            self.seen = WatchCursor::none();
+        }
+        if now.is_some() {
+            self.incarnation = now;
+        }
+    }
+
+    /// The ConfigMap's cursor counts revisions of another bucket incarnation.
+    fn other_incarnation(&self, obs: &Observed) -> bool {
+        matches!((obs.incarnation, self.incarnation), (Some(a), Some(b)) if a != b)
     }
 
     /// Merges one update in order. Old history (<= seen) is ignored.
@@ -727,6 +774,7 @@ impl Worker {
                 return;
             }
         };
+        projected.incarnation = self.incarnation;
         if self.target.policy == CreationPolicy::Merge || !self.rules.is_invertible() {
             // a restart needs this to map our keys back to KV keys
             projected.sources = self.rules.sources(self.entries.keys().map(String::as_str));
@@ -760,6 +808,7 @@ impl Worker {
             }
             if let (Some(theirs), Some(ours)) = (obs.cursor.version(), self.seen.version())
                 && theirs > ours
+                && !self.other_incarnation(obs)
             {
                 let e = SinkError::StaleWriter {
                     ours: ours.to_string(),
@@ -914,7 +963,10 @@ impl Worker {
         if status.cursor != self.status.cursor || status.last_sync_time.is_none() {
             status.last_sync_time = Some(now_rfc3339());
         }
-        self.status = status;
+        if status != self.status {
+            self.status = status;
+            self.status_dirty = true;
+        }
         let health = if self.lingering {
             Health::ok(
                 "ResyncedWithoutPrune",
@@ -936,13 +988,17 @@ impl Worker {
         self.set_health(health).await;
     }
 
-    /// Records the condition and writes status if anything changed; an
-    /// Event when readiness, reason or stalled change.
+    /// Records the condition in status. Written at once when readiness,
+    /// reason, stalled, an error message or the generation changed (with an
+    /// Event when readiness, reason or stalled changed); a change that only
+    /// restates the cursor waits for the status interval (trailing write).
     async fn set_health(&mut self, health: Health) {
-        let transition = health != self.health;
         // an Event per state change, not per new cursor in the message
         let announce = (health.ready, &health.reason, health.stalled)
             != (self.health.ready, &self.health.reason, self.health.stalled);
+        let urgent = announce
+            || (!health.ready && health.message != self.health.message)
+            || self.binding.metadata.generation != self.status_written_generation;
         let mut status = self.status.clone();
         super::set_conditions(
             &mut status,
@@ -953,24 +1009,50 @@ impl Worker {
             self.binding.metadata.generation,
         );
         status.observed_generation = self.binding.metadata.generation;
-        if transition {
-            self.health = health.clone();
+        if health != self.health {
+            self.health = health;
         }
-        if status == self.status && !transition {
+        if status != self.status {
+            self.status = status;
+            self.status_dirty = true;
+        }
+        if !self.status_dirty {
             return;
         }
-        if !self.may_write() {
+        let interval = self.ctx.config.status_interval;
+        let next = self.status_written_at.map(|at| at + interval);
+        match next {
+            Some(next) if !urgent && next > Instant::now() => {
+                self.status_due.get_or_insert(next);
+            }
+            _ => self.write_pending_status(announce).await,
+        }
+    }
+
+    /// Writes `status` if it holds unwritten changes (and this replica may
+    /// write); `announce` also publishes the Ready condition as an Event.
+    async fn write_pending_status(&mut self, announce: bool) {
+        if !self.status_dirty || !self.may_write() {
+            // a standby writes nothing; taking over flushes, which rewrites
+            self.status_due = None;
             return;
         }
-        match write_status(&self.ctx.client, &self.binding, &status).await {
-            Ok(()) => self.status = status,
+        self.status_due = None;
+        match write_status(&self.ctx.client, &self.binding, &self.status).await {
+            Ok(()) => {
+                self.status_dirty = false;
+                self.status_written_at = Some(Instant::now());
+                self.status_written_generation = self.status.observed_generation;
+            }
             Err(e) => {
                 self.ctx.metrics.error("StatusWriteFailed");
                 warn!(binding = %self.labels.binding, error = %e, "status write failed");
                 self.retry_later();
+                self.status_due = self.retry_at;
             }
         }
         if announce {
+            let health = &self.health;
             let event = KubeEvent {
                 type_: if health.ready {
                     EventType::Normal

@@ -330,6 +330,13 @@ pub trait KvReader: Send + Sync {
     /// Live entries starting with `prefix`, sorted by key.
     async fn scan(&self, prefix: &str) -> Result<Vec<KvEntry>>;
     async fn info(&self) -> Result<BucketInfo>;
+    /// Which incarnation of the bucket this handle serves. A bucket deleted
+    /// and created again under the same name restarts its revisions at 1,
+    /// so a cursor means something only within the incarnation it came
+    /// from. `None` when the backend cannot tell.
+    fn incarnation(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Watches. Prefixes are plain string prefixes of keys ("" matches all).

@@ -370,6 +370,7 @@ impl NatsKv {
                 subject_prefix: format!("$KV.{bucket}."),
                 stream_name,
                 allow_direct: stream.cached_info().config.allow_direct,
+                incarnation: incarnation_of(stream.cached_info()),
                 stream,
                 js: self.js.clone(),
                 client: self.client.clone(),
@@ -484,12 +485,20 @@ pub(crate) struct BucketInner {
     /// `$KV.<bucket>.`
     pub subject_prefix: String,
     pub allow_direct: bool,
+    /// The stream's creation time (Unix ns): tells a recreated bucket apart.
+    pub incarnation: Option<u64>,
     pub stream: jetstream::stream::Stream,
     pub js: jetstream::Context,
     pub client: async_nats::Client,
     pub timeout: Duration,
     pub status: watch::Receiver<ConnectionStatus>,
     pub stats: WatchCounters,
+}
+
+/// A stream's creation time in Unix nanoseconds, which changes when a
+/// bucket is deleted and created again.
+pub(crate) fn incarnation_of(info: &jetstream::stream::Info) -> Option<u64> {
+    u64::try_from(info.created.unix_timestamp_nanos()).ok()
 }
 
 /// Counters of all watches (and scans) opened through one bucket handle.
@@ -732,6 +741,10 @@ impl KvReader for NatsBucket {
                 .then(|| VersionToken::from_u64(state.last_sequence)),
             keeps_current_values: config.max_age.is_zero() && !evicts_on_limits,
         })
+    }
+
+    fn incarnation(&self) -> Option<u64> {
+        self.inner.incarnation
     }
 }
 

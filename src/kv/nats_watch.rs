@@ -223,6 +223,15 @@ impl Watcher {
         let reconnects = self.status.borrow().reconnects;
         let info = self.inner.stream_info().await?;
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+        if self.inner.incarnation.is_some()
+            && crate::kv::nats::incarnation_of(&info) != self.inner.incarnation
+        {
+            // deleted and created again: our position means nothing here
+            return Err(KvError::CursorExpired {
+                cursor: VersionToken::from_u64(self.position),
+                first_retained: VersionToken::from_u64(first),
+            });
+        }
         let deliver_policy = if self.state_sync && !self.synced {
             self.sync_floor = last;
             DeliverPolicy::LastPerSubject

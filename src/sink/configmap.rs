@@ -33,6 +33,8 @@ pub const GENERATION_ANNOTATION: &str = "slipstream.io/generation";
 /// [`content_digest`] of the keys the operator wrote: a restart resumes
 /// from the cursor only when the ConfigMap still holds exactly them.
 pub const DIGEST_ANNOTATION: &str = "slipstream.io/content-digest";
+/// The bucket incarnation (see `KvReader::incarnation`) the cursor belongs to.
+pub const INCARNATION_ANNOTATION: &str = "slipstream.io/bucket-incarnation";
 /// Which prefix each written key came from (see `ProjectionRules::sources`),
 /// on targets whose keys alone cannot be mapped back to KV keys.
 pub const SOURCES_ANNOTATION: &str = "slipstream.io/sources";
@@ -130,6 +132,10 @@ fn stamp(annotations: &mut BTreeMap<String, String>, content: &Projected) {
         Some(sources) => annotations.insert(SOURCES_ANNOTATION.into(), sources.clone()),
         None => annotations.remove(SOURCES_ANNOTATION),
     };
+    match content.incarnation {
+        Some(i) => annotations.insert(INCARNATION_ANNOTATION.into(), i.to_string()),
+        None => annotations.remove(INCARNATION_ANNOTATION),
+    };
 }
 
 /// Which ConfigMap a binding writes, and how.
@@ -159,6 +165,8 @@ pub struct Observed {
     pub digest: Option<String>,
     /// [`SOURCES_ANNOTATION`].
     pub sources: Option<String>,
+    /// [`INCARNATION_ANNOTATION`].
+    pub incarnation: Option<u64>,
     pub data: BTreeMap<String, String>,
     pub binary_data: BTreeMap<String, ByteString>,
 }
@@ -188,6 +196,7 @@ impl Observed {
             generation: get(GENERATION_ANNOTATION).and_then(|g| g.parse().ok()),
             digest: get(DIGEST_ANNOTATION),
             sources: get(SOURCES_ANNOTATION),
+            incarnation: get(INCARNATION_ANNOTATION).and_then(|i| i.parse().ok()),
             owner_uid: cm
                 .metadata
                 .owner_references
@@ -224,6 +233,7 @@ impl Observed {
     /// sources), so writing it again would change nothing.
     pub fn stamped(&self, content: &Projected) -> bool {
         self.sources == content.sources
+            && self.incarnation == content.incarnation
             && self.digest.as_deref() == Some(projected_digest(content).as_str())
     }
 

@@ -320,3 +320,35 @@ async fn deleting_the_bucket_ends_its_watches_with_bucket_not_found() {
     }
     assert_eq!(kv.info().await.unwrap_err().reason(), "BucketNotFound");
 }
+
+#[tokio::test]
+async fn a_bucket_created_again_is_a_new_incarnation_and_old_watches_never_read_it() {
+    let server = NatsServer::start();
+    let nats = crate::connect(&server).await;
+    let kv = nats
+        .create_or_open(&BucketConfig::new("again"))
+        .await
+        .unwrap();
+    let first = kv.incarnation().expect("NATS buckets know their incarnation");
+    kv.put("k", b("old")).await.unwrap();
+    let mut w = kv.watch_all().await.unwrap();
+    until_synced(&mut w).await;
+    nats.delete_bucket("again").await.unwrap();
+    let again = nats
+        .create_or_open(&BucketConfig::new("again"))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        again.put(&format!("n{i}"), b("new")).await.unwrap();
+    }
+    assert_ne!(again.incarnation(), Some(first));
+    assert_eq!(kv.incarnation(), Some(first), "a handle keeps its own");
+    // revision 2.. of the new bucket must not pass for what follows revision 1
+    match tokio::time::timeout(crate::EVENT_WAIT, futures::StreamExt::next(&mut w)).await {
+        Ok(Some(Err(e))) => assert!(
+            ["BucketNotFound", "CursorExpired"].contains(&e.reason()),
+            "{e}"
+        ),
+        other => panic!("expected the old watch to end, got {other:?}"),
+    }
+}

@@ -10,6 +10,7 @@ mod binary;
 mod harness;
 mod invariants;
 mod resume;
+mod status;
 mod sync;
 
 pub use harness::*;

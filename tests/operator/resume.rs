@@ -122,3 +122,30 @@ async fn configmap_edited_while_the_operator_was_down_is_repaired_on_restart() {
         "a ConfigMap that no longer matches its digest is rebuilt from the full state"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bucket_deleted_and_created_again_is_synced_from_its_new_revisions() {
+    let env = Env::start().await;
+    let kv = env.bucket("reborn").await;
+    for i in 0..20 {
+        put(&kv, &format!("r.k{i:02}"), "old").await;
+    }
+    let _op = env.operator();
+    env.create_binding("r", "bucket: reborn\nprefixes: [r.]").await;
+    let old = eventually("20 old keys", || async {
+        env.cm("r").await.filter(|cm| data(cm).len() == 20)
+    })
+    .await;
+    assert_eq!(cursor(&old), Some(20));
+    env.kv.delete_bucket("reborn").await.unwrap();
+    wait_reason(&env, "r", "BucketNotFound").await;
+
+    // the new bucket's revisions start again at 1, far below cursor 20
+    let kv = env.bucket("reborn").await;
+    put(&kv, "r.new", "1").await;
+    let cm = wait_exact(&env, "r", &map(&[("r.new", "1")])).await;
+    assert_eq!(cursor(&cm), Some(1), "the cursor restarts with the bucket");
+    put(&kv, "r.later", "2").await;
+    wait_exact(&env, "r", &map(&[("r.new", "1"), ("r.later", "2")])).await;
+    assert_eq!(ready_reason(&env.binding("r").await), "Synced");
+}

@@ -1,0 +1,150 @@
+//! Status writes: cursor-only changes wait for `status_interval`, condition
+//! changes go out at once, and the last change is always written.
+
+use std::{sync::Arc, time::Duration};
+
+use slipstream::{
+    controller::{self, Config, Context},
+    metrics::Metrics,
+    policy::AccessPolicy,
+};
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::*;
+
+/// An in-process operator with its own status interval; stopped on drop.
+struct Op {
+    ctx: Arc<Context>,
+    metrics: Metrics,
+    task: JoinHandle<()>,
+    _gate: watch::Sender<bool>,
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.ctx.shutdown();
+    }
+}
+
+fn operator(env: &Env, status_interval: Duration) -> Op {
+    let metrics = Metrics::new();
+    let (gate_tx, gate) = watch::channel(true);
+    let config = Config {
+        coalesce: Duration::from_millis(20),
+        status_interval,
+        ..Config::default()
+    };
+    let ctx = Context::new(
+        env.client.clone(),
+        env.connector(),
+        AccessPolicy::allow_all(),
+        metrics.clone(),
+        gate,
+        config,
+    );
+    let task = tokio::spawn(controller::run(ctx.clone()));
+    Op {
+        ctx,
+        metrics,
+        task,
+        _gate: gate_tx,
+    }
+}
+
+/// Successful status patches of binding `name` so far.
+fn status_writes(env: &Env, name: &str) -> usize {
+    env.api
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.verb == "patch"
+                && r.resource == "configbindings"
+                && r.subresource == "status"
+                && r.name == name
+                && (200..300).contains(&r.status)
+        })
+        .count()
+}
+
+async fn status_cursor(env: &Env, name: &str) -> Option<String> {
+    env.binding(name).await.status?.cursor
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_binding_writes_status_at_most_once_per_interval_and_the_last_cursor_always() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "k.a", "0").await;
+    let interval = Duration::from_millis(700);
+    let op = operator(&env, interval);
+    env.create_binding("b", "bucket: app\nprefixes: [k.]").await;
+    wait_data(&env, "b", &map(&[("k.a", "0")])).await;
+    wait_reason(&env, "b", "Synced").await;
+    // let any trailing write of the start go out
+    tokio::time::sleep(interval * 2).await;
+    let status_before = status_writes(&env, "b");
+    let cm_before = op.metrics.write_count(NS, "b");
+    let started = std::time::Instant::now();
+    for i in 1..=20 {
+        put(&kv, "k.a", &i.to_string()).await;
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let cm = wait_data(&env, "b", &map(&[("k.a", "20")])).await;
+    let last = cursor(&cm).unwrap().to_string();
+    // the trailing write brings status.cursor to the ConfigMap's cursor
+    eventually("status.cursor reaches the ConfigMap's cursor", || async {
+        (status_cursor(&env, "b").await.as_deref() == Some(last.as_str())).then_some(())
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let status = status_writes(&env, "b") - status_before;
+    let cm_writes = op.metrics.write_count(NS, "b") - cm_before;
+    let allowed = (elapsed.as_secs_f64() / interval.as_secs_f64()).floor() as usize + 1;
+    assert!(
+        status <= allowed,
+        "{status} status writes in {elapsed:?} with a {interval:?} interval (at most {allowed})"
+    );
+    assert!(
+        cm_writes > status as u64,
+        "{cm_writes} ConfigMap writes, {status} status writes: status must be written less often"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn condition_change_is_written_at_once_with_the_deferred_cursor() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "a.x", "1").await;
+    // an interval far longer than the test: only urgent writes can happen
+    let _op = operator(&env, Duration::from_secs(3600));
+    env.create_binding("b", "bucket: app\nprefixes: [a., b.]\nstripPrefix: true")
+        .await;
+    let cm = wait_data(&env, "b", &map(&[("x", "1")])).await;
+    let first = cursor(&cm).unwrap().to_string();
+    wait_reason(&env, "b", "Synced").await;
+    assert_eq!(
+        status_cursor(&env, "b").await.as_deref(),
+        Some(first.as_str())
+    );
+    let writes = status_writes(&env, "b");
+    put(&kv, "a.x", "2").await;
+    let cm = wait_data(&env, "b", &map(&[("x", "2")])).await;
+    let second = cursor(&cm).unwrap().to_string();
+    // the ConfigMap moved; status waits for the interval
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        status_writes(&env, "b"),
+        writes,
+        "cursor-only change deferred"
+    );
+    assert_eq!(
+        status_cursor(&env, "b").await.as_deref(),
+        Some(first.as_str())
+    );
+    // a collision is a condition change: written at once, cursor included
+    put(&kv, "b.x", "3").await;
+    let b = wait_reason(&env, "b", "KeyCollision").await;
+    assert_eq!(b.status.unwrap().cursor.as_deref(), Some(second.as_str()));
+    wait_event(&env, "b", "KeyCollision").await;
+}
