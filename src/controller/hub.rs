@@ -3,10 +3,11 @@
 //! Each bucket with at least one binding has ONE long-lived watch of the
 //! whole bucket, started at the bucket's head; updates fan out to the
 //! bindings whose prefixes match. A binding's own history before it joined
-//! (its initial state, or the delta since its recorded cursor) comes from a
-//! bounded catch-up watch the binding runs itself and closes once synced, so
-//! the number of consumers is one per bucket plus at most
-//! `catchup_concurrency` short-lived ones, however many bindings exist.
+//! (its initial state, or the delta since its recorded cursor) comes from
+//! the bucket's catch-up runner: requests that arrive together are served
+//! by one scan (one state-sync for those without a cursor, one resume from
+//! the smallest cursor for the others), so a bucket has at most three
+//! consumers (live, full, delta) however many bindings start at once.
 
 use std::{
     collections::HashMap,
@@ -23,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::KvConnector;
 use crate::{
-    kv::{KvError, KvStore, KvUpdate, WatchCursor, WatchEvent},
+    kv::{KvError, KvStore, KvUpdate, VersionToken, WatchCursor, WatchEvent, filter},
     metrics::Metrics,
     projection::ProjectionRules,
 };
@@ -31,12 +32,23 @@ use crate::{
 /// What a bucket watch tells its bindings.
 #[derive(Clone)]
 pub enum HubEvent {
-    /// The shared watch is (re)started; catch up from your cursor with `store`.
+    /// The shared watch is (re)started; ask for a catch-up from your cursor.
     Attached(Arc<dyn KvStore>),
     /// A live update matching the binding's prefixes, with when it arrived.
     Update(KvUpdate, Instant),
     /// The shared watch failed; a new `Attached` follows once it recovers.
     Lost(KvError),
+    /// One update of catch-up `ticket`, in revision order: only keys under
+    /// the binding's prefixes, only revisions after the cursor it asked from
+    /// (a full catch-up reports tombstones too).
+    Catchup { ticket: u64, update: KvUpdate },
+    /// Catch-up `ticket` is complete: every update of the binding's
+    /// prefixes with a revision <= `cursor` was delivered or was covered by
+    /// the cursor asked from (invariant 1).
+    CaughtUp { ticket: u64, cursor: WatchCursor },
+    /// Catch-up `ticket` failed; `CursorExpired` means this binding's own
+    /// cursor is older than the bucket keeps.
+    CatchupFailed { ticket: u64, error: KvError },
 }
 
 struct Subscriber {
@@ -51,10 +63,19 @@ struct Shared {
     last_error: Option<KvError>,
 }
 
+/// A binding's wish for its history: `from` none = full state.
+struct CatchupRequest {
+    id: u64,
+    ticket: u64,
+    from: WatchCursor,
+}
+
 struct BucketWatch {
     shared: Arc<Mutex<Shared>>,
     head: Arc<AtomicU64>,
     task: JoinHandle<()>,
+    runner: JoinHandle<()>,
+    requests: mpsc::UnboundedSender<CatchupRequest>,
 }
 
 /// All bucket watches of the operator.
@@ -64,6 +85,10 @@ pub struct Hub {
     kv: Arc<dyn KvConnector>,
     metrics: Metrics,
     health_interval: Duration,
+    /// How long the catch-up runner waits after a request for others to
+    /// join its scan.
+    gather: Duration,
+    tickets: Arc<AtomicU64>,
 }
 
 /// A binding's membership in a bucket watch; leaves on drop.
@@ -71,8 +96,27 @@ pub struct Subscription {
     hub: Hub,
     bucket: String,
     id: u64,
+    requests: mpsc::UnboundedSender<CatchupRequest>,
     /// Newest revision seen on the bucket (for lag).
     pub head: Arc<AtomicU64>,
+}
+
+impl Subscription {
+    /// Asks for the binding's history after `from` (none: its full state,
+    /// tombstones included). The answer arrives as `Catchup` events, then
+    /// `CaughtUp` or `CatchupFailed`, all carrying the returned ticket;
+    /// events of an older ticket are stale.
+    pub fn request_catchup(&self, from: WatchCursor) -> Result<u64, KvError> {
+        let ticket = self.hub.tickets.fetch_add(1, Ordering::Relaxed);
+        self.requests
+            .send(CatchupRequest {
+                id: self.id,
+                ticket,
+                from,
+            })
+            .map_err(|_| KvError::WatchError("the bucket's catch-up runner is gone".into()))?;
+        Ok(ticket)
+    }
 }
 
 impl Drop for Subscription {
@@ -86,12 +130,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Hub {
-    pub fn new(kv: Arc<dyn KvConnector>, metrics: Metrics) -> Self {
+    pub fn new(kv: Arc<dyn KvConnector>, metrics: Metrics, gather: Duration) -> Self {
         Self {
             buckets: Arc::default(),
             kv,
             metrics,
             health_interval: Duration::from_secs(2),
+            gather,
+            tickets: Arc::new(AtomicU64::new(1)),
         }
     }
 
@@ -121,7 +167,21 @@ impl Hub {
                 self.metrics.clone(),
                 self.health_interval,
             ));
-            BucketWatch { shared, head, task }
+            let (requests, rx) = mpsc::unbounded_channel();
+            let runner = tokio::spawn(run_catchups(
+                bucket.to_owned(),
+                shared.clone(),
+                rx,
+                self.metrics.clone(),
+                self.gather,
+            ));
+            BucketWatch {
+                shared,
+                head,
+                task,
+                runner,
+                requests,
+            }
         });
         {
             let mut shared = lock(&watch.shared);
@@ -136,6 +196,7 @@ impl Hub {
             hub: self.clone(),
             bucket: bucket.to_owned(),
             id,
+            requests: watch.requests.clone(),
             head: watch.head.clone(),
         }
     }
@@ -152,6 +213,7 @@ impl Hub {
         };
         if empty && let Some(w) = buckets.remove(bucket) {
             w.task.abort();
+            w.runner.abort();
             debug!(bucket, "last binding left; bucket watch stopped");
         }
     }
@@ -252,4 +314,324 @@ async fn watch_once(
     };
     metrics.open_watches.dec();
     err
+}
+
+/// A union of more prefixes than this is served by a watch of the whole
+/// bucket (one filter instead of thousands in the consumer's config);
+/// below it, a scan reads only the keys its requesters want, so bindings
+/// arriving in several batches do not each pay for the whole bucket.
+const MAX_SCAN_PREFIXES: usize = 2048;
+
+/// Serves catch-up requests, one batch at a time.
+///
+/// A request that arrives while a scan runs waits for the next one rather
+/// than joining: a state-sync delivers each key once, at its position in
+/// the stream, so a late joiner would miss the keys already passed, and a
+/// resume cannot go back before where it already is. Waiting costs at most
+/// one scan; correctness needs no argument.
+async fn run_catchups(
+    bucket: String,
+    shared: Arc<Mutex<Shared>>,
+    mut rx: mpsc::UnboundedReceiver<CatchupRequest>,
+    metrics: Metrics,
+    gather: Duration,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        // the bindings created together ask within a few ms of each other
+        tokio::time::sleep(gather).await;
+        while let Ok(r) = rx.try_recv() {
+            batch.push(r);
+        }
+        serve_batch(&bucket, &shared, &metrics, std::mem::take(&mut batch)).await;
+    }
+}
+
+/// A binding taking part in one scan.
+struct Requester {
+    ticket: u64,
+    from: WatchCursor,
+    prefixes: Vec<String>,
+    tx: mpsc::UnboundedSender<HubEvent>,
+    /// False once its binding left (its channel is closed).
+    alive: bool,
+}
+
+impl Requester {
+    fn send(&mut self, event: HubEvent) {
+        if self.alive && self.tx.send(event).is_err() {
+            self.alive = false;
+        }
+    }
+
+    fn fail(&mut self, error: KvError) {
+        let ticket = self.ticket;
+        self.send(HubEvent::CatchupFailed { ticket, error });
+    }
+}
+
+async fn serve_batch(
+    bucket: &str,
+    shared: &Mutex<Shared>,
+    metrics: &Metrics,
+    mut batch: Vec<CatchupRequest>,
+) {
+    // a binding's newest request supersedes its older ones
+    batch.sort_by_key(|r| (r.id, std::cmp::Reverse(r.ticket)));
+    batch.dedup_by_key(|r| r.id);
+    let (store, last_error, requesters) = {
+        let s = lock(shared);
+        let requesters: Vec<Requester> = batch
+            .iter()
+            .filter_map(|r| {
+                let sub = s.subscribers.get(&r.id)?;
+                Some(Requester {
+                    ticket: r.ticket,
+                    from: r.from,
+                    prefixes: sub.rules.prefixes().to_vec(),
+                    tx: sub.tx.clone(),
+                    alive: true,
+                })
+            })
+            .collect();
+        (s.attached.clone(), s.last_error.clone(), requesters)
+    };
+    if requesters.is_empty() {
+        return;
+    }
+    let Some(store) = store else {
+        let err = last_error.unwrap_or(KvError::NotConnected);
+        for mut r in requesters {
+            r.fail(err.clone());
+        }
+        return;
+    };
+    let (full, delta): (Vec<_>, Vec<_>) = requesters.into_iter().partition(|r| r.from.is_none());
+    debug!(
+        bucket,
+        full = full.len(),
+        delta = delta.len(),
+        "catch-up batch"
+    );
+    futures::join!(
+        scan(bucket, &store, metrics, full),
+        resume(bucket, &store, metrics, delta),
+    );
+}
+
+/// Resume for requesters with a cursor: one scan from the smallest cursor
+/// that is still retained; the others get `CursorExpired`.
+async fn resume(
+    bucket: &str,
+    store: &Arc<dyn KvStore>,
+    metrics: &Metrics,
+    mut requesters: Vec<Requester>,
+) {
+    if requesters.is_empty() {
+        return;
+    }
+    let info = match store.info().await {
+        Ok(info) => info,
+        Err(e) => {
+            for r in &mut requesters {
+                r.fail(e.clone());
+            }
+            return;
+        }
+    };
+    let first = info.first_revision.and_then(|v| v.as_u64());
+    let last = info.last_revision.and_then(|v| v.as_u64()).unwrap_or(0);
+    requesters.retain_mut(|r| {
+        let Some(from) = r.from.version().and_then(|v| v.as_u64()) else {
+            return true;
+        };
+        // `from + 1` must still be retained (exactly one before the first
+        // is fine); a cursor past the last revision means a new stream
+        let expired = first.is_some_and(|f| from.saturating_add(1) < f) || from > last;
+        if expired {
+            let first_retained = VersionToken::from_u64(first.unwrap_or(last + 1));
+            r.fail(KvError::CursorExpired {
+                cursor: VersionToken::from_u64(from),
+                first_retained,
+            });
+        }
+        !expired
+    });
+    scan(bucket, store, metrics, requesters).await;
+}
+
+/// Finds the requesters a key belongs to: prefixes grouped by length, so a
+/// key costs one hash lookup per distinct prefix length, not one
+/// comparison per binding.
+struct Router {
+    by_len: Vec<(usize, HashMap<String, Vec<usize>>)>,
+}
+
+impl Router {
+    fn new(requesters: &[Requester]) -> Self {
+        let mut by_len: HashMap<usize, HashMap<String, Vec<usize>>> = HashMap::new();
+        for (i, r) in requesters.iter().enumerate() {
+            for p in &r.prefixes {
+                let targets = by_len
+                    .entry(p.len())
+                    .or_default()
+                    .entry(p.clone())
+                    .or_default();
+                if targets.last() != Some(&i) {
+                    targets.push(i);
+                }
+            }
+        }
+        let mut by_len: Vec<_> = by_len.into_iter().collect();
+        by_len.sort_by_key(|(len, _)| *len);
+        Self { by_len }
+    }
+
+    fn route(&self, key: &str, out: &mut Vec<usize>) {
+        out.clear();
+        for (len, prefixes) in &self.by_len {
+            let Some(head) = key.get(..*len) else {
+                break;
+            };
+            if let Some(targets) = prefixes.get(head) {
+                out.extend_from_slice(targets);
+            }
+        }
+        if out.len() > 1 {
+            out.sort_unstable();
+            out.dedup();
+        }
+    }
+}
+
+/// One watch over the union of the requesters' prefixes from the smallest
+/// cursor (none: state-sync), fanned out until `Synced`, then closed.
+async fn scan(
+    bucket: &str,
+    store: &Arc<dyn KvStore>,
+    metrics: &Metrics,
+    mut requesters: Vec<Requester>,
+) {
+    if requesters.is_empty() {
+        return;
+    }
+    let mut stream = loop {
+        let start = requesters.iter().map(|r| r.from).min().unwrap_or_default();
+        let all: Vec<String> = requesters
+            .iter()
+            .flat_map(|r| r.prefixes.iter().cloned())
+            .collect();
+        let mut prefixes = filter::normalize_prefixes(&all);
+        if prefixes.len() > MAX_SCAN_PREFIXES {
+            prefixes = vec![String::new()];
+        }
+        match store.watch_prefixes_from(&prefixes, start).await {
+            Ok(stream) => break stream,
+            Err(KvError::CursorExpired { first_retained, .. }) if !start.is_none() => {
+                // retention moved since `info`: fail those now behind it, retry the rest
+                let before = requesters.len();
+                requesters.retain_mut(|r| {
+                    let expired = r
+                        .from
+                        .version()
+                        .is_some_and(|v| !covers_before(v, first_retained));
+                    if expired {
+                        r.fail(KvError::CursorExpired {
+                            cursor: r.from.version().unwrap_or(first_retained),
+                            first_retained,
+                        });
+                    }
+                    !expired
+                });
+                if requesters.is_empty() {
+                    return;
+                }
+                if requesters.len() == before {
+                    let err = KvError::WatchError(format!(
+                        "catch-up scan from {start} refused as expired (first retained {first_retained})"
+                    ));
+                    for r in &mut requesters {
+                        r.fail(err.clone());
+                    }
+                    return;
+                }
+            }
+            Err(e) => {
+                for r in &mut requesters {
+                    r.fail(e.clone());
+                }
+                return;
+            }
+        }
+    };
+    metrics.open_watches.inc();
+    let router = Router::new(&requesters);
+    let mut targets = Vec::new();
+    let mut delivered = 0u64;
+    let outcome = loop {
+        match stream.next().await {
+            Some(Ok(WatchEvent::Update(update))) => {
+                delivered += 1;
+                router.route(update.key(), &mut targets);
+                let version = update.version();
+                targets.retain(|&i| requesters[i].alive && !requesters[i].from.covers(&version));
+                if let Some((&last, rest)) = targets.split_last() {
+                    for &i in rest {
+                        let ticket = requesters[i].ticket;
+                        requesters[i].send(HubEvent::Catchup {
+                            ticket,
+                            update: update.clone(),
+                        });
+                    }
+                    let ticket = requesters[last].ticket;
+                    requesters[last].send(HubEvent::Catchup { ticket, update });
+                }
+                if delivered.is_multiple_of(1024) && !requesters.iter().any(|r| r.alive) {
+                    // every binding left: stop the scan, the server can rest
+                    break Ok(WatchCursor::none());
+                }
+            }
+            Some(Ok(WatchEvent::Synced { cursor })) => break Ok(cursor),
+            Some(Err(e)) => break Err(e),
+            None => break Err(KvError::WatchError("catch-up watch ended".into())),
+        }
+    };
+    drop(stream);
+    metrics.open_watches.dec();
+    metrics.delivered(bucket, "catchup", delivered);
+    match outcome {
+        Ok(cursor) => {
+            for r in &mut requesters {
+                let ticket = r.ticket;
+                r.send(HubEvent::CaughtUp { ticket, cursor });
+            }
+        }
+        Err(e) => {
+            warn!(bucket, reason = e.reason(), error = %e, "catch-up scan failed");
+            for r in &mut requesters {
+                let err = match &e {
+                    // only a binding whose own cursor is behind the stream is expired
+                    KvError::CursorExpired { first_retained, .. } => match r.from.version() {
+                        Some(v) if !covers_before(v, *first_retained) => KvError::CursorExpired {
+                            cursor: v,
+                            first_retained: *first_retained,
+                        },
+                        _ => KvError::WatchError(format!("catch-up scan failed: {e}")),
+                    },
+                    other => other.clone(),
+                };
+                r.fail(err);
+            }
+        }
+    }
+}
+
+/// True when resuming after `cursor` loses nothing if the oldest retained
+/// revision is `first`: `cursor + 1 >= first`.
+fn covers_before(cursor: VersionToken, first: VersionToken) -> bool {
+    match (cursor.as_u64(), first.as_u64()) {
+        (Some(c), Some(f)) => c.saturating_add(1) >= f,
+        _ => cursor >= first,
+    }
 }

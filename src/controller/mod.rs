@@ -118,8 +118,9 @@ pub struct Config {
     pub coalesce: Duration,
     /// Watch only this namespace (all when `None`).
     pub namespace: Option<String>,
-    /// Most catch-up watches open at once (bounds NATS consumers).
-    pub catchup_concurrency: usize,
+    /// How long a bucket's catch-up runner waits after a request for more
+    /// to share its scan (bindings created or restarted together).
+    pub catchup_gather: Duration,
     /// Most ConfigMap reads and writes (with their status write) in flight
     /// at once: thousands of bindings starting together must not open
     /// thousands of API connections.
@@ -136,7 +137,7 @@ impl Default for Config {
         Self {
             coalesce: Duration::from_millis(50),
             namespace: None,
-            catchup_concurrency: 16,
+            catchup_gather: Duration::from_millis(20),
             api_concurrency: 64,
             status_interval: Duration::from_secs(2),
         }
@@ -162,7 +163,6 @@ pub struct Context {
     pub config: Config,
     pub hub: Hub,
     pub sink: ConfigMapSink,
-    catchup_permits: Arc<Semaphore>,
     api_permits: Arc<Semaphore>,
     workers: Mutex<HashMap<(String, String), WorkerHandle>>,
     ids: AtomicU64,
@@ -189,9 +189,8 @@ impl Context {
             },
         );
         Arc::new(Self {
-            hub: Hub::new(kv.clone(), metrics.clone()),
+            hub: Hub::new(kv.clone(), metrics.clone(), config.catchup_gather),
             sink: ConfigMapSink::new(client.clone()),
-            catchup_permits: Arc::new(Semaphore::new(config.catchup_concurrency.max(1))),
             api_permits: Arc::new(Semaphore::new(config.api_concurrency.max(1))),
             workers: Mutex::default(),
             ids: AtomicU64::new(1),

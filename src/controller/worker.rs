@@ -15,20 +15,22 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Resource, ResourceExt,
     api::{Patch, PatchParams, PostParams},
     runtime::events::{Event as KubeEvent, EventType},
 };
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Context, hub::HubEvent};
+use super::{
+    Context,
+    hub::{HubEvent, Subscription},
+};
 use crate::{
     crd::{ConfigBinding, ConfigBindingStatus, CreationPolicy, MAX_SKIPPED_LISTED},
-    kv::{KvError, KvStore, KvUpdate, WatchCursor, WatchEvent, WatchStream},
+    kv::{KvError, KvStore, KvUpdate, WatchCursor},
     metrics::BindingLabels,
     projection::{Projected, ProjectionRules},
     sink::configmap::{
@@ -59,26 +61,25 @@ enum CatchupMode {
     Full { prune: bool },
 }
 
+/// A catch-up asked from the bucket's runner and not answered yet.
 struct Catchup {
-    /// In a Mutex only to make the worker `Sync`; always used through `get_mut`.
-    stream: std::sync::Mutex<WatchStream>,
+    /// Answers carrying another ticket are stale (an earlier request).
+    ticket: u64,
     mode: CatchupMode,
     fresh: BTreeMap<String, Bytes>,
     /// Keys a state-sync explicitly reported deleted (tombstones).
     removed: Vec<String>,
     max_version: WatchCursor,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl Catchup {
-    fn new(stream: WatchStream, mode: CatchupMode, permit: OwnedSemaphorePermit) -> Self {
+    fn new(ticket: u64, mode: CatchupMode) -> Self {
         Self {
-            stream: std::sync::Mutex::new(stream),
+            ticket,
             mode,
             fresh: BTreeMap::new(),
             removed: Vec::new(),
             max_version: WatchCursor::none(),
-            _permit: permit,
         }
     }
 }
@@ -139,6 +140,8 @@ pub struct Worker {
     /// Set once `Attached` arrived and until the catch-up watch is synced.
     catching_up: bool,
     catchup: Option<Catchup>,
+    /// Membership in the bucket's watch; catch-ups are asked through it.
+    sub: Option<Subscription>,
     buffered: Vec<(KvUpdate, Instant)>,
     entries: BTreeMap<String, Bytes>,
     seen: WatchCursor,
@@ -186,21 +189,18 @@ fn min_deadline(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
-async fn next_catchup(c: &mut Option<Catchup>) -> Option<crate::kv::Result<WatchEvent>> {
-    match c {
-        Some(c) => {
-            let stream = c.stream.get_mut().unwrap_or_else(|p| p.into_inner());
-            stream.next().await
-        }
-        None => std::future::pending().await,
-    }
-}
-
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
+}
+
+/// `t` on this process's monotonic clock; `None` when `t` is in the future
+/// (the NATS server's clock runs ahead of ours).
+fn instant_of(t: std::time::SystemTime) -> Option<Instant> {
+    let age = std::time::SystemTime::now().duration_since(t).ok()?;
+    Instant::now().checked_sub(age)
 }
 
 fn now_rfc3339() -> String {
@@ -251,6 +251,7 @@ impl Worker {
             store: None,
             catching_up: false,
             catchup: None,
+            sub: None,
             buffered: Vec::new(),
             entries: BTreeMap::new(),
             seen: WatchCursor::none(),
@@ -391,6 +392,7 @@ impl Worker {
             tx,
         );
         self.head = sub.head.clone();
+        self.sub = Some(sub);
         let mut gate = self.ctx.gate.clone();
         loop {
             let deadline =
@@ -402,7 +404,6 @@ impl Worker {
                     Some(WorkerMsg::Target(cm)) => self.on_target(cm),
                 },
                 Some(ev) = hub_rx.recv() => self.on_hub(ev).await,
-                ev = next_catchup(&mut self.catchup) => self.on_catchup(ev).await,
                 _ = sleep_until(deadline) => {
                     let now = Instant::now();
                     if self.retry_at.is_some_and(|r| r <= now) {
@@ -432,7 +433,7 @@ impl Worker {
                 }
             }
         }
-        drop(sub);
+        self.sub = None;
     }
 
     async fn on_hub(&mut self, ev: HubEvent) {
@@ -451,6 +452,9 @@ impl Worker {
                     self.apply_live(update, at);
                 }
             }
+            HubEvent::Catchup { .. }
+            | HubEvent::CaughtUp { .. }
+            | HubEvent::CatchupFailed { .. } => self.on_catchup(ev).await,
             HubEvent::Lost(err) => {
                 self.store = None;
                 self.catchup = None;
@@ -487,36 +491,33 @@ impl Worker {
         }
     }
 
+    /// Asks the bucket's catch-up runner for the delta after `seen`, or the
+    /// full state when there is no cursor; the answer comes as hub events.
     async fn start_catchup(&mut self) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        let permit = match self.ctx.catchup_permits.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => return,
-        };
-        let prefixes = self.rules.prefixes().to_vec();
-        let (cursor, mut mode) = if self.seen.is_none() {
-            (WatchCursor::none(), CatchupMode::Full { prune: true })
+        let mode = if self.seen.is_none() {
+            CatchupMode::Full { prune: true }
         } else {
-            (self.seen, CatchupMode::Delta)
+            CatchupMode::Delta
         };
-        let mut result = store.watch_prefixes_from(&prefixes, cursor).await;
-        if let Err(KvError::CursorExpired { .. }) = &result {
-            mode = self.repair_mode(&store).await;
-            result = store
-                .watch_prefixes_from(&prefixes, WatchCursor::none())
-                .await;
-        }
-        match result {
-            Ok(stream) => {
-                self.ctx.metrics.open_watches.inc();
-                self.catchup = Some(Catchup::new(stream, mode, permit));
-            }
+        self.request_catchup(mode).await;
+    }
+
+    async fn request_catchup(&mut self, mode: CatchupMode) {
+        let from = match mode {
+            CatchupMode::Full { .. } => WatchCursor::none(),
+            CatchupMode::Delta => self.seen,
+        };
+        let asked = match &self.sub {
+            Some(sub) => sub.request_catchup(from),
+            None => Err(KvError::NotConnected),
+        };
+        match asked {
+            Ok(ticket) => self.catchup = Some(Catchup::new(ticket, mode)),
             Err(e) => {
+                self.catchup = None;
+                self.ctx.metrics.error(e.reason());
                 self.set_health(Health::err(e.reason(), e.to_string(), false))
                     .await;
-                self.ctx.metrics.error(e.reason());
                 self.retry_later();
             }
         }
@@ -534,18 +535,21 @@ impl Worker {
         CatchupMode::Full { prune }
     }
 
-    async fn on_catchup(&mut self, ev: Option<crate::kv::Result<WatchEvent>>) {
-        let Some(c) = self.catchup.as_mut() else {
+    /// An answer of the catch-up runner; answers to an older ticket are stale.
+    async fn on_catchup(&mut self, ev: HubEvent) {
+        let ticket = match &ev {
+            HubEvent::Catchup { ticket, .. }
+            | HubEvent::CaughtUp { ticket, .. }
+            | HubEvent::CatchupFailed { ticket, .. } => *ticket,
+            _ => return,
+        };
+        let Some(c) = self.catchup.as_mut().filter(|c| c.ticket == ticket) else {
             return;
         };
         match ev {
-            Some(Ok(WatchEvent::Update(update))) => {
+            HubEvent::Catchup { update, .. } => {
                 self.received += 1;
-                self.ctx
-                    .metrics
-                    .delivered(&self.binding.spec.bucket, "catchup", 1);
-                let version = update.version();
-                c.max_version.advance(version);
+                c.max_version.advance(update.version());
                 match c.mode {
                     CatchupMode::Full { .. } => match update {
                         KvUpdate::Put(e) => {
@@ -561,8 +565,7 @@ impl Worker {
                     }
                 }
             }
-            Some(Ok(WatchEvent::Synced { cursor })) => {
-                self.ctx.metrics.open_watches.dec();
+            HubEvent::CaughtUp { cursor, .. } => {
                 let Some(c) = self.catchup.take() else {
                     return;
                 };
@@ -608,45 +611,24 @@ impl Worker {
                 debug!(binding = %self.labels.binding, cursor = %self.seen, received = self.received, "caught up");
                 self.schedule_flush(Duration::ZERO);
             }
-            Some(Err(KvError::CursorExpired { .. })) => {
-                self.ctx.metrics.open_watches.dec();
+            HubEvent::CatchupFailed {
+                error: KvError::CursorExpired { .. },
+                ..
+            } => {
                 self.catchup = None;
                 if let Some(store) = self.store.clone() {
                     let mode = self.repair_mode(&store).await;
-                    let prefixes = self.rules.prefixes().to_vec();
-                    match store
-                        .watch_prefixes_from(&prefixes, WatchCursor::none())
-                        .await
-                    {
-                        Ok(stream) => {
-                            if let Ok(permit) =
-                                self.ctx.catchup_permits.clone().acquire_owned().await
-                            {
-                                self.ctx.metrics.open_watches.inc();
-                                self.catchup = Some(Catchup::new(stream, mode, permit));
-                            }
-                        }
-                        Err(e) => {
-                            self.set_health(Health::err(e.reason(), e.to_string(), false))
-                                .await;
-                            self.retry_later();
-                        }
-                    }
+                    self.request_catchup(mode).await;
                 }
             }
-            Some(Err(e)) => {
-                self.ctx.metrics.open_watches.dec();
+            HubEvent::CatchupFailed { error, .. } => {
                 self.catchup = None;
-                self.ctx.metrics.error(e.reason());
-                self.set_health(Health::err(e.reason(), e.to_string(), false))
+                self.ctx.metrics.error(error.reason());
+                self.set_health(Health::err(error.reason(), error.to_string(), false))
                     .await;
                 self.retry_later();
             }
-            None => {
-                self.ctx.metrics.open_watches.dec();
-                self.catchup = None;
-                self.retry_later();
-            }
+            _ => {}
         }
     }
 
@@ -678,6 +660,14 @@ impl Worker {
         if self.seen.covers(&version) {
             return;
         }
+        // a live change counts from when NATS stored it (receipt can lag
+        // under load); replayed history from when it arrived
+        let at = match &update {
+            KvUpdate::Put(e) if !self.catching_up => {
+                e.published.and_then(instant_of).map_or(at, |p| p.min(at))
+            }
+            _ => at,
+        };
         if !self.catching_up {
             self.received += 1;
         }

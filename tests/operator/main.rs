@@ -7,6 +7,7 @@ mod common;
 
 mod bad_input;
 mod binary;
+mod catchup;
 mod harness;
 mod invariants;
 mod resume;
