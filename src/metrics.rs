@@ -94,7 +94,8 @@ impl Metrics {
         );
         registry.register(
             "propagation_seconds",
-            "From receiving a KV update to the ConfigMap write containing it",
+            "From the KV write (as NATS stored it) to the ConfigMap write containing it; \
+             history replayed at startup counts from when it was received",
             propagation_seconds.clone(),
         );
         registry.register(

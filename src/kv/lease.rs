@@ -507,6 +507,7 @@ mod tests {
             key: "lease".into(),
             value: Bytes::copy_from_slice(value),
             version: VersionToken::from_u64(rev),
+            published: None,
         })
     }
 

@@ -253,12 +253,24 @@ impl FromStr for WatchCursor {
 }
 
 /// A live value.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Equality compares the record (key, value, version); `published` is when
+/// the server stored it, known for watch deliveries, `None` for reads.
+#[derive(Clone, Debug)]
 pub struct KvEntry {
     pub key: String,
     pub value: Bytes,
     pub version: VersionToken,
+    pub published: Option<std::time::SystemTime>,
 }
+
+impl PartialEq for KvEntry {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.key, &self.value, self.version) == (&other.key, &other.value, other.version)
+    }
+}
+
+impl Eq for KvEntry {}
 
 /// One change to a key, as a watch delivers it.
 ///

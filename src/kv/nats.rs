@@ -555,7 +555,13 @@ pub(crate) fn operation_from_headers(headers: Option<&HeaderMap>) -> Operation {
     }
 }
 
-pub(crate) fn to_update(key: String, op: Operation, value: Bytes, revision: u64) -> KvUpdate {
+pub(crate) fn to_update(
+    key: String,
+    op: Operation,
+    value: Bytes,
+    revision: u64,
+    published: Option<std::time::SystemTime>,
+) -> KvUpdate {
     let version = VersionToken::from_u64(revision);
     match op {
         Operation::Put => KvUpdate::Put(KvEntry {
@@ -564,6 +570,7 @@ pub(crate) fn to_update(key: String, op: Operation, value: Bytes, revision: u64)
             // long pins its own bytes, not the 64 KiB buffer it arrived in
             value: Bytes::copy_from_slice(&value),
             version,
+            published,
         }),
         Operation::Delete => KvUpdate::Delete { key, version },
         Operation::Purge => KvUpdate::Purge { key, version },
@@ -712,6 +719,7 @@ impl KvReader for NatsBucket {
             op,
             message.payload,
             message.sequence,
+            None,
         )))
     }
 

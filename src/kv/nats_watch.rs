@@ -53,6 +53,8 @@ pub(crate) struct Delivery {
     pub stream_seq: u64,
     pub consumer_seq: u64,
     pub pending: u64,
+    /// When the server stored the message (Unix ns).
+    pub published_ns: u64,
 }
 
 /// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`
@@ -79,6 +81,7 @@ pub(crate) fn parse_ack_subject(subject: &str) -> Option<Delivery> {
         stream_seq: tokens[base].parse().ok()?,
         consumer_seq: tokens[base + 1].parse().ok()?,
         pending: tokens[base + 3].parse().ok()?,
+        published_ns: tokens[base + 2].parse().ok()?,
     })
 }
 
@@ -473,6 +476,7 @@ impl Watcher {
                 op,
                 value,
                 d.stream_seq,
+                Some(std::time::UNIX_EPOCH + Duration::from_nanos(d.published_ns)),
             )));
         }
         if !self.synced && reached_sync {
@@ -560,7 +564,8 @@ mod tests {
             Some(Delivery {
                 stream_seq: 42,
                 consumer_seq: 7,
-                pending: 3
+                pending: 3,
+                published_ns: 1_700_000_000_000_000_000,
             })
         );
         assert_eq!(
@@ -568,7 +573,8 @@ mod tests {
             Some(Delivery {
                 stream_seq: 42,
                 consumer_seq: 7,
-                pending: 0
+                pending: 0,
+                published_ns: 1_700_000_000_000_000_000,
             })
         );
         assert_eq!(parse_ack_subject("$JS.ACK.a.b"), None);

@@ -152,7 +152,8 @@ async fn watch_from_a_cursor_delivers_only_the_delta() {
             KvUpdate::Put(slipstream::kv::KvEntry {
                 key: "web.k3".into(),
                 value: b("2"),
-                version: v1
+                version: v1,
+                published: None,
             }),
             KvUpdate::Delete {
                 key: "web.k4".into(),
@@ -351,4 +352,27 @@ async fn a_bucket_created_again_is_a_new_incarnation_and_old_watches_never_read_
         ),
         other => panic!("expected the old watch to end, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn watch_deliveries_carry_when_nats_stored_them_not_when_they_arrived() {
+    let server = NatsServer::start();
+    let kv = bucket(&server, "stamped").await;
+    let before = std::time::SystemTime::now();
+    kv.put("k", b("v")).await.unwrap();
+    let after = std::time::SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut w = kv.watch_all().await.unwrap();
+    let (updates, _) = until_synced(&mut w).await;
+    let KvUpdate::Put(e) = &updates[0] else {
+        panic!("expected a put, got {updates:?}")
+    };
+    let published = e.published.expect("watch deliveries are stamped");
+    // the server's clock is this machine's; allow for its rounding
+    let slack = Duration::from_millis(50);
+    assert!(
+        published + slack >= before && published <= after + slack,
+        "stored between {before:?} and {after:?}, stamped {published:?}"
+    );
+    assert_eq!(kv.get("k").await.unwrap().unwrap(), *e, "equality ignores the stamp");
 }
