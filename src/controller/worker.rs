@@ -331,12 +331,13 @@ impl Worker {
     /// The KV entries a ConfigMap we wrote reflects at its cursor: it names
     /// this binding and generation, its keys map back to KV keys (by the
     /// sources annotation, or by the keys themselves when the rules are
-    /// invertible and the target is ours alone), and our keys still hold
-    /// what we wrote (digest). `None` means a full state-sync instead.
+    /// invertible and the target is ours alone), our keys still hold what
+    /// we wrote (digest), and no key was skipped (those are not in it). `None` means a full state-sync instead.
     fn resumable_entries(&self, cm: &ConfigMap, obs: &Observed) -> Option<BTreeMap<String, Bytes>> {
         if obs.binding.as_deref() != Some(self.target.binding.as_str())
             || obs.generation != Some(self.target.generation)
             || obs.cursor.is_none()
+            || obs.skipped > 0
         {
             return None;
         }

@@ -35,6 +35,9 @@ pub const GENERATION_ANNOTATION: &str = "slipstream.io/generation";
 pub const DIGEST_ANNOTATION: &str = "slipstream.io/content-digest";
 /// The bucket incarnation (see `KvReader::incarnation`) the cursor belongs to.
 pub const INCARNATION_ANNOTATION: &str = "slipstream.io/bucket-incarnation";
+/// How many KV keys the key policy left out. Their names are not in the
+/// ConfigMap, so a restart with skipped keys re-reads the full state.
+pub const SKIPPED_ANNOTATION: &str = "slipstream.io/skipped-keys";
 /// Which prefix each written key came from (see `ProjectionRules::sources`),
 /// on targets whose keys alone cannot be mapped back to KV keys.
 pub const SOURCES_ANNOTATION: &str = "slipstream.io/sources";
@@ -132,6 +135,10 @@ fn stamp(annotations: &mut BTreeMap<String, String>, content: &Projected) {
         Some(sources) => annotations.insert(SOURCES_ANNOTATION.into(), sources.clone()),
         None => annotations.remove(SOURCES_ANNOTATION),
     };
+    match content.skipped.len() {
+        0 => annotations.remove(SKIPPED_ANNOTATION),
+        n => annotations.insert(SKIPPED_ANNOTATION.into(), n.to_string()),
+    };
     match content.incarnation {
         Some(i) => annotations.insert(INCARNATION_ANNOTATION.into(), i.to_string()),
         None => annotations.remove(INCARNATION_ANNOTATION),
@@ -167,6 +174,8 @@ pub struct Observed {
     pub sources: Option<String>,
     /// [`INCARNATION_ANNOTATION`].
     pub incarnation: Option<u64>,
+    /// [`SKIPPED_ANNOTATION`] (0 when absent).
+    pub skipped: usize,
     pub data: BTreeMap<String, String>,
     pub binary_data: BTreeMap<String, ByteString>,
 }
@@ -197,6 +206,9 @@ impl Observed {
             digest: get(DIGEST_ANNOTATION),
             sources: get(SOURCES_ANNOTATION),
             incarnation: get(INCARNATION_ANNOTATION).and_then(|i| i.parse().ok()),
+            skipped: get(SKIPPED_ANNOTATION)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
             owner_uid: cm
                 .metadata
                 .owner_references
@@ -234,6 +246,7 @@ impl Observed {
     pub fn stamped(&self, content: &Projected) -> bool {
         self.sources == content.sources
             && self.incarnation == content.incarnation
+            && self.skipped == content.skipped.len()
             && self.digest.as_deref() == Some(projected_digest(content).as_str())
     }
 

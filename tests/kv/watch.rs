@@ -330,7 +330,9 @@ async fn a_bucket_created_again_is_a_new_incarnation_and_old_watches_never_read_
         .create_or_open(&BucketConfig::new("again"))
         .await
         .unwrap();
-    let first = kv.incarnation().expect("NATS buckets know their incarnation");
+    let first = kv
+        .incarnation()
+        .expect("NATS buckets know their incarnation");
     kv.put("k", b("old")).await.unwrap();
     let mut w = kv.watch_all().await.unwrap();
     until_synced(&mut w).await;
@@ -374,5 +376,9 @@ async fn watch_deliveries_carry_when_nats_stored_them_not_when_they_arrived() {
         published + slack >= before && published <= after + slack,
         "stored between {before:?} and {after:?}, stamped {published:?}"
     );
-    assert_eq!(kv.get("k").await.unwrap().unwrap(), *e, "equality ignores the stamp");
+    assert_eq!(
+        kv.get("k").await.unwrap().unwrap(),
+        *e,
+        "equality ignores the stamp"
+    );
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Patch, PatchParams, PostParams};
+use slipstream::crd::ConfigBinding;
 use slipstream::kv::KvWriter;
 
 use crate::*;
@@ -131,7 +132,8 @@ async fn bucket_deleted_and_created_again_is_synced_from_its_new_revisions() {
         put(&kv, &format!("r.k{i:02}"), "old").await;
     }
     let _op = env.operator();
-    env.create_binding("r", "bucket: reborn\nprefixes: [r.]").await;
+    env.create_binding("r", "bucket: reborn\nprefixes: [r.]")
+        .await;
     let old = eventually("20 old keys", || async {
         env.cm("r").await.filter(|cm| data(cm).len() == 20)
     })
@@ -148,4 +150,37 @@ async fn bucket_deleted_and_created_again_is_synced_from_its_new_revisions() {
     put(&kv, "r.later", "2").await;
     wait_exact(&env, "r", &map(&[("r.new", "1"), ("r.later", "2")])).await;
     assert_eq!(ready_reason(&env.binding("r").await), "Synced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipped_keys_are_still_listed_after_a_restart() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "s.ok", "1").await;
+    put(&kv, "s.a/b", "2").await;
+    let op = env.operator();
+    env.create_binding(
+        "s",
+        "bucket: app\nprefixes: [s.]\nstripPrefix: true\nkeyPolicy: Skip",
+    )
+    .await;
+    let listed = |b: ConfigBinding| {
+        let s = b.status?;
+        (s.skipped_count == Some(1) && s.skipped_keys == ["s.a/b"]).then_some(())
+    };
+    eventually("the bad key listed", || async {
+        listed(env.binding("s").await)
+    })
+    .await;
+    op.kill();
+    put(&kv, "s.ok", "changed").await;
+    let _op = env.operator();
+    wait_exact(&env, "s", &map(&[("ok", "changed")])).await;
+    eventually("still listed after the restart", || async {
+        let b = env.binding("s").await;
+        let synced = b.status.as_ref()?.cursor.as_deref() == Some("3");
+        synced.then_some(())?;
+        listed(b)
+    })
+    .await;
 }
