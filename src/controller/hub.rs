@@ -458,7 +458,57 @@ async fn resume(
         }
         !expired
     });
-    scan(bucket, store, metrics, requesters).await;
+    let at = |r: &Requester| r.from.version().and_then(|v| v.as_u64()).unwrap_or(0);
+    requesters.sort_by_key(at);
+    let cursors: Vec<u64> = requesters.iter().map(at).collect();
+    let starts = delta_runs(&cursors, last);
+    // one run at a time: still one delta consumer per bucket
+    for (i, &start) in starts.iter().enumerate().rev() {
+        let run = requesters.split_off(start);
+        debug!(
+            bucket,
+            run = i,
+            bindings = run.len(),
+            from = cursors[start],
+            "catch-up resume"
+        );
+        scan(bucket, store, metrics, run).await;
+    }
+}
+
+/// Most resume scans one batch is split into.
+const MAX_DELTA_RUNS: usize = 8;
+/// Gaps narrower than this never split a batch: re-reading that many
+/// revisions costs less than another consumer.
+const MIN_SPLIT_GAP: u64 = 4096;
+
+/// Where the runs of a resume batch start, given its cursors sorted
+/// ascending. A resume from the smallest cursor re-reads, for every other
+/// binding, the revisions between that cursor and its own; a gap between
+/// neighbouring cursors wider than [`MIN_SPLIT_GAP`] and than everything
+/// the newer binding still has to read (`head - cursor`) starts a new run,
+/// widest gaps first, so one long-idle binding does not make the whole
+/// batch re-read its window. At most [`MAX_DELTA_RUNS`] runs.
+fn delta_runs(cursors: &[u64], head: u64) -> Vec<usize> {
+    let mut splits: Vec<(u64, usize)> = cursors
+        .windows(2)
+        .enumerate()
+        .filter_map(|(i, w)| {
+            let gap = w[1].saturating_sub(w[0]);
+            let ahead = head.saturating_sub(w[1]);
+            (gap > MIN_SPLIT_GAP && gap > ahead).then_some((gap, i + 1))
+        })
+        .collect();
+    splits.sort_by_key(|&(gap, _)| std::cmp::Reverse(gap));
+    splits.truncate(MAX_DELTA_RUNS - 1);
+    let mut starts: Vec<usize> = std::iter::once(0)
+        .chain(splits.into_iter().map(|(_, i)| i))
+        .collect();
+    starts.sort_unstable();
+    if cursors.is_empty() {
+        starts.clear();
+    }
+    starts
 }
 
 /// Finds the requesters a key belongs to: prefixes grouped by length, so a
@@ -633,5 +683,67 @@ fn covers_before(cursor: VersionToken, first: VersionToken) -> bool {
     match (cursor.as_u64(), first.as_u64()) {
         (Some(c), Some(f)) => c.saturating_add(1) >= f,
         _ => cursor >= first,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requester(prefixes: &[&str]) -> Requester {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Requester {
+            ticket: 0,
+            from: WatchCursor::none(),
+            prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
+            tx,
+            alive: true,
+        }
+    }
+
+    #[test]
+    fn router_finds_every_binding_whose_prefix_starts_the_key_once() {
+        let rs = [
+            requester(&["web.", "shared."]),
+            requester(&["web.a"]),
+            requester(&[""]),
+            requester(&["api."]),
+            requester(&["web.", "web.api"]),
+        ];
+        let router = Router::new(&rs);
+        let mut out = Vec::new();
+        let cases: &[(&str, &[usize])] = &[
+            ("web.api.port", &[0, 1, 2, 4]),
+            ("web.b", &[0, 2, 4]),
+            ("shared.x", &[0, 2]),
+            ("api.x", &[2, 3]),
+            ("other", &[2]),
+            ("w", &[2]),
+        ];
+        for (key, want) in cases {
+            router.route(key, &mut out);
+            assert_eq!(&out, want, "{key}");
+        }
+    }
+
+    #[test]
+    fn resume_batches_split_only_at_wide_gaps() {
+        let head = 1_000_000;
+        // dense cursors near the head: one run
+        let dense: Vec<u64> = (0..100).map(|i| head - 500 + i * 3).collect();
+        assert_eq!(delta_runs(&dense, head), vec![0]);
+        // one binding idle far behind: its own run
+        let mut idle = vec![10];
+        idle.extend(&dense);
+        assert_eq!(delta_runs(&idle, head), vec![0, 1]);
+        // a gap narrower than what the newer side still reads: no split
+        assert_eq!(delta_runs(&[100_000, 200_000], 500_000), vec![0]);
+        // never more than MAX_DELTA_RUNS runs, the widest gaps win
+        // each gap twice what the newer side still reads: 15 candidate splits
+        let head = 3u64.pow(16) * 10_000;
+        let spread: Vec<u64> = (0..16).rev().map(|k| head - 3u64.pow(k) * 10_000).collect();
+        let runs = delta_runs(&spread, head);
+        assert_eq!(runs, (0..MAX_DELTA_RUNS).collect::<Vec<_>>());
+        assert!(delta_runs(&[], head).is_empty());
     }
 }
