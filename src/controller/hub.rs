@@ -10,7 +10,7 @@
 //! consumers (live, full, delta) however many bindings start at once.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -59,8 +59,24 @@ struct Subscriber {
 #[derive(Default)]
 struct Shared {
     subscribers: HashMap<u64, Subscriber>,
+    /// Subscriber ids by prefix, for the live fan-out.
+    index: PrefixIndex<u64>,
     attached: Option<Arc<dyn KvStore>>,
     last_error: Option<KvError>,
+}
+
+impl Shared {
+    fn add(&mut self, id: u64, sub: Subscriber) {
+        self.remove(id);
+        self.index.insert(sub.rules.prefixes(), id);
+        self.subscribers.insert(id, sub);
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(old) = self.subscribers.remove(&id) {
+            self.index.remove(old.rules.prefixes(), id);
+        }
+    }
 }
 
 /// A binding's wish for its history: `from` none = full state.
@@ -190,7 +206,7 @@ impl Hub {
             } else if let Some(err) = &shared.last_error {
                 let _ = tx.send(HubEvent::Lost(err.clone()));
             }
-            shared.subscribers.insert(id, Subscriber { rules, tx });
+            shared.add(id, Subscriber { rules, tx });
         }
         Subscription {
             hub: self.clone(),
@@ -206,7 +222,7 @@ impl Hub {
         let empty = match buckets.get(bucket) {
             Some(w) => {
                 let mut shared = lock(&w.shared);
-                shared.subscribers.remove(&id);
+                shared.remove(id);
                 shared.subscribers.is_empty()
             }
             None => false,
@@ -225,8 +241,15 @@ fn broadcast(shared: &Mutex<Shared>, event: &HubEvent) {
         s.attached = None;
         s.last_error = Some(e.clone());
     }
-    s.subscribers
-        .retain(|_, sub| sub.tx.send(event.clone()).is_ok());
+    let gone: Vec<u64> = s
+        .subscribers
+        .iter()
+        .filter(|(_, sub)| sub.tx.send(event.clone()).is_err())
+        .map(|(id, _)| *id)
+        .collect();
+    for id in gone {
+        s.remove(id);
+    }
 }
 
 async fn run_bucket(
@@ -286,6 +309,7 @@ async fn watch_once(
     metrics.open_watches.inc();
     let mut health = tokio::time::interval(health_interval);
     health.tick().await;
+    let mut targets = Vec::new();
     let err = loop {
         tokio::select! {
             ev = stream.next() => match ev {
@@ -296,10 +320,16 @@ async fn watch_once(
                     }
                     let now = Instant::now();
                     let mut s = lock(shared);
-                    s.subscribers.retain(|_, sub| {
-                        !sub.rules.matches(update.key())
-                            || sub.tx.send(HubEvent::Update(update.clone(), now)).is_ok()
-                    });
+                    s.index.route(update.key(), &mut targets);
+                    for id in &targets {
+                        let sent = s
+                            .subscribers
+                            .get(id)
+                            .is_some_and(|sub| sub.tx.send(HubEvent::Update(update.clone(), now)).is_ok());
+                        if !sent {
+                            s.remove(*id);
+                        }
+                    }
                 }
                 Some(Ok(WatchEvent::Synced { .. })) => {}
                 Some(Err(e)) => break e,
@@ -511,41 +541,62 @@ fn delta_runs(cursors: &[u64], head: u64) -> Vec<usize> {
     starts
 }
 
-/// Finds the requesters a key belongs to: prefixes grouped by length, so a
-/// key costs one hash lookup per distinct prefix length, not one
-/// comparison per binding.
-struct Router {
-    by_len: Vec<(usize, HashMap<String, Vec<usize>>)>,
+/// Finds the bindings a key belongs to: prefixes grouped by length, so a
+/// key costs one hash lookup per distinct prefix length, not one prefix
+/// comparison per binding (thousands of bindings share a bucket).
+struct PrefixIndex<T> {
+    by_len: BTreeMap<usize, HashMap<String, Vec<T>>>,
 }
 
-impl Router {
-    fn new(requesters: &[Requester]) -> Self {
-        let mut by_len: HashMap<usize, HashMap<String, Vec<usize>>> = HashMap::new();
-        for (i, r) in requesters.iter().enumerate() {
-            for p in &r.prefixes {
-                let targets = by_len
-                    .entry(p.len())
-                    .or_default()
-                    .entry(p.clone())
-                    .or_default();
-                if targets.last() != Some(&i) {
-                    targets.push(i);
-                }
+impl<T> Default for PrefixIndex<T> {
+    fn default() -> Self {
+        Self {
+            by_len: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T: Copy + Ord> PrefixIndex<T> {
+    fn insert(&mut self, prefixes: &[String], id: T) {
+        for p in prefixes {
+            let ids = self
+                .by_len
+                .entry(p.len())
+                .or_default()
+                .entry(p.clone())
+                .or_default();
+            if !ids.contains(&id) {
+                ids.push(id);
             }
         }
-        let mut by_len: Vec<_> = by_len.into_iter().collect();
-        by_len.sort_by_key(|(len, _)| *len);
-        Self { by_len }
     }
 
-    fn route(&self, key: &str, out: &mut Vec<usize>) {
+    fn remove(&mut self, prefixes: &[String], id: T) {
+        for p in prefixes {
+            let Some(of_len) = self.by_len.get_mut(&p.len()) else {
+                continue;
+            };
+            if let Some(ids) = of_len.get_mut(p) {
+                ids.retain(|i| *i != id);
+                if ids.is_empty() {
+                    of_len.remove(p);
+                }
+            }
+            if of_len.is_empty() {
+                self.by_len.remove(&p.len());
+            }
+        }
+    }
+
+    /// Every id with a prefix that starts `key`, each once, sorted.
+    fn route(&self, key: &str, out: &mut Vec<T>) {
         out.clear();
         for (len, prefixes) in &self.by_len {
             let Some(head) = key.get(..*len) else {
                 break;
             };
-            if let Some(targets) = prefixes.get(head) {
-                out.extend_from_slice(targets);
+            if let Some(ids) = prefixes.get(head) {
+                out.extend_from_slice(ids);
             }
         }
         if out.len() > 1 {
@@ -616,7 +667,10 @@ async fn scan(
         }
     };
     metrics.open_watches.inc();
-    let router = Router::new(&requesters);
+    let mut router = PrefixIndex::default();
+    for (i, r) in requesters.iter().enumerate() {
+        router.insert(&r.prefixes, i);
+    }
     let mut targets = Vec::new();
     let mut delivered = 0u64;
     let outcome = loop {
@@ -702,7 +756,7 @@ mod tests {
     }
 
     #[test]
-    fn router_finds_every_binding_whose_prefix_starts_the_key_once() {
+    fn prefix_index_finds_every_binding_whose_prefix_starts_the_key_once() {
         let rs = [
             requester(&["web.", "shared."]),
             requester(&["web.a"]),
@@ -710,7 +764,10 @@ mod tests {
             requester(&["api."]),
             requester(&["web.", "web.api"]),
         ];
-        let router = Router::new(&rs);
+        let mut router = PrefixIndex::default();
+        for (i, r) in rs.iter().enumerate() {
+            router.insert(&r.prefixes, i);
+        }
         let mut out = Vec::new();
         let cases: &[(&str, &[usize])] = &[
             ("web.api.port", &[0, 1, 2, 4]),
@@ -724,6 +781,13 @@ mod tests {
             router.route(key, &mut out);
             assert_eq!(&out, want, "{key}");
         }
+        // a binding that leaves is no longer routed to; others keep their prefixes
+        router.remove(&rs[0].prefixes, 0);
+        router.remove(&rs[2].prefixes, 2);
+        router.route("web.api.port", &mut out);
+        assert_eq!(out, vec![1, 4]);
+        router.route("shared.x", &mut out);
+        assert!(out.is_empty());
     }
 
     #[test]
