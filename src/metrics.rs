@@ -22,8 +22,9 @@ pub struct ReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeliveryLabels {
     pub bucket: String,
-    /// `shared` (the bucket's one watch) or `catchup` (a binding's bounded
-    /// state-sync or resume watch).
+    /// `shared` (the bucket's one live watch) or `catchup` (the bucket's
+    /// catch-up scans: a state-sync or resume shared by the bindings that
+    /// asked together).
     pub source: String,
 }
 
