@@ -31,7 +31,7 @@ pub struct RunArgs {
     /// Least time between two status writes of one binding that only move
     /// its cursor, counts or lastSyncTime (condition changes go out at once;
     /// the last change is always written when the interval ends).
-    #[arg(long, env = "SLIPSTREAM_STATUS_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "SLIPSTREAM_STATUS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub status_interval: Duration,
     /// YAML access policy (namespaces -> buckets and prefixes). Default: allow all.
     #[arg(long, env = "SLIPSTREAM_POLICY_FILE")]

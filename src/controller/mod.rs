@@ -139,7 +139,7 @@ impl Default for Config {
             namespace: None,
             catchup_gather: Duration::from_millis(20),
             api_concurrency: 64,
-            status_interval: Duration::from_secs(2),
+            status_interval: Duration::from_secs(10),
         }
     }
 }

@@ -35,7 +35,7 @@ use crate::{
     projection::{Projected, ProjectionRules},
     sink::configmap::{
         BINDING_ANNOTATION, ConfigMapSink, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Observed, SinkError,
-        TargetRef, check_ownership, content_digest,
+        TargetRef, check_ownership, content_digest, foreign_keys,
     },
 };
 
@@ -812,7 +812,7 @@ impl Worker {
                 && obs.binding.as_deref() == Some(self.target.binding.as_str())
                 && obs.generation == Some(self.target.generation)
                 && match self.target.policy {
-                    CreationPolicy::Owner => obs.foreign_keys(&projected).is_empty(),
+                    CreationPolicy::Owner => !obs.has_foreign_keys(&projected),
                     CreationPolicy::Merge => {
                         self.applied_keys.as_ref() == Some(&content_keys(&projected))
                     }
@@ -896,11 +896,21 @@ impl Worker {
         } else if let TargetState::Present(obs) = &self.target_state
             && self.target.policy == CreationPolicy::Owner
         {
-            // hand-added keys are not ours to keep; remove them in the same write
-            let foreign = obs.foreign_keys(content);
-            if !foreign.is_empty()
+            // hand-added keys are not ours to keep; remove them in the same
+            // write (their names come from a fresh read: only hashes are kept)
+            if obs.has_foreign_keys(content)
                 && let Some(rv) = &resource_version
             {
+                let cm = self
+                    .ctx
+                    .sink
+                    .read(&self.target.namespace, &self.target.name)
+                    .await?;
+                let Some(cm) = cm.filter(|cm| cm.metadata.resource_version.as_ref() == Some(rv))
+                else {
+                    return Err(SinkError::Conflict);
+                };
+                let foreign = foreign_keys(&cm, content);
                 return self
                     .ctx
                     .sink

@@ -468,7 +468,10 @@ impl Watcher {
             let value = if self.headers_only {
                 Bytes::new()
             } else {
-                m.payload
+                // the payload is a slice of the connection's 64 KiB read
+                // buffer and would pin all of it for as long as the value is
+                // kept: a small value gets its own allocation
+                own_small(m.payload)
             };
             self.last_yielded = d.stream_seq;
             self.out.push_back(WatchEvent::Update(to_update(
@@ -528,6 +531,17 @@ impl Watcher {
             }
         }
         Ok(())
+    }
+}
+
+/// Values up to this size are copied out of the read buffer they arrived in.
+const OWN_BELOW: usize = 16 * 1024;
+
+fn own_small(payload: Bytes) -> Bytes {
+    if payload.len() < OWN_BELOW {
+        Bytes::copy_from_slice(&payload)
+    } else {
+        payload
     }
 }
 

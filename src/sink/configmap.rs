@@ -176,21 +176,84 @@ pub struct Observed {
     pub incarnation: Option<u64>,
     /// [`SKIPPED_ANNOTATION`] (0 when absent).
     pub skipped: usize,
-    pub data: BTreeMap<String, String>,
-    pub binary_data: BTreeMap<String, ByteString>,
+    /// The content as hashes, not a copy: a binding keeps this per target.
+    pub content: ContentHashes,
+}
+
+/// A ConfigMap's `data` and `binaryData` as one `(key hash, value hash)` pair
+/// per entry, sorted: enough to tell "same content", "holds these keys" and
+/// "has keys besides these" (64-bit hashes; a collision among one
+/// ConfigMap's keys or a key's old and new value is not a practical concern)
+/// at 16 bytes per key instead of a copy of every key and value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContentHashes(Vec<(u64, u64)>);
+
+fn hash_of(tag: u8, bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    // SipHash with fixed keys: the same in every instance of this process
+    let mut h = std::hash::DefaultHasher::new();
+    h.write_u8(tag);
+    h.write(bytes);
+    h.finish()
+}
+
+/// Key hashes tell `data` from `binaryData`: moving a key is a change.
+fn key_hash(binary: bool, key: &str) -> u64 {
+    hash_of(u8::from(binary), key.as_bytes())
+}
+
+fn value_hash(value: &[u8]) -> u64 {
+    hash_of(2, value)
+}
+
+impl ContentHashes {
+    pub fn of_configmap(cm: &ConfigMap) -> Self {
+        let text = cm.data.iter().flatten();
+        let binary = cm.binary_data.iter().flatten();
+        let mut v: Vec<(u64, u64)> = text
+            .map(|(k, v)| (key_hash(false, k), value_hash(v.as_bytes())))
+            .chain(binary.map(|(k, v)| (key_hash(true, k), value_hash(&v.0))))
+            .collect();
+        v.sort_unstable();
+        Self(v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn value_of(&self, key: u64) -> Option<u64> {
+        let i = self.0.binary_search_by_key(&key, |(k, _)| *k).ok()?;
+        Some(self.0[i].1)
+    }
+
+    /// Every key of `content` is here with the same value.
+    fn contains_all(&self, content: &Projected) -> bool {
+        let text = content.data.iter().map(|(k, v)| (false, k, v.as_bytes()));
+        let binary = content.binary_data.iter().map(|(k, v)| (true, k, &v.0[..]));
+        text.chain(binary)
+            .all(|(bin, k, v)| self.value_of(key_hash(bin, k)) == Some(value_hash(v)))
+    }
+
+    /// How many keys of `content` are here (whatever their values).
+    fn count_present(&self, content: &Projected) -> usize {
+        let text = content.data.keys().map(|k| key_hash(false, k));
+        let binary = content.binary_data.keys().map(|k| key_hash(true, k));
+        text.chain(binary)
+            .filter(|k| self.value_of(*k).is_some())
+            .count()
+    }
 }
 
 impl Observed {
-    /// Like [`Observed::from_configmap`], moving the content instead of
-    /// copying it (a watch event or a write response we own anyway).
-    pub fn from_owned(mut cm: ConfigMap) -> Self {
-        let data = cm.data.take().unwrap_or_default();
-        let binary_data = cm.binary_data.take().unwrap_or_default();
-        Self {
-            data,
-            binary_data,
-            ..Self::from_configmap(&cm)
-        }
+    /// [`Observed::from_configmap`] of a ConfigMap we own anyway (a watch
+    /// event or a write response); dropped right after.
+    pub fn from_owned(cm: ConfigMap) -> Self {
+        Self::from_configmap(&cm)
     }
 
     pub fn from_configmap(cm: &ConfigMap) -> Self {
@@ -216,28 +279,18 @@ impl Observed {
                 .flatten()
                 .find(|o| o.controller == Some(true))
                 .map(|o| o.uid.clone()),
-            data: cm.data.clone().unwrap_or_default(),
-            binary_data: cm.binary_data.clone().unwrap_or_default(),
+            content: ContentHashes::of_configmap(cm),
         }
     }
 
     /// True when the ConfigMap holds exactly `content` under our keys: all
     /// of them for `Owner`, only the projected ones for `Merge`.
     pub fn holds(&self, content: &Projected, policy: CreationPolicy) -> bool {
+        let same_size = self.content.len() == content.data.len() + content.binary_data.len();
         match policy {
-            CreationPolicy::Owner => {
-                self.data == content.data && self.binary_data == content.binary_data
-            }
-            CreationPolicy::Merge => {
-                content
-                    .data
-                    .iter()
-                    .all(|(k, v)| self.data.get(k) == Some(v))
-                    && content
-                        .binary_data
-                        .iter()
-                        .all(|(k, v)| self.binary_data.get(k) == Some(v))
-            }
+            // keys are unique: as many entries, each of ours present, is equality
+            CreationPolicy::Owner => same_size && self.content.contains_all(content),
+            CreationPolicy::Merge => self.content.contains_all(content),
         }
     }
 
@@ -250,20 +303,20 @@ impl Observed {
             && self.digest.as_deref() == Some(projected_digest(content).as_str())
     }
 
-    /// Keys in the ConfigMap that `content` does not have (hand-added keys,
-    /// which an `Owner` binding removes).
-    pub fn foreign_keys(&self, content: &Projected) -> Vec<String> {
-        self.data
-            .keys()
-            .filter(|k| !content.data.contains_key(*k))
-            .chain(
-                self.binary_data
-                    .keys()
-                    .filter(|k| !content.binary_data.contains_key(*k)),
-            )
-            .cloned()
-            .collect()
+    /// The ConfigMap has keys that `content` does not (hand-added keys,
+    /// which an `Owner` binding removes; [`foreign_keys`] names them).
+    pub fn has_foreign_keys(&self, content: &Projected) -> bool {
+        self.content.count_present(content) < self.content.len()
     }
+}
+
+/// Keys in `cm` that `content` does not have.
+pub fn foreign_keys(cm: &ConfigMap, content: &Projected) -> Vec<String> {
+    let text = cm.data.iter().flatten().map(|(k, _)| k);
+    let text = text.filter(|k| !content.data.contains_key(*k));
+    let binary = cm.binary_data.iter().flatten().map(|(k, _)| k);
+    let binary = binary.filter(|k| !content.binary_data.contains_key(*k));
+    text.chain(binary).cloned().collect()
 }
 
 /// May this binding write an existing ConfigMap? Pure; `other_binding_exists`
@@ -606,15 +659,54 @@ mod tests {
     }
 
     #[test]
+    fn content_hashes_see_a_changed_value_a_moved_key_and_a_missing_key() {
+        let mut content = Projected::default();
+        content.data.insert("a".into(), "1".into());
+        content
+            .binary_data
+            .insert("b".into(), ByteString(vec![0xff]));
+        let cm = |data: &[(&str, &str)], binary: &[(&str, &[u8])]| ConfigMap {
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            binary_data: Some(
+                binary
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+                    .collect(),
+            ),
+            ..ConfigMap::default()
+        };
+        let table: &[(ConfigMap, bool)] = &[
+            (cm(&[("a", "1")], &[("b", &[0xff])]), true),
+            (cm(&[("a", "2")], &[("b", &[0xff])]), false),
+            (cm(&[("a", "1"), ("b", "\u{ff}")], &[]), false),
+            (cm(&[("a", "1")], &[]), false),
+            (cm(&[], &[("a", b"1"), ("b", &[0xff])]), false),
+        ];
+        for (i, (cm, same)) in table.iter().enumerate() {
+            let obs = Observed::from_configmap(cm);
+            assert_eq!(obs.holds(&content, CreationPolicy::Owner), *same, "row {i}");
+        }
+    }
+
+    #[test]
     fn merge_compares_only_our_keys_owner_compares_all() {
         let mut content = Projected::default();
         content.data.insert("a".into(), "1".into());
-        let obs = Observed {
-            data: BTreeMap::from([("a".into(), "1".into()), ("theirs".into(), "x".into())]),
-            ..Observed::default()
+        let cm = ConfigMap {
+            data: Some(BTreeMap::from([
+                ("a".into(), "1".into()),
+                ("theirs".into(), "x".into()),
+            ])),
+            ..ConfigMap::default()
         };
+        let obs = Observed::from_configmap(&cm);
         assert!(obs.holds(&content, CreationPolicy::Merge));
         assert!(!obs.holds(&content, CreationPolicy::Owner));
-        assert_eq!(obs.foreign_keys(&content), ["theirs"]);
+        assert!(obs.has_foreign_keys(&content));
+        assert_eq!(foreign_keys(&cm, &content), ["theirs"]);
     }
 }

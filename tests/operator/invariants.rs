@@ -185,7 +185,9 @@ async fn wait_reason_any(env: &Env, name: &str, reasons: &[&str]) -> ConfigBindi
         let b = env.binding(name).await;
         let cm = env.cm(name).await?;
         let synced = data(&cm).get("k.c").map(String::as_str) == Some("3");
-        (synced && reasons.contains(&ready_reason(&b).as_str())).then_some(b)
+        // status written after that ConfigMap write, not a reason left from before
+        let current = b.status.as_ref()?.cursor.as_deref()? == cursor(&cm)?.to_string();
+        (synced && current && reasons.contains(&ready_reason(&b).as_str())).then_some(b)
     })
     .await
 }
