@@ -1,8 +1,16 @@
-//! Load benchmark: a steady write rate (default 1,000 writes/s) against
+//! Load benchmarks of the emulator.
+//!
+//! Fan-out (default): a steady write rate (default 1,000 writes/s) against
 //! ConfigMaps while 100 watches are open; prints per-request latency and
 //! watch delivery lag percentiles.
-//!
 //! `cargo run --release -p apiserver --example bench_apiserver -- [--seconds 10] [--rate 1000] [--watches 100] [--write-latency-ms 0]`
+//!
+//! Scale (`--scale`): the store pre-loaded with N large ConfigMaps (100 keys x
+//! 32 bytes, each owned by a custom resource), then server-side applies and
+//! `/status` merge patches from 64 clients, a full list and a watch from 0,
+//! and 1,000 owners deleted (finalizer removed, dependents garbage-collected)
+//! while the applies go on. Prints one table, one column per N.
+//! `cargo run --release -p apiserver --example bench_apiserver -- --scale [--sizes 0,10000,20000] [--clients 64] [--applies 10000] [--write-latency-ms 3]`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{
@@ -71,6 +79,10 @@ fn summary(name: &str, mut v: Vec<u64>) {
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "--scale") {
+        scale::run().await;
+        return;
+    }
     let seconds = arg("--seconds", 10);
     let rate = arg("--rate", 1000);
     let watches = arg("--watches", 100);
@@ -193,4 +205,598 @@ async fn main() {
     );
     summary("write request latency", latencies.lock().await.clone());
     summary("watch delivery lag", lags.lock().await.clone());
+}
+
+/// The scale scenario (`--scale`).
+mod scale {
+    use std::{
+        future::Future,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use apiserver::{ApiServer, Config};
+    use futures::{AsyncBufReadExt, StreamExt};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::{
+        Api,
+        api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams},
+    };
+    use serde_json::{Map, Value, json};
+
+    use super::{arg, load, pct};
+
+    /// ConfigMaps written by the apply and GC phases (the rest just sit in the store).
+    const HOT: usize = 1_000;
+    /// Owners deleted in the GC phase.
+    const GC: usize = 1_000;
+    const NS: &str = "default";
+
+    fn owner_crd() -> Value {
+        json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "owners.bench.slipstream.io"},
+            "spec": {
+                "group": "bench.slipstream.io", "scope": "Namespaced",
+                "names": {"plural": "owners", "singular": "owner", "kind": "Owner", "listKind": "OwnerList"},
+                "versions": [{
+                    "name": "v1", "served": true, "storage": true,
+                    "subresources": {"status": {}},
+                    "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                        "spec": {"type": "object", "properties": {
+                            "bucket": {"type": "string"},
+                            "prefixes": {"type": "array", "items": {"type": "string"}}
+                        }},
+                        "status": {"type": "object", "properties": {
+                            "cursor": {"type": "string"},
+                            "keys": {"type": "integer"},
+                            "bytes": {"type": "integer"},
+                            "conditions": {
+                                "type": "array",
+                                "x-kubernetes-list-type": "map",
+                                "x-kubernetes-list-map-keys": ["type"],
+                                "items": {"type": "object", "required": ["type", "status"], "properties": {
+                                    "type": {"type": "string"}, "status": {"type": "string"},
+                                    "reason": {"type": "string"}, "lastTransitionTime": {"type": "string"}
+                                }}
+                            }
+                        }}
+                    }}}
+                }]
+            }
+        })
+    }
+
+    /// 100 keys of 32-byte values; `first` replaces the value of `key-000`.
+    fn data(first: u64) -> Map<String, Value> {
+        (0..100u64)
+            .map(|k| {
+                let v = if k == 0 {
+                    format!("{first:032}")
+                } else {
+                    format!("{:016x}{k:016x}", k * 7919)
+                };
+                (format!("key-{k:03}"), json!(v))
+            })
+            .collect()
+    }
+
+    fn owner_ref(name: &str, uid: &str) -> Value {
+        json!([{"apiVersion": "bench.slipstream.io/v1", "kind": "Owner", "name": name, "uid": uid,
+                "controller": true, "blockOwnerDeletion": true}])
+    }
+
+    fn config_map(name: &str, group: &str, owner: &str, uid: &str, seq: u64) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {
+                "name": name, "namespace": NS,
+                "labels": {"app.kubernetes.io/managed-by": "bench", "bench-group": group},
+                "annotations": {"bench/cursor": seq.to_string(), "bench/owner": owner},
+                "ownerReferences": owner_ref(owner, uid),
+            },
+            "data": data(seq),
+        })
+    }
+
+    /// Creates `n` owners and one owned ConfigMap each, straight in the store.
+    /// Returns the owners' uids.
+    fn preload(
+        api: &ApiServer,
+        prefix: &str,
+        group: &str,
+        n: usize,
+        finalizer: bool,
+    ) -> Vec<String> {
+        let mut uids = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = format!("{prefix}-{i}");
+            let mut owner = json!({
+                "apiVersion": "bench.slipstream.io/v1", "kind": "Owner",
+                "metadata": {"name": name, "namespace": NS, "labels": {"bench-group": group}},
+                "spec": {"bucket": "b", "prefixes": [format!("{name}.")]},
+            });
+            if finalizer {
+                owner["metadata"]["finalizers"] = json!(["bench.slipstream.io/hold"]);
+            }
+            let o = api.create_object(owner).unwrap();
+            let uid = o["metadata"]["uid"].as_str().unwrap().to_string();
+            api.create_object(config_map(&name, group, &name, &uid, 0))
+                .unwrap();
+            uids.push(uid);
+        }
+        uids
+    }
+
+    /// Latencies (microseconds) and errors of one load phase.
+    #[derive(Default)]
+    struct Phase {
+        lat: Vec<u64>,
+        errors: u64,
+        elapsed: Duration,
+    }
+
+    impl Phase {
+        fn rate(&self) -> f64 {
+            self.lat.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        }
+        fn p(&self, q: f64) -> f64 {
+            pct(&self.lat, q)
+        }
+    }
+
+    /// Runs `f(i)` for i = 0.. from `clients` concurrent tasks until `total`
+    /// calls were made or `stop` is set.
+    async fn drive<F, Fut>(clients: usize, total: Option<u64>, stop: Arc<AtomicBool>, f: F) -> Phase
+    where
+        F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send,
+    {
+        let next = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let began = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (next, errors, stop, f) = (next.clone(), errors.clone(), stop.clone(), f.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if total.is_some_and(|t| i >= t) || stop.load(Ordering::Relaxed) {
+                        return lat;
+                    }
+                    let t = Instant::now();
+                    if f(i).await {
+                        lat.push(t.elapsed().as_micros() as u64);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.unwrap());
+        }
+        lat.sort_unstable();
+        Phase {
+            lat,
+            errors: errors.load(Ordering::Relaxed),
+            elapsed: began.elapsed(),
+        }
+    }
+
+    fn applier(
+        api: &ApiServer,
+        uids: Arc<Vec<String>>,
+    ) -> impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>>
+    + Clone
+    + Send
+    + Sync
+    + 'static {
+        let cms: Api<ConfigMap> = Api::namespaced(api.client(), NS);
+        let seq = Arc::new(AtomicU64::new(1_000_000));
+        move |i| {
+            let cms = cms.clone();
+            let uids = uids.clone();
+            let seq = seq.clone();
+            Box::pin(async move {
+                let k = (i as usize) % HOT;
+                let name = format!("hot-{k}");
+                let s = seq.fetch_add(1, Ordering::Relaxed);
+                let body = config_map(&name, "hot", &name, &uids[k], s);
+                cms.patch(
+                    &name,
+                    &PatchParams::apply("bench").force(),
+                    &Patch::Apply(body),
+                )
+                .await
+                .is_ok()
+            })
+        }
+    }
+
+    fn owners_api(api: &ApiServer) -> Api<DynamicObject> {
+        let ar =
+            ApiResource::from_gvk(&GroupVersionKind::gvk("bench.slipstream.io", "v1", "Owner"));
+        Api::namespaced_with(api.client(), NS, &ar)
+    }
+
+    /// Requests `GET path` every 2 ms until `stop`; the slowest answer (ms).
+    async fn probe(client: kube::Client, stop: Arc<AtomicBool>) -> f64 {
+        let mut worst = Duration::ZERO;
+        while !stop.load(Ordering::Relaxed) {
+            let req = http::Request::get("/api/v1/namespaces/default/configmaps/hot-0")
+                .body(Vec::new())
+                .unwrap();
+            let t = Instant::now();
+            let _ = client.request_text(req).await;
+            worst = worst.max(t.elapsed());
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        worst.as_secs_f64() * 1000.0
+    }
+
+    /// Reads a watch stream until `want` lines of `etype` arrived; returns when (from `t0`).
+    async fn count_events(
+        client: kube::Client,
+        path: String,
+        etype: &'static str,
+        want: usize,
+        t0: Instant,
+    ) -> Option<Duration> {
+        let req = http::Request::get(path).body(Vec::new()).unwrap();
+        let mut lines = client.request_stream(req).await.ok()?.lines();
+        let needle = format!("{{\"type\":\"{etype}\"");
+        let mut n = 0;
+        while let Some(Ok(l)) = lines.next().await {
+            if l.starts_with(&needle) {
+                n += 1;
+                if n >= want {
+                    return Some(t0.elapsed());
+                }
+            }
+        }
+        None
+    }
+
+    /// A table row: its label and how to render one run.
+    type Column = (&'static str, Box<dyn Fn(&Row) -> String>);
+
+    struct Row {
+        n: usize,
+        stored: usize,
+        preload: Duration,
+        apply: Phase,
+        status: Phase,
+        list_ms: f64,
+        list_mb: f64,
+        list_probe_ms: f64,
+        watch0_ms: f64,
+        watch0_probe_ms: f64,
+        gc_owners: Duration,
+        gc_done: Option<Duration>,
+        gc_apply: Phase,
+        rss_mb: f64,
+    }
+
+    fn rss_mb() -> f64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<f64>().ok())
+                })
+            })
+            .unwrap_or(0.0)
+            / 1024.0
+    }
+
+    async fn one(n: usize, clients: usize, applies: u64, latency_ms: u64) -> Row {
+        let api = ApiServer::start_with(Config {
+            write_latency: Duration::from_millis(latency_ms),
+            // As examples/bench_scale.rs configures it.
+            history_window: 500_000,
+            log_capacity: 5_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let t = Instant::now();
+        api.create_object(owner_crd()).unwrap();
+        preload(&api, "bg", "bg", n, false);
+        let hot_uids = Arc::new(preload(&api, "hot", "hot", HOT, false));
+        preload(&api, "gc", "gc", GC, true);
+        let preload_t = t.elapsed();
+        let stored = api.list("v1", "ConfigMap", Some(NS)).len();
+        eprintln!(
+            "scale n={n}: preloaded {stored} ConfigMaps + owners in {:.1} s",
+            preload_t.as_secs_f64()
+        );
+
+        // 1. server-side apply (whole ConfigMap, one value changed, force) on the hot set.
+        let never = Arc::new(AtomicBool::new(false));
+        let apply = drive(
+            clients,
+            Some(applies),
+            never.clone(),
+            applier(&api, hot_uids.clone()),
+        )
+        .await;
+        eprintln!(
+            "scale n={n}: apply {:.0}/s p99 {:.1} ms",
+            apply.rate(),
+            apply.p(0.99)
+        );
+
+        // 2. merge patch of /status on the hot owners.
+        let owners = owners_api(&api);
+        let status = {
+            let owners = owners.clone();
+            drive(clients, Some(applies / 2), never.clone(), move |i| {
+                let owners = owners.clone();
+                async move {
+                    let name = format!("hot-{}", (i as usize) % HOT);
+                    let body = json!({"status": {"cursor": i.to_string(), "keys": 100, "bytes": 3200,
+                        "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+                    owners.patch_status(&name, &PatchParams::default(), &Patch::Merge(body)).await.is_ok()
+                }
+            })
+            .await
+        };
+        eprintln!(
+            "scale n={n}: status {:.0}/s p99 {:.1} ms",
+            status.rate(),
+            status.p(0.99)
+        );
+
+        // 3. a full list and a watch from 0 (initial events), each with a GET probe alongside.
+        let client = api.client();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pr = tokio::spawn(probe(client.clone(), stop.clone()));
+        let t = Instant::now();
+        let req = http::Request::get("/api/v1/namespaces/default/configmaps")
+            .body(Vec::new())
+            .unwrap();
+        let body = client.request_text(req).await.unwrap();
+        let list_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let list_mb = body.len() as f64 / 1e6;
+        drop(body);
+        stop.store(true, Ordering::Relaxed);
+        let list_probe_ms = pr.await.unwrap();
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let pr = tokio::spawn(probe(client.clone(), stop.clone()));
+        let t = Instant::now();
+        let w0 = count_events(
+            client.clone(),
+            "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion=0&timeoutSeconds=120"
+                .into(),
+            "ADDED",
+            stored,
+            t,
+        )
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        let watch0_probe_ms = pr.await.unwrap();
+        let watch0_ms = w0.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN);
+        eprintln!(
+            "scale n={n}: list {list_ms:.0} ms ({list_mb:.1} MB, slowest GET {list_probe_ms:.1} ms), watch from 0 {watch0_ms:.0} ms (slowest GET {watch0_probe_ms:.1} ms)"
+        );
+
+        // 4. delete 1,000 owners (each: DELETE, then drop its finalizer, as an
+        //    operator does) while the applies go on; time until their
+        //    ConfigMaps are garbage-collected.
+        let stop = Arc::new(AtomicBool::new(false));
+        let bg = tokio::spawn(drive(
+            clients,
+            None,
+            stop.clone(),
+            applier(&api, hot_uids.clone()),
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rv = api.resource_version();
+        let t0 = Instant::now();
+        let watch = tokio::spawn(count_events(
+            client.clone(),
+            format!(
+                "/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={rv}&labelSelector=bench-group%3Dgc&timeoutSeconds=300"
+            ),
+            "DELETED",
+            GC,
+            t0,
+        ));
+        let deleter = {
+            let owners = owners.clone();
+            drive(16, Some(GC as u64), never.clone(), move |i| {
+                let owners = owners.clone();
+                async move {
+                    let name = format!("gc-{i}");
+                    owners.delete(&name, &DeleteParams::default()).await.is_ok()
+                        && owners
+                            .patch(
+                                &name,
+                                &PatchParams::default(),
+                                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                            )
+                            .await
+                            .is_ok()
+                }
+            })
+        };
+        let del = deleter.await;
+        let gc_owners = t0.elapsed();
+        eprintln!(
+            "scale n={n}: {GC} owners deleted in {:.0} ms",
+            gc_owners.as_secs_f64() * 1000.0
+        );
+        let gc_done = tokio::time::timeout(Duration::from_secs(300), watch)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .flatten();
+        stop.store(true, Ordering::Relaxed);
+        let gc_apply = bg.await.unwrap();
+        eprintln!(
+            "scale n={n}: dependents gone after {:?}; applies meanwhile {:.0}/s p99 {:.1} ms",
+            gc_done,
+            gc_apply.rate(),
+            gc_apply.p(0.99)
+        );
+        if del.errors > 0 {
+            eprintln!("scale n={n}: {} owner deletions failed", del.errors);
+        }
+        let rss = rss_mb();
+        Row {
+            n,
+            stored,
+            preload: preload_t,
+            apply,
+            status,
+            list_ms,
+            list_mb,
+            list_probe_ms,
+            watch0_ms,
+            watch0_probe_ms,
+            gc_owners,
+            gc_done,
+            gc_apply,
+            rss_mb: rss,
+        }
+    }
+
+    pub async fn run() {
+        let args: Vec<String> = std::env::args().collect();
+        let sizes: Vec<usize> = args
+            .iter()
+            .position(|a| a == "--sizes")
+            .and_then(|i| args.get(i + 1))
+            .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![0, 10_000, 20_000]);
+        let clients = arg("--clients", 64) as usize;
+        let applies = arg("--applies", 10_000);
+        let latency_ms = arg("--write-latency-ms", 3);
+        let load_before = load();
+        let mut rows = Vec::new();
+        for &n in &sizes {
+            rows.push(one(n, clients, applies, latency_ms).await);
+        }
+        println!(
+            "apiserver emulator scale benchmark ({} cores, load average before {load_before}, after {}; write latency {latency_ms} ms, {clients} clients)",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            load()
+        );
+        let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
+        let table: Vec<Column> = vec![
+            (
+                "pre-loaded objects (N)",
+                Box::new(|r: &Row| r.n.to_string()),
+            ),
+            (
+                "ConfigMaps stored",
+                Box::new(|r: &Row| r.stored.to_string()),
+            ),
+            (
+                "pre-load time (in-process)",
+                Box::new(move |r: &Row| format!("{:.1} s", r.preload.as_secs_f64())),
+            ),
+            (
+                "SSA applies/s",
+                Box::new(|r: &Row| format!("{:.0}", r.apply.rate())),
+            ),
+            (
+                "SSA p50",
+                Box::new(|r: &Row| format!("{:.1} ms", r.apply.p(0.5))),
+            ),
+            (
+                "SSA p99",
+                Box::new(|r: &Row| format!("{:.1} ms", r.apply.p(0.99))),
+            ),
+            ("SSA errors", Box::new(|r: &Row| r.apply.errors.to_string())),
+            (
+                "status patches/s",
+                Box::new(|r: &Row| format!("{:.0}", r.status.rate())),
+            ),
+            (
+                "status p50",
+                Box::new(|r: &Row| format!("{:.1} ms", r.status.p(0.5))),
+            ),
+            (
+                "status p99",
+                Box::new(|r: &Row| format!("{:.1} ms", r.status.p(0.99))),
+            ),
+            (
+                "list all ConfigMaps",
+                Box::new(|r: &Row| format!("{:.0} ms", r.list_ms)),
+            ),
+            (
+                "list size",
+                Box::new(|r: &Row| format!("{:.1} MB", r.list_mb)),
+            ),
+            (
+                "slowest GET during list",
+                Box::new(|r: &Row| format!("{:.1} ms", r.list_probe_ms)),
+            ),
+            (
+                "watch rv=0, all ADDED",
+                Box::new(|r: &Row| format!("{:.0} ms", r.watch0_ms)),
+            ),
+            (
+                "slowest GET during watch",
+                Box::new(|r: &Row| format!("{:.1} ms", r.watch0_probe_ms)),
+            ),
+            (
+                "GC: 1000 owners deleted",
+                Box::new(move |r: &Row| ms(r.gc_owners)),
+            ),
+            (
+                "GC: their ConfigMaps gone",
+                Box::new(move |r: &Row| r.gc_done.map(ms).unwrap_or_else(|| "timeout".into())),
+            ),
+            (
+                "applies/s during GC",
+                Box::new(|r: &Row| format!("{:.0}", r.gc_apply.rate())),
+            ),
+            (
+                "apply p50 during GC",
+                Box::new(|r: &Row| format!("{:.1} ms", r.gc_apply.p(0.5))),
+            ),
+            (
+                "apply p99 during GC",
+                Box::new(|r: &Row| format!("{:.1} ms", r.gc_apply.p(0.99))),
+            ),
+            (
+                "apply max during GC",
+                Box::new(|r: &Row| format!("{:.1} ms", r.gc_apply.p(1.0))),
+            ),
+            (
+                "process RSS after",
+                Box::new(|r: &Row| format!("{:.0} MiB", r.rss_mb)),
+            ),
+        ];
+        print!("| {:<28} |", "measure");
+        for r in &rows {
+            print!(" {:>12} |", format!("N={}", r.n));
+        }
+        println!();
+        print!("|{}|", "-".repeat(30));
+        for _ in &rows {
+            print!("{}|", "-".repeat(14));
+        }
+        println!();
+        for (name, f) in &table {
+            print!("| {name:<28} |");
+            for r in &rows {
+                print!(" {:>12} |", f(r));
+            }
+            println!();
+        }
+    }
 }

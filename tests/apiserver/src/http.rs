@@ -21,7 +21,7 @@ use crate::{
     errors::{ApiError, ApiResult},
     resources::ResourceDef,
     selectors::{FieldSelector, LabelSelector, Selectors},
-    store::{DeleteOpts, PatchType, State, WriteOpts, parse_body},
+    store::{DeleteOpts, PatchType, State, Stored, WriteOpts, parse_body},
     watch::{self, WatchParams},
 };
 
@@ -36,6 +36,54 @@ fn json_response(code: StatusCode, v: &Value) -> Response {
 
 fn ok(v: &Value) -> Response {
     json_response(StatusCode::OK, v)
+}
+
+fn bytes_response(code: StatusCode, body: Bytes) -> Response {
+    let mut resp = (code, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Runs CPU-heavy work (a large list) without stalling the other requests
+/// queued on this runtime worker.
+fn heavy<T>(items: usize, f: impl FnOnce() -> T) -> T {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if items > 1_000 && multi {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
+/// A list response assembled from the stored JSON of each item.
+fn list_response(res: &ResourceDef, rv: u64, cont: &str, items: &[Stored]) -> Response {
+    heavy(items.len(), || {
+        let mut meta = json!({"resourceVersion": rv.to_string()});
+        if !cont.is_empty() {
+            meta["continue"] = json!(cont);
+        }
+        let head = format!(
+            "{{\"kind\":{},\"apiVersion\":{},\"metadata\":{meta},\"items\":[",
+            json!(res.list_kind),
+            json!(res.api_version())
+        );
+        let bodies: Vec<Bytes> = items.iter().map(|s| s.body(res)).collect();
+        let size = head.len() + bodies.iter().map(|b| b.len() + 1).sum::<usize>() + 2;
+        let mut buf = Vec::with_capacity(size);
+        buf.extend_from_slice(head.as_bytes());
+        for (i, b) in bodies.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(b);
+        }
+        buf.extend_from_slice(b"]}");
+        bytes_response(StatusCode::OK, Bytes::from(buf))
+    })
 }
 
 /// What a request is about, for routing and for the request log.
@@ -303,9 +351,6 @@ pub async fn handle(
         duration: started.elapsed(),
     };
     shared.record(record);
-    if is_write && shared.state.lock().is_ok_and(|st| st.gc_dirty) {
-        shared.gc.notify_one();
-    }
     resp
 }
 
@@ -452,7 +497,8 @@ fn resource(
             .lock()
             .map_err(|_| ApiError::internal("store lock poisoned"))
     };
-    let created = |v: Value| json_response(StatusCode::CREATED, &v);
+    let created = |v: Stored| bytes_response(StatusCode::CREATED, v.body(res));
+    let reply = |v: Stored| bytes_response(StatusCode::OK, v.body(res));
     match (req.method.as_str(), name) {
         ("GET", None) if req.q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             let sel = selectors(res, req.q)?;
@@ -504,8 +550,8 @@ fn resource(
                     .ok_or_else(|| ApiError::bad_request("continue key is not valid"))?;
                 items.retain(|o| {
                     let k = (
-                        o["metadata"]["namespace"].as_str().unwrap_or_default(),
-                        o["metadata"]["name"].as_str().unwrap_or_default(),
+                        o.obj["metadata"]["namespace"].as_str().unwrap_or_default(),
+                        o.obj["metadata"]["name"].as_str().unwrap_or_default(),
                     );
                     k > (cns, cname)
                 });
@@ -521,30 +567,27 @@ fn resource(
                 if let Some(last) = items.last() {
                     cont = format!(
                         "{}/{}",
-                        last["metadata"]["namespace"].as_str().unwrap_or_default(),
-                        last["metadata"]["name"].as_str().unwrap_or_default()
+                        last.obj["metadata"]["namespace"]
+                            .as_str()
+                            .unwrap_or_default(),
+                        last.obj["metadata"]["name"].as_str().unwrap_or_default()
                     );
                 }
             }
             if wants_table(req.accept) {
-                return Ok(ok(&crate::table::render(res, &items, rv)));
+                let objs: Vec<_> = items.iter().map(|s| s.obj.clone()).collect();
+                return Ok(ok(&crate::table::render(res, &objs, rv)));
             }
-            let items: Vec<Value> = items.iter().map(|o| State::present(res, o)).collect();
-            let mut meta = json!({"resourceVersion": rv.to_string()});
-            if !cont.is_empty() {
-                meta["continue"] = json!(cont);
-            }
-            Ok(ok(
-                &json!({"kind": res.list_kind, "apiVersion": res.api_version(), "metadata": meta, "items": items}),
-            ))
+            Ok(list_response(res, rv, &cont, &items))
         }
         ("GET", Some(name)) => {
             let st = lock()?;
-            let o = st.get(res, nsr, &name)?;
+            let o = st.get_stored(res, nsr, &name)?;
             if wants_table(req.accept) {
-                return Ok(ok(&crate::table::render(res, &[o], st.rv)));
+                return Ok(ok(&crate::table::render(res, &[o.obj], st.rv)));
             }
-            Ok(ok(&State::present(res, &o)))
+            drop(st);
+            Ok(bytes_response(StatusCode::OK, o.body(res)))
         }
         ("POST", None) => {
             let body = if req
@@ -564,8 +607,7 @@ fn resource(
             let body = parse_body(req.body, false)?;
             let opts = write_opts(&req);
             mutate(shared, |st| {
-                st.update(res, nsr, &name, status, body, &opts)
-                    .map(|v| ok(&v))
+                st.update(res, nsr, &name, status, body, &opts).map(reply)
             })
         }
         ("PATCH", Some(name)) => {
@@ -575,24 +617,19 @@ fn resource(
             mutate(shared, |st| {
                 let existed = st.get(res, nsr, &name).is_ok();
                 let v = st.patch(res, nsr, &name, status, ptype, req.body, &opts)?;
-                Ok(if existed { ok(&v) } else { created(v) })
+                Ok(if existed { reply(v) } else { created(v) })
             })
         }
         ("DELETE", Some(name)) => {
             let opts = delete_opts(req.body, req.q)?;
-            mutate(shared, |st| {
-                st.delete(res, nsr, &name, &opts).map(|v| ok(&v))
-            })
+            mutate(shared, |st| st.delete(res, nsr, &name, &opts).map(reply))
         }
         ("DELETE", None) => {
             let opts = delete_opts(req.body, req.q)?;
             let sel = selectors(res, req.q)?;
             mutate(shared, |st| {
                 let items = st.delete_collection(res, nsr, &sel, &opts)?;
-                let rv = st.rv;
-                Ok(ok(
-                    &json!({"kind": res.list_kind, "apiVersion": res.api_version(), "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
-                ))
+                Ok(list_response(res, st.rv, "", &items))
             })
         }
         (m, _) => Err(ApiError::method_not_allowed(format!(
@@ -617,6 +654,11 @@ fn mutate(
     let before = st.rv;
     let mut resp = f(&mut st)?;
     resp.extensions_mut().insert(StorageWrites(st.rv - before));
+    let gc = st.gc_dirty;
+    drop(st);
+    if gc {
+        shared.gc.notify_one();
+    }
     Ok(resp)
 }
 

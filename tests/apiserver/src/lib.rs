@@ -260,7 +260,7 @@ impl ApiServer {
             manager: "apiserver-test".into(),
             ..Default::default()
         };
-        Ok(st.create(&res, ns.as_deref(), obj, &opts)?)
+        Ok(st.create(&res, ns.as_deref(), obj, &opts)?.value(&res))
     }
 
     pub fn get_object(
@@ -287,7 +287,7 @@ impl ApiServer {
         };
         st.list(&res, namespace, &Selectors::default())
             .iter()
-            .map(|o| State::present(&res, o))
+            .map(|o| o.value(&res))
             .collect()
     }
 
@@ -304,7 +304,10 @@ impl ApiServer {
             .state
             .lock()
             .map_err(|_| Error::Other("store lock poisoned".into()))?;
-        let v = st.delete(&res, namespace, name, &DeleteOpts::default())?;
+        let v = st
+            .delete(&res, namespace, name, &DeleteOpts::default())?
+            .value(&res);
+        drop(st);
         self.shared.gc.notify_one();
         Ok(v)
     }
@@ -384,33 +387,39 @@ fn serve_thread(
     rt.shutdown_background();
 }
 
+/// Storage writes the garbage collector makes per slice before it lets
+/// requests take the store lock again.
+const GC_SLICE_WRITES: u64 = 64;
+
 async fn gc_loop(shared: Arc<Shared>) {
     let mut shutdown = shared.shutdown.subscribe();
-    let mut ticks = 0u64;
     loop {
         let woken = tokio::select! {
             _ = shared.gc.notified() => true,
             _ = tokio::time::sleep(shared.config.gc_interval) => false,
             _ = shutdown.wait_for(|s| *s) => return,
         };
-        ticks += 1;
-        // A full scan every tick only while deletions are pending; otherwise every
-        // tenth tick (dependents created with owners that never existed).
-        let dirty = shared.state.lock().map(|st| st.gc_dirty).unwrap_or(false);
-        if !woken && !dirty && !ticks.is_multiple_of(10) {
+        // Work arrives through the store's queues (owners removed, objects
+        // being deleted); with none queued a tick costs nothing.
+        let Ok(idle) = shared.state.lock().map(|st| !st.gc_dirty && st.gc_idle()) else {
+            return;
+        };
+        if idle && !woken {
             continue;
         }
-        for _ in 0..32 {
-            let worked = match shared.state.lock() {
+        loop {
+            let more = match shared.state.lock() {
                 Ok(mut st) => {
                     st.gc_dirty = false;
-                    st.gc_pass()
+                    st.gc_step(GC_SLICE_WRITES)
                 }
                 Err(_) => return,
             };
-            if !worked {
+            if !more {
                 break;
             }
+            // Requests waiting for the store lock go first.
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }

@@ -4,7 +4,7 @@
 //! garbage collection. HTTP handlers and the direct test API both call these.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::Arc,
 };
 
@@ -187,9 +187,82 @@ pub fn parse_body(body: &[u8], yaml_ok: bool) -> ApiResult<Value> {
     }
 }
 
+/// A stored object and its JSON, serialized once when it was committed and
+/// shared by every read (get, list, watch) and by the write's own response.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub obj: Arc<Value>,
+    pub json: Bytes,
+}
+
+impl Stored {
+    fn serialize(obj: Value) -> Self {
+        let json = Bytes::from(serde_json::to_vec(&obj).unwrap_or_default());
+        Self {
+            obj: Arc::new(obj),
+            json,
+        }
+    }
+
+    /// The object's JSON as served through `res` (another served version of
+    /// a CRD relabels `apiVersion`).
+    pub fn body(&self, res: &ResourceDef) -> Bytes {
+        if api_version_is(&self.obj, res) {
+            self.json.clone()
+        } else {
+            Bytes::from(State::present(res, &self.obj).to_string())
+        }
+    }
+
+    /// The object as served through `res`.
+    pub fn value(&self, res: &ResourceDef) -> Value {
+        State::present(res, &self.obj)
+    }
+}
+
+fn api_version_is(obj: &Value, res: &ResourceDef) -> bool {
+    let Some(av) = obj["apiVersion"].as_str() else {
+        return false;
+    };
+    if res.group.is_empty() {
+        av == res.version
+    } else {
+        av.strip_prefix(res.group.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+            == Some(res.version.as_str())
+    }
+}
+
+/// The uids an object's `metadata.ownerReferences` name.
+fn owner_uids(obj: &Value) -> impl Iterator<Item = &str> {
+    obj["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["uid"].as_str())
+}
+
+/// What the garbage collector has to look at, kept up to date by every
+/// write so that its work is proportional to what changed, never to the
+/// number of stored objects.
+#[derive(Debug, Default)]
+pub struct GcIndex {
+    /// uid -> object.
+    uids: HashMap<String, Key>,
+    /// Owner uid -> objects whose ownerReferences name it.
+    dependents: HashMap<String, BTreeSet<Key>>,
+    /// Objects being deleted that wait on the collector: namespaces, CRDs with
+    /// the cleanup finalizer, owners with the `orphan` or `foregroundDeletion` finalizer.
+    deleting: BTreeSet<Key>,
+    /// Objects whose owners may be gone (an owner was removed, or the object
+    /// was written naming a uid that does not exist).
+    check: BTreeSet<Key>,
+}
+
 pub struct State {
     pub rv: u64,
-    pub objects: BTreeMap<Key, Arc<Value>>,
+    pub objects: BTreeMap<Key, Stored>,
+    pub gc: GcIndex,
     pub history: VecDeque<Arc<Change>>,
     /// Watches starting at a resourceVersion below this get 410 Gone.
     pub floor: u64,
@@ -207,6 +280,7 @@ impl State {
         let mut st = Self {
             rv: 0,
             objects: BTreeMap::new(),
+            gc: GcIndex::default(),
             history: VecDeque::new(),
             floor: 0,
             window,
@@ -245,6 +319,10 @@ impl State {
     }
 
     pub fn get(&self, res: &ResourceDef, ns: Option<&str>, name: &str) -> ApiResult<Arc<Value>> {
+        self.get_stored(res, ns, name).map(|s| s.obj)
+    }
+
+    pub fn get_stored(&self, res: &ResourceDef, ns: Option<&str>, name: &str) -> ApiResult<Stored> {
         self.objects
             .get(&Self::key(res, ns, name))
             .cloned()
@@ -252,7 +330,7 @@ impl State {
     }
 
     /// Objects of one resource (in one namespace, or all), ordered by namespace and name.
-    pub fn list(&self, res: &ResourceDef, ns: Option<&str>, sel: &Selectors) -> Vec<Arc<Value>> {
+    pub fn list(&self, res: &ResourceDef, ns: Option<&str>, sel: &Selectors) -> Vec<Stored> {
         let start = (
             res.storage.clone(),
             ns.filter(|_| res.namespaced)
@@ -265,9 +343,46 @@ impl State {
             .take_while(|((s, n, _), _)| {
                 *s == res.storage && (!res.namespaced || ns.is_none() || Some(n.as_str()) == ns)
             })
-            .filter(|(_, o)| sel.matches(o))
+            .filter(|(_, o)| sel.matches(&o.obj))
             .map(|(_, o)| o.clone())
             .collect()
+    }
+
+    /// Keys of all objects in `storage`, in order.
+    fn keys_of_storage(&self, storage: &str) -> Vec<Key> {
+        self.objects
+            .range((storage.to_string(), String::new(), String::new())..)
+            .take_while(|(k, _)| k.0 == storage)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Keys of the namespaced objects in namespace `ns`: one range per stored
+    /// resource, not a scan of the whole store.
+    fn keys_in_namespace(&self, ns: &str) -> Vec<Key> {
+        let ns_storage = self.registry.namespace_def().storage.clone();
+        let mut out = Vec::new();
+        let mut next: Option<String> = self.objects.keys().next().map(|k| k.0.clone());
+        while let Some(storage) = next {
+            if storage != ns_storage {
+                let start = (storage.clone(), ns.to_string(), String::new());
+                out.extend(
+                    self.objects
+                        .range(start..)
+                        .take_while(|(k, _)| k.0 == storage && k.1 == ns)
+                        .map(|(k, _)| k.clone()),
+                );
+            }
+            // `storage + "\0"` is the least string above `storage`: the next storage starts there.
+            let mut after = storage;
+            after.push('\0');
+            next = self
+                .objects
+                .range((after, String::new(), String::new())..)
+                .next()
+                .map(|(k, _)| k.0.clone());
+        }
+        out
     }
 
     fn check_namespace(&self, res: &ResourceDef, ns: Option<&str>) -> ApiResult<()> {
@@ -282,7 +397,7 @@ impl State {
         let nsdef = self.registry.namespace_def();
         match self.objects.get(&Self::key(&nsdef, None, ns)) {
             None => Err(ApiError::namespace_not_found(ns)),
-            Some(o) if o["metadata"]["deletionTimestamp"].is_string() => {
+            Some(o) if o.obj["metadata"]["deletionTimestamp"].is_string() => {
                 Err(ApiError::forbidden(format!(
                     "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
                     res.qualified(),
@@ -293,6 +408,8 @@ impl State {
         }
     }
 
+    /// Records a committed write in the watch history and broadcasts it;
+    /// returns the object's JSON (serialized once, here).
     fn push_change(
         &mut self,
         res: &ResourceDef,
@@ -300,7 +417,7 @@ impl State {
         etype: EventType,
         obj: Arc<Value>,
         old: Option<Arc<Value>>,
-    ) {
+    ) -> Bytes {
         if etype == EventType::Deleted || obj["metadata"]["deletionTimestamp"].is_string() {
             self.gc_dirty = true;
         }
@@ -318,7 +435,7 @@ impl State {
             ns: ns.to_string(),
             etype,
             obj,
-            json,
+            json: json.clone(),
             line,
             old,
         });
@@ -334,14 +451,89 @@ impl State {
             }
         }
         let _ = self.tx.send(change);
-        if res.kind == "CustomResourceDefinition" {
-            let crds: Vec<Value> = self
-                .objects
-                .iter()
-                .filter(|(k, _)| k.0 == res.storage)
-                .map(|(_, v)| (**v).clone())
-                .collect();
-            self.registry.rebuild(crds.iter());
+        json
+    }
+
+    /// Re-derives the served CRD resources after a CRD write.
+    fn crds_changed(&mut self, res: &ResourceDef) {
+        if res.kind != "CustomResourceDefinition" {
+            return;
+        }
+        let crds: Vec<Arc<Value>> = self
+            .keys_of_storage(&res.storage)
+            .iter()
+            .filter_map(|k| self.objects.get(k).map(|s| s.obj.clone()))
+            .collect();
+        self.registry.rebuild(crds.iter().map(|v| &**v));
+    }
+
+    /// Whether a deleting object needs the collector to finish its deletion.
+    fn waits_on_gc(&self, key: &Key, obj: &Value) -> bool {
+        if !obj["metadata"]["deletionTimestamp"].is_string() {
+            return false;
+        }
+        let fin = finalizers(obj);
+        fin.iter()
+            .any(|f| f == "orphan" || f == "foregroundDeletion")
+            || key.0 == self.registry.namespace_def().storage
+            || (key.0 == self.registry.crd_def().storage
+                && fin.iter().any(|f| f == CRD_CLEANUP_FINALIZER))
+    }
+
+    /// Keeps [`GcIndex`] in step with a write of `key` from `old` to `new`
+    /// (`None`: absent). Cost: the object's owner references, not the store.
+    fn reindex(&mut self, key: &Key, old: Option<&Value>, new: Option<&Value>) {
+        let old_uid = old.and_then(|o| meta_str(o, "uid"));
+        let new_uid = new.and_then(|o| meta_str(o, "uid"));
+        if old_uid != new_uid {
+            if let Some(u) = old_uid
+                && self.gc.uids.get(u) == Some(key)
+            {
+                self.gc.uids.remove(u);
+            }
+            if let Some(u) = new_uid {
+                self.gc.uids.insert(u.to_string(), key.clone());
+            }
+        }
+        if old.map(|o| &o["metadata"]["ownerReferences"])
+            != new.map(|o| &o["metadata"]["ownerReferences"])
+        {
+            for u in old.map(owner_uids).into_iter().flatten() {
+                if let Some(set) = self.gc.dependents.get_mut(u) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        self.gc.dependents.remove(u);
+                    }
+                }
+            }
+            for u in new.map(owner_uids).into_iter().flatten() {
+                self.gc
+                    .dependents
+                    .entry(u.to_string())
+                    .or_default()
+                    .insert(key.clone());
+                if !self.gc.uids.contains_key(u) {
+                    // Written naming an owner that does not exist.
+                    self.gc.check.insert(key.clone());
+                    self.gc_dirty = true;
+                }
+            }
+        }
+        match new {
+            Some(n) if self.waits_on_gc(key, n) => {
+                self.gc.deleting.insert(key.clone());
+            }
+            _ => {
+                self.gc.deleting.remove(key);
+            }
+        }
+        if new.is_none()
+            && let Some(u) = old_uid
+            && let Some(deps) = self.gc.dependents.get(u)
+        {
+            // An owner is gone: its dependents are checked.
+            self.gc.check.extend(deps.iter().cloned());
+            self.gc_dirty = true;
         }
     }
 
@@ -351,27 +543,32 @@ impl State {
         key: Key,
         old: Option<Arc<Value>>,
         mut new: Value,
-    ) -> Arc<Value> {
+    ) -> Stored {
         self.rv += 1;
         meta_mut(&mut new).insert("resourceVersion".into(), json!(self.rv.to_string()));
         let obj = Arc::new(new);
-        self.objects.insert(key.clone(), obj.clone());
+        self.reindex(&key, old.as_deref(), Some(&obj));
         let etype = if old.is_some() {
             EventType::Modified
         } else {
             EventType::Added
         };
-        self.push_change(res, &key.1, etype, obj.clone(), old);
-        obj
+        let json = self.push_change(res, &key.1, etype, obj.clone(), old);
+        let stored = Stored { obj, json };
+        self.objects.insert(key, stored.clone());
+        self.crds_changed(res);
+        stored
     }
 
-    fn remove(&mut self, res: &ResourceDef, key: Key, mut last: Value) -> Arc<Value> {
-        let old = self.objects.remove(&key);
+    fn remove(&mut self, res: &ResourceDef, key: Key, mut last: Value) -> Stored {
+        let old = self.objects.remove(&key).map(|s| s.obj);
+        self.reindex(&key, old.as_deref(), None);
         self.rv += 1;
         meta_mut(&mut last).insert("resourceVersion".into(), json!(self.rv.to_string()));
         let obj = Arc::new(last);
-        self.push_change(res, &key.1, EventType::Deleted, obj.clone(), old);
-        obj
+        let json = self.push_change(res, &key.1, EventType::Deleted, obj.clone(), old);
+        self.crds_changed(res);
+        Stored { obj, json }
     }
 
     /// Drops the retained history: a watch from any earlier resourceVersion gets 410.
@@ -387,7 +584,7 @@ impl State {
         ns: Option<&str>,
         mut body: Value,
         opts: &WriteOpts,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Stored> {
         if !body.is_object() {
             return Err(ApiError::bad_request(
                 "the body of the request must be a JSON object",
@@ -500,7 +697,7 @@ impl State {
         status: bool,
         body: Value,
         opts: &WriteOpts,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Stored> {
         if !body.is_object() {
             return Err(ApiError::bad_request(
                 "the body of the request must be a JSON object",
@@ -536,7 +733,7 @@ impl State {
         ptype: PatchType,
         body: &[u8],
         opts: &WriteOpts,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Stored> {
         if ptype == PatchType::Apply {
             return self.apply(res, ns, name, status, body, opts);
         }
@@ -601,7 +798,7 @@ impl State {
         status: bool,
         body: &[u8],
         opts: &WriteOpts,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Stored> {
         if opts.manager.is_empty() {
             return Err(ApiError::invalid(
                 res,
@@ -795,7 +992,7 @@ impl State {
         status: bool,
         managed: Managed,
         opts: &WriteOpts,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Stored> {
         let now = now_rfc3339();
         if let Some(m) = new.as_object_mut() {
             m.insert("apiVersion".into(), json!(res.api_version()));
@@ -1012,19 +1209,17 @@ impl State {
         if let Some(old) = &old {
             // The real server skips the storage write when nothing changed.
             if **old == new {
-                return Ok(Self::present(res, old));
+                return Ok(self.current(&key, old));
             }
         }
         if opts.dry_run {
-            return Ok(new);
+            return Ok(Stored::serialize(new));
         }
         let deleting = new["metadata"]["deletionTimestamp"].is_string();
         if deleting && finalizers(&new).is_empty() {
-            let obj = self.remove(res, key, new);
-            return Ok(Self::present(res, &obj));
+            return Ok(self.remove(res, key, new));
         }
-        let obj = self.commit(res, key, old, new);
-        Ok(Self::present(res, &obj))
+        Ok(self.commit(res, key, old, new))
     }
 
     pub fn delete(
@@ -1033,7 +1228,7 @@ impl State {
         ns: Option<&str>,
         name: &str,
         opts: &DeleteOpts,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Stored> {
         let old = self.get(res, ns, name)?;
         if let Some(uid) = &opts.uid
             && Some(uid.as_str()) != meta_str(&old, "uid")
@@ -1083,13 +1278,12 @@ impl State {
         if is_namespace {
             new["status"]["phase"] = json!("Terminating");
         }
-        if opts.dry_run {
-            return Ok(Self::present(res, &old));
-        }
         let key = Self::key(res, ns, name);
+        if opts.dry_run {
+            return Ok(self.current(&key, &old));
+        }
         if fin.is_empty() && !is_namespace {
-            let obj = self.remove(res, key, new);
-            return Ok(Self::present(res, &obj));
+            return Ok(self.remove(res, key, new));
         }
         set_finalizers(&mut new, &fin);
         let meta = meta_mut(&mut new);
@@ -1098,10 +1292,9 @@ impl State {
             meta.insert("deletionGracePeriodSeconds".into(), json!(0));
         }
         if new == *old {
-            return Ok(Self::present(res, &old));
+            return Ok(self.current(&key, &old));
         }
-        let obj = self.commit(res, key, Some(old), new);
-        Ok(Self::present(res, &obj))
+        Ok(self.commit(res, key, Some(old), new))
     }
 
     pub fn delete_collection(
@@ -1110,15 +1303,24 @@ impl State {
         ns: Option<&str>,
         sel: &Selectors,
         opts: &DeleteOpts,
-    ) -> ApiResult<Vec<Value>> {
+    ) -> ApiResult<Vec<Stored>> {
         let items = self.list(res, ns, sel);
         let mut out = Vec::new();
         for o in items {
-            let name = meta_str(&o, "name").unwrap_or_default().to_string();
-            let ons = meta_str(&o, "namespace").map(str::to_string);
+            let name = meta_str(&o.obj, "name").unwrap_or_default().to_string();
+            let ons = meta_str(&o.obj, "namespace").map(str::to_string);
             out.push(self.delete(res, ons.as_deref(), &name, opts)?);
         }
         Ok(out)
+    }
+
+    /// The stored form of `obj`, the current version of `key`.
+    fn current(&self, key: &Key, obj: &Arc<Value>) -> Stored {
+        self.objects
+            .get(key)
+            .filter(|s| Arc::ptr_eq(&s.obj, obj))
+            .cloned()
+            .unwrap_or_else(|| Stored::serialize((**obj).clone()))
     }
 
     fn def_for_storage(&self, storage: &str) -> Option<Arc<ResourceDef>> {
@@ -1126,7 +1328,7 @@ impl State {
     }
 
     fn drop_finalizer(&mut self, key: &Key, finalizer: &str) {
-        let Some(obj) = self.objects.get(key).cloned() else {
+        let Some(obj) = self.objects.get(key).map(|s| s.obj.clone()) else {
             return;
         };
         let Some(res) = self.def_for_storage(&key.0) else {
@@ -1158,7 +1360,7 @@ impl State {
         let Some(res) = self.def_for_storage(&key.0) else {
             // The resource is no longer served (its CRD is gone): drop the object.
             let any = self.registry.all().next().cloned();
-            if let Some(o) = self.objects.get(key).cloned()
+            if let Some(o) = self.objects.get(key).map(|s| s.obj.clone())
                 && let Some(def) = any
             {
                 let mut phantom = (*def).clone();
@@ -1171,127 +1373,146 @@ impl State {
         let _ = self.delete(&res, ns.as_deref(), &key.2, &DeleteOpts::default());
     }
 
-    /// One pass of the namespace, CRD-cleanup and garbage collectors. Returns
-    /// whether anything was written (the caller runs passes until quiet).
-    pub fn gc_pass(&mut self) -> bool {
-        let rv_before = self.rv;
-        let snapshot: Vec<(Key, Arc<Value>)> = self
-            .objects
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let uids: HashMap<String, &Key> = snapshot
-            .iter()
-            .filter_map(|(k, v)| meta_str(v, "uid").map(|u| (u.to_string(), k)))
-            .collect();
-        let ns_storage = self.registry.namespace_def().storage.clone();
-        let crd_storage = self.registry.crd_def().storage.clone();
-        for (key, obj) in &snapshot {
-            let deleting = obj["metadata"]["deletionTimestamp"].is_string();
-            if !deleting {
-                continue;
-            }
-            let fin = finalizers(obj);
-            let uid = meta_str(obj, "uid").unwrap_or_default().to_string();
-            if key.0 == ns_storage {
-                let contents: Vec<Key> = snapshot
-                    .iter()
-                    .filter(|(k, _)| k.1 == key.2 && k.0 != ns_storage)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                if contents.is_empty() {
-                    if let Some(res) = self.def_for_storage(&key.0) {
-                        self.remove(&res, key.clone(), (**obj).clone());
-                    }
-                } else {
-                    for k in contents {
-                        self.delete_key(&k);
-                    }
-                }
-                continue;
-            }
-            if key.0 == crd_storage && fin.iter().any(|f| f == CRD_CLEANUP_FINALIZER) {
-                let storage = format!(
-                    "{}/{}",
-                    obj["spec"]["group"].as_str().unwrap_or_default(),
-                    obj["spec"]["names"]["plural"].as_str().unwrap_or_default()
-                );
-                let instances: Vec<Key> = snapshot
-                    .iter()
-                    .filter(|(k, _)| k.0 == storage)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                if instances.is_empty() {
-                    self.drop_finalizer(key, CRD_CLEANUP_FINALIZER);
-                } else {
-                    for k in instances {
-                        self.delete_key(&k);
-                    }
-                }
-                continue;
-            }
-            let dependents: Vec<Key> = snapshot
-                .iter()
-                .filter(|(_, v)| {
-                    v["metadata"]["ownerReferences"]
-                        .as_array()
-                        .is_some_and(|refs| {
-                            refs.iter().any(|r| r["uid"].as_str() == Some(uid.as_str()))
-                        })
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
-            if fin.iter().any(|f| f == "orphan") {
-                for k in &dependents {
-                    self.strip_owner_refs(k, std::slice::from_ref(&uid));
-                }
-                self.drop_finalizer(key, "orphan");
-            } else if fin.iter().any(|f| f == "foregroundDeletion") {
-                if dependents.is_empty() {
-                    self.drop_finalizer(key, "foregroundDeletion");
-                } else {
-                    for k in &dependents {
-                        let dep_deleting = self
-                            .objects
-                            .get(k)
-                            .is_some_and(|d| d["metadata"]["deletionTimestamp"].is_string());
-                        if !dep_deleting {
-                            self.delete_key(k);
-                        }
-                    }
-                }
+    fn is_deleting(&self, key: &Key) -> bool {
+        self.objects
+            .get(key)
+            .is_some_and(|s| s.obj["metadata"]["deletionTimestamp"].is_string())
+    }
+
+    /// Of `keys` (all present), whether any exists, and up to `limit` of those not yet being deleted.
+    fn to_delete<'k>(&self, keys: impl Iterator<Item = &'k Key>, limit: usize) -> (bool, Vec<Key>) {
+        let mut any = false;
+        let mut out = Vec::new();
+        for k in keys {
+            any = true;
+            if out.len() < limit && !self.is_deleting(k) {
+                out.push(k.clone());
             }
         }
+        (any, out)
+    }
+
+    /// Whether all garbage-collector work is done (nothing queued, nothing waiting).
+    pub fn gc_idle(&self) -> bool {
+        self.gc.check.is_empty() && self.gc.deleting.is_empty()
+    }
+
+    /// One slice of the namespace, CRD-cleanup and garbage collectors, at most
+    /// about `budget` storage writes, so the caller can let requests in
+    /// between slices. Its cost follows the work queued by writes (owners
+    /// removed, objects being deleted), never the number of stored objects.
+    /// Returns whether more work may remain.
+    pub fn gc_step(&mut self, budget: u64) -> bool {
+        let rv0 = self.rv;
+        let left = |st: &Self| budget.saturating_sub(st.rv - rv0) as usize;
         // Dependents whose owners are all gone are deleted; dangling references are removed.
-        for (key, obj) in &snapshot {
-            let Some(refs) = obj["metadata"]["ownerReferences"].as_array() else {
-                continue;
+        while left(self) > 0 {
+            let Some(key) = self.gc.check.pop_first() else {
+                break;
             };
-            if refs.is_empty() || !self.objects.contains_key(key) {
-                continue;
+            self.check_owners(&key);
+        }
+        let waiting: Vec<Key> = self.gc.deleting.iter().cloned().collect();
+        for key in waiting {
+            if left(self) == 0 {
+                break;
             }
-            let missing: Vec<String> = refs
-                .iter()
-                .filter_map(|r| r["uid"].as_str())
-                .filter(|u| !uids.contains_key(*u))
-                .map(str::to_string)
-                .collect();
-            if missing.is_empty() {
-                continue;
+            self.finish_deletion(&key, left(self));
+        }
+        !self.gc.check.is_empty() || self.rv != rv0
+    }
+
+    fn check_owners(&mut self, key: &Key) {
+        let Some(obj) = self.objects.get(key).map(|s| s.obj.clone()) else {
+            return;
+        };
+        let Some(refs) = obj["metadata"]["ownerReferences"].as_array() else {
+            return;
+        };
+        let missing: Vec<String> = refs
+            .iter()
+            .filter_map(|r| r["uid"].as_str())
+            .filter(|u| !self.gc.uids.contains_key(*u))
+            .map(str::to_string)
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        if missing.len() == refs.len() {
+            if !obj["metadata"]["deletionTimestamp"].is_string() {
+                self.delete_key(key);
             }
-            if missing.len() == refs.len() {
-                if !obj["metadata"]["deletionTimestamp"].is_string() {
-                    self.delete_key(key);
+        } else {
+            self.strip_owner_refs(key, &missing);
+        }
+    }
+
+    /// Moves the deletion of a namespace, a CRD or an owner with the `orphan`
+    /// or `foregroundDeletion` finalizer forward, with at most `limit` deletions.
+    fn finish_deletion(&mut self, key: &Key, limit: usize) {
+        let Some(obj) = self.objects.get(key).map(|s| s.obj.clone()) else {
+            return;
+        };
+        let fin = finalizers(&obj);
+        if key.0 == self.registry.namespace_def().storage {
+            let contents = self.keys_in_namespace(&key.2);
+            let (any, doomed) = self.to_delete(contents.iter(), limit);
+            if !any {
+                if let Some(res) = self.def_for_storage(&key.0) {
+                    self.remove(&res, key.clone(), (*obj).clone());
                 }
             } else {
-                self.strip_owner_refs(key, &missing);
+                for k in doomed {
+                    self.delete_key(&k);
+                }
+            }
+            return;
+        }
+        if key.0 == self.registry.crd_def().storage
+            && fin.iter().any(|f| f == CRD_CLEANUP_FINALIZER)
+        {
+            let storage = format!(
+                "{}/{}",
+                obj["spec"]["group"].as_str().unwrap_or_default(),
+                obj["spec"]["names"]["plural"].as_str().unwrap_or_default()
+            );
+            let instances = self.keys_of_storage(&storage);
+            let (any, doomed) = self.to_delete(instances.iter(), limit);
+            if !any {
+                self.drop_finalizer(key, CRD_CLEANUP_FINALIZER);
+            } else {
+                for k in doomed {
+                    self.delete_key(&k);
+                }
+            }
+            return;
+        }
+        let uid = meta_str(&obj, "uid").unwrap_or_default().to_string();
+        let dependents: Vec<Key> = self
+            .gc
+            .dependents
+            .get(&uid)
+            .map(|d| d.iter().cloned().collect())
+            .unwrap_or_default();
+        if fin.iter().any(|f| f == "orphan") {
+            for k in &dependents {
+                self.strip_owner_refs(k, std::slice::from_ref(&uid));
+            }
+            self.drop_finalizer(key, "orphan");
+        } else if fin.iter().any(|f| f == "foregroundDeletion") {
+            let (any, doomed) = self.to_delete(dependents.iter(), limit);
+            if !any {
+                self.drop_finalizer(key, "foregroundDeletion");
+            } else {
+                for k in doomed {
+                    self.delete_key(&k);
+                }
             }
         }
-        self.rv != rv_before
     }
 
     fn strip_owner_refs(&mut self, key: &Key, uids: &[String]) {
-        let Some(obj) = self.objects.get(key).cloned() else {
+        let Some(obj) = self.objects.get(key).map(|s| s.obj.clone()) else {
             return;
         };
         let Some(res) = self.def_for_storage(&key.0) else {

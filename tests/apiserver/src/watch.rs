@@ -14,7 +14,7 @@ use crate::{
     errors::{ApiError, ApiResult},
     resources::ResourceDef,
     selectors::Selectors,
-    store::{Change, EventType, State},
+    store::{Change, EventType, State, Stored},
 };
 
 pub struct WatchParams {
@@ -90,6 +90,26 @@ impl Filter {
     }
 }
 
+/// ADDED lines for the initial objects, in chunks of about 1 MiB.
+fn initial_lines(res: &ResourceDef, items: &[Stored]) -> Vec<Bytes> {
+    const CHUNK: usize = 1 << 20;
+    let mut out = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    for o in items {
+        let body = o.body(res);
+        buf.extend_from_slice(b"{\"type\":\"ADDED\",\"object\":");
+        buf.extend_from_slice(&body);
+        buf.extend_from_slice(b"}\n");
+        if buf.len() >= CHUNK {
+            out.push(Bytes::from(std::mem::take(&mut buf)));
+        }
+    }
+    if !buf.is_empty() {
+        out.push(Bytes::from(buf));
+    }
+    out
+}
+
 /// Starts a watch: everything up to "now" is computed under the store lock
 /// together with the broadcast subscription, so no event is lost or doubled.
 pub fn start(
@@ -106,6 +126,7 @@ pub fn start(
         sel,
     };
     let mut first: Vec<Bytes> = Vec::new();
+    let mut initial_items = Vec::new();
     let (rx, start_rv) = {
         let st = shared
             .state
@@ -113,13 +134,8 @@ pub fn start(
             .map_err(|_| ApiError::internal("store lock poisoned"))?;
         let initial = p.send_initial_events || matches!(p.resource_version, None | Some(0));
         if initial {
-            for o in st.list(&res, ns.as_deref(), &filter.sel) {
-                let json = Bytes::from(State::present(&res, &o).to_string());
-                first.push(line("ADDED", &json));
-            }
-            if p.send_initial_events {
-                first.push(bookmark(&res, st.rv, true));
-            }
+            // Snapshotted under the lock; the lines are built after it is released.
+            initial_items = st.list(&res, ns.as_deref(), &filter.sel);
         } else if let Some(rv) = p.resource_version {
             if rv < st.floor {
                 let err =
@@ -136,6 +152,12 @@ pub fn start(
         }
         (st.tx.subscribe(), st.rv)
     };
+    if !initial_items.is_empty() || p.send_initial_events {
+        first = initial_lines(&res, &initial_items);
+        if p.send_initial_events {
+            first.push(bookmark(&res, start_rv, true));
+        }
+    }
     let (tx, out) = mpsc::channel::<Bytes>(256);
     // Subscribed before the response goes out, so a close requested after the
     // client sees the watch open always reaches it.
