@@ -308,3 +308,95 @@ impl CrdName for Widget {
         format!("{}.{}", Widget::plural(&()), Widget::group(&()))
     }
 }
+
+#[tokio::test]
+async fn a_dependent_whose_owner_never_existed_is_collected() {
+    // The garbage collector looks an absent owner up, finds nothing and
+    // deletes the dependent ("dangling" owner reference).
+    let (_api, client) = start().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let mut orphan = cm("never-owned", &[]);
+    orphan.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "v1".into(),
+        kind: "ConfigMap".into(),
+        name: "ghost".into(),
+        uid: "00000000-0000-0000-0000-000000000000".into(),
+        ..Default::default()
+    }]);
+    cms.create(&PostParams::default(), &orphan).await.unwrap();
+    eventually("dependent of a missing owner collected", || async {
+        cms.get_opt("never-owned")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_many_owners_collects_every_dependent_and_spares_the_others() {
+    // More owners than the collector handles in one slice: all their
+    // dependents go, dependents of surviving owners stay.
+    let (api, client) = start().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let n = 300;
+    for i in 0..n {
+        let owner = api
+            .create_object(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": format!("owner-{i}"), "namespace": "default", "finalizers": ["hold/on"]}}))
+            .unwrap();
+        api.create_object(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("dep-{i}"), "namespace": "default",
+                "labels": {"role": "dep"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": format!("owner-{i}"),
+                    "uid": owner["metadata"]["uid"], "controller": true}]}}))
+            .unwrap();
+    }
+    let deleted = n - 10;
+    for i in 0..deleted {
+        cms.delete(&format!("owner-{i}"), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    // Owners held by a finalizer keep their dependents.
+    let deps = ListParams::default().labels("role=dep");
+    assert_eq!(cms.list(&deps).await.unwrap().items.len(), n);
+    for i in 0..deleted {
+        cms.patch(
+            &format!("owner-{i}"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    }
+    let left = eventually("dependents of deleted owners collected", || async {
+        let items = cms.list(&deps).await.unwrap().items;
+        (items.len() == n - deleted).then_some(items)
+    })
+    .await;
+    let mut names: Vec<String> = left.iter().map(|c| c.name_any()).collect();
+    names.sort();
+    let mut want: Vec<String> = (deleted..n).map(|i| format!("dep-{i}")).collect();
+    want.sort();
+    assert_eq!(names, want);
+}
+
+#[tokio::test]
+async fn deleting_a_namespace_with_many_objects_deletes_all_of_them() {
+    let (api, client) = start().await;
+    create_namespace(&client, "big").await;
+    for i in 0..250 {
+        api.create_object(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("c-{i}"), "namespace": "big"}}))
+            .unwrap();
+    }
+    let nss: Api<Namespace> = Api::all(client.clone());
+    nss.delete("big", &DeleteParams::default()).await.unwrap();
+    eventually("namespace and its 250 ConfigMaps gone", || async {
+        nss.get_opt("big").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(api.list("v1", "ConfigMap", Some("big")).is_empty());
+}
