@@ -21,7 +21,6 @@ use std::{
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams},
@@ -45,7 +44,8 @@ use crate::{
     policy::AccessPolicy,
     projection::ProjectionRules,
     sink::configmap::{
-        BINDING_ANNOTATION, ConfigMapSink, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SinkError, TargetRef,
+        BINDING_ANNOTATION, ConfigMapHead, ConfigMapSink, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+        Observed, SinkError, TargetRef,
     },
 };
 use hub::Hub;
@@ -477,9 +477,11 @@ fn error_policy(b: Arc<ConfigBinding>, err: &Error, ctx: Arc<Context>) -> Action
     Action::requeue(Duration::from_secs(2))
 }
 
-/// Routes ConfigMap changes (hand edits, deletes) to the writing binding's worker.
+/// Routes ConfigMap changes (hand edits, deletes) to the writing binding's
+/// worker, read as [`ConfigMapHead`]: metadata and content hashes, no copy of
+/// the content (most events are the echo of our own write).
 async fn watch_configmaps(ctx: Arc<Context>) {
-    let api: Api<ConfigMap> = match &ctx.config.namespace {
+    let api: Api<ConfigMapHead> = match &ctx.config.namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
@@ -500,7 +502,7 @@ async fn watch_configmaps(ctx: Arc<Context>) {
             continue;
         };
         let key = (cm.namespace().unwrap_or_default(), binding);
-        let msg = WorkerMsg::Target((!deleted).then(|| Box::new(cm)));
+        let msg = WorkerMsg::Target((!deleted).then(|| Box::new(Observed::from_head(cm))));
         ctx.send_to_worker(&key, msg);
     }
 }

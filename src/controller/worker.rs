@@ -43,7 +43,7 @@ use crate::{
 pub enum WorkerMsg {
     Hub(HubEvent),
     /// The target ConfigMap as the watch last saw it (`None`: deleted).
-    Target(Option<Box<ConfigMap>>),
+    Target(Option<Box<Observed>>),
 }
 
 /// What the worker knows about its ConfigMap.
@@ -468,22 +468,22 @@ impl Worker {
         }
     }
 
-    fn on_target(&mut self, cm: Option<Box<ConfigMap>>) {
-        let new = match cm {
+    fn on_target(&mut self, obs: Option<Box<Observed>>) {
+        let new = match obs {
             None => TargetState::Absent,
-            Some(cm) => {
+            Some(obs) => {
                 // a late event older than what we wrote (the echo of our own
-                // write, most often) tells nothing new: drop it before copying
+                // write, most often) tells nothing new
                 if let TargetState::Present(cur) = &self.target_state
                     && let (Some(a), Some(b)) = (
-                        rv_number(cm.metadata.resource_version.as_deref()),
+                        rv_number(obs.resource_version.as_deref()),
                         rv_number(cur.resource_version.as_deref()),
                     )
                     && a <= b
                 {
                     return;
                 }
-                TargetState::Present(Box::new(Observed::from_owned(*cm)))
+                TargetState::Present(obs)
             }
         };
         self.target_state = new;
@@ -831,11 +831,10 @@ impl Worker {
         }
         let result = self.write(&projected, resource_version).await;
         match result {
-            Ok(cm) => {
+            Ok(obs) => {
                 self.last_write = Some(Instant::now());
                 self.conflicts = 0;
                 self.backoff = Duration::from_millis(200);
-                let obs = Observed::from_owned(cm);
                 let cursor = obs.cursor;
                 self.target_state = TargetState::Present(Box::new(obs));
                 self.ctx.metrics.writes.get_or_create(&self.labels).inc();
@@ -870,7 +869,7 @@ impl Worker {
         &mut self,
         content: &Projected,
         mut resource_version: Option<String>,
-    ) -> Result<ConfigMap, SinkError> {
+    ) -> Result<Observed, SinkError> {
         if matches!(self.target_state, TargetState::Absent) {
             let mut skeleton = ConfigMapSink::desired(
                 &self.target,

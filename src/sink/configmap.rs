@@ -206,6 +206,106 @@ fn value_hash(value: &[u8]) -> u64 {
     hash_of(2, value)
 }
 
+/// A ConfigMap as the operator reads it back from watches and writes: its
+/// metadata and the [`ContentHashes`] of its content, computed while parsing,
+/// so no copy of the keys and values is built (a write's response and its
+/// watch echo would otherwise cost two whole-content copies per update).
+#[derive(Debug, Clone, Default)]
+pub struct ConfigMapHead {
+    pub metadata: ObjectMeta,
+    pub content: ContentHashes,
+}
+
+impl kube::Resource for ConfigMapHead {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+        "ConfigMap".into()
+    }
+    fn group(_: &()) -> std::borrow::Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> std::borrow::Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+        "configmaps".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ConfigMapHead {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct Raw {
+            #[serde(default)]
+            metadata: ObjectMeta,
+            #[serde(default, deserialize_with = "hash_text_entries")]
+            data: Vec<(u64, u64)>,
+            /// Rare and usually small: decoded, then hashed.
+            #[serde(default, rename = "binaryData")]
+            binary_data: Option<BTreeMap<String, ByteString>>,
+        }
+        let raw = Raw::deserialize(d)?;
+        let mut entries = raw.data;
+        let binary = raw.binary_data.into_iter().flatten();
+        entries.extend(binary.map(|(k, v)| (key_hash(true, &k), value_hash(&v.0))));
+        entries.sort_unstable();
+        Ok(Self {
+            metadata: raw.metadata,
+            content: ContentHashes(entries),
+        })
+    }
+}
+
+/// `data` (a map of strings, or null) as hash pairs, borrowing the strings
+/// from the input where it has no escapes.
+fn hash_text_entries<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<(u64, u64)>, D::Error> {
+    use std::borrow::Cow;
+
+    #[derive(serde::Deserialize)]
+    struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = Vec<(u64, u64)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of strings or null")
+        }
+        fn visit_none<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(
+            self,
+            d: D,
+        ) -> std::result::Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(map.size_hint().unwrap_or(0));
+            while let Some((Text(k), Text(v))) = map.next_entry()? {
+                out.push((key_hash(false, &k), value_hash(v.as_bytes())));
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_option(Entries)
+}
+
 impl ContentHashes {
     pub fn of_configmap(cm: &ConfigMap) -> Self {
         let text = cm.data.iter().flatten();
@@ -250,17 +350,20 @@ impl ContentHashes {
 }
 
 impl Observed {
-    /// [`Observed::from_configmap`] of a ConfigMap we own anyway (a watch
-    /// event or a write response); dropped right after.
-    pub fn from_owned(cm: ConfigMap) -> Self {
-        Self::from_configmap(&cm)
+    pub fn from_configmap(cm: &ConfigMap) -> Self {
+        Self::from_parts(&cm.metadata, ContentHashes::of_configmap(cm))
     }
 
-    pub fn from_configmap(cm: &ConfigMap) -> Self {
-        let ann = cm.metadata.annotations.as_ref();
+    /// From a watch event or write response read as [`ConfigMapHead`].
+    pub fn from_head(head: ConfigMapHead) -> Self {
+        Self::from_parts(&head.metadata, head.content)
+    }
+
+    fn from_parts(metadata: &ObjectMeta, content: ContentHashes) -> Self {
+        let ann = metadata.annotations.as_ref();
         let get = |k: &str| ann.and_then(|a| a.get(k)).cloned();
         Self {
-            resource_version: cm.metadata.resource_version.clone(),
+            resource_version: metadata.resource_version.clone(),
             cursor: get(CURSOR_ANNOTATION)
                 .and_then(|c| c.parse().ok())
                 .unwrap_or_default(),
@@ -272,14 +375,13 @@ impl Observed {
             skipped: get(SKIPPED_ANNOTATION)
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0),
-            owner_uid: cm
-                .metadata
+            owner_uid: metadata
                 .owner_references
                 .iter()
                 .flatten()
                 .find(|o| o.controller == Some(true))
                 .map(|o| o.uid.clone()),
-            content: ContentHashes::of_configmap(cm),
+            content,
         }
     }
 
@@ -405,6 +507,11 @@ impl ConfigMapSink {
         Api::namespaced(self.client.clone(), namespace)
     }
 
+    /// The same objects, read back as [`ConfigMapHead`].
+    fn head_api(&self, namespace: &str) -> Api<ConfigMapHead> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
     pub async fn read(&self, namespace: &str, name: &str) -> Result<Option<ConfigMap>> {
         Ok(self.api(namespace).get_opt(name).await?)
     }
@@ -453,16 +560,17 @@ impl ConfigMapSink {
         content: &Projected,
         cursor: WatchCursor,
         resource_version: Option<&str>,
-    ) -> Result<ConfigMap> {
+    ) -> Result<Observed> {
         let pp = PatchParams::apply(FIELD_MANAGER).force();
-        Ok(self
-            .api(&target.namespace)
+        let written = self
+            .head_api(&target.namespace)
             .patch(
                 &target.name,
                 &pp,
                 &Patch::Apply(&ApplyBody::new(target, content, cursor, resource_version)),
             )
-            .await?)
+            .await?;
+        Ok(Observed::from_head(written))
     }
 
     /// Writes the content and cursor AND removes `foreign` keys (added by
@@ -475,7 +583,7 @@ impl ConfigMapSink {
         cursor: WatchCursor,
         foreign: &[String],
         resource_version: &str,
-    ) -> Result<ConfigMap> {
+    ) -> Result<Observed> {
         let desired = Self::desired(target, content, cursor, Some(resource_version));
         let mut patch = serde_json::to_value(&desired)
             .map_err(|e| SinkError::Kube(kube::Error::SerdeError(e)))?;
@@ -489,8 +597,8 @@ impl ConfigMapSink {
                 }
             }
         }
-        Ok(self
-            .api(&target.namespace)
+        let written = self
+            .head_api(&target.namespace)
             .patch(
                 &target.name,
                 &PatchParams {
@@ -499,7 +607,8 @@ impl ConfigMapSink {
                 },
                 &Patch::Merge(&patch),
             )
-            .await?)
+            .await?;
+        Ok(Observed::from_head(written))
     }
 
     /// Carries out `deletionPolicy` when a binding goes.
@@ -690,6 +799,36 @@ mod tests {
             let obs = Observed::from_configmap(cm);
             assert_eq!(obs.holds(&content, CreationPolicy::Owner), *same, "row {i}");
         }
+    }
+
+    #[test]
+    fn head_read_from_json_hashes_like_the_whole_configmap() {
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some("cm".into()),
+                resource_version: Some("9".into()),
+                annotations: Some(BTreeMap::from([(CURSOR_ANNOTATION.into(), "5".into())])),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([
+                ("plain".into(), "1".into()),
+                ("escaped".into(), "line\n\"quoted\" \u{e9}".into()),
+            ])),
+            binary_data: Some(BTreeMap::from([("bin".into(), ByteString(vec![0, 0xff]))])),
+            ..ConfigMap::default()
+        };
+        let json = serde_json::to_string(&cm).unwrap();
+        let head: ConfigMapHead = serde_json::from_str(&json).unwrap();
+        assert_eq!(Observed::from_head(head), Observed::from_configmap(&cm));
+        for empty in [r#"{"metadata":{}}"#, r#"{"metadata":{},"data":null}"#] {
+            let head: ConfigMapHead = serde_json::from_str(empty).unwrap();
+            assert!(head.content.is_empty());
+        }
+        let err = serde_json::from_str::<ConfigMapHead>(r#"{"data":{"a":1}}"#);
+        assert!(
+            err.is_err(),
+            "a non-string value is an error, not a silent skip"
+        );
     }
 
     #[test]
