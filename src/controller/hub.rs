@@ -450,8 +450,8 @@ async fn serve_batch(
     );
 }
 
-/// Resume for requesters with a cursor: one scan from the smallest cursor
-/// that is still retained; the others get `CursorExpired`.
+/// Resume for requesters with a cursor still retained (the others get
+/// `CursorExpired`): one scan per distinct cursor, see [`delta_runs`].
 async fn resume(
     bucket: &str,
     store: &Arc<dyn KvStore>,
@@ -491,7 +491,7 @@ async fn resume(
     let at = |r: &Requester| r.from.version().and_then(|v| v.as_u64()).unwrap_or(0);
     requesters.sort_by_key(at);
     let cursors: Vec<u64> = requesters.iter().map(at).collect();
-    let starts = delta_runs(&cursors, last);
+    let starts = delta_runs(&cursors);
     // one run at a time: still one delta consumer per bucket
     for (i, &start) in starts.iter().enumerate().rev() {
         let run = requesters.split_off(start);
@@ -506,38 +506,36 @@ async fn resume(
     }
 }
 
-/// Most resume scans one batch is split into.
-const MAX_DELTA_RUNS: usize = 8;
-/// Gaps narrower than this never split a batch: re-reading that many
-/// revisions costs less than another consumer.
-const MIN_SPLIT_GAP: u64 = 4096;
+/// Most resume scans one batch is split into (run one after another).
+const MAX_DELTA_RUNS: usize = 1024;
 
 /// Where the runs of a resume batch start, given its cursors sorted
-/// ascending. A resume from the smallest cursor re-reads, for every other
-/// binding, the revisions between that cursor and its own; a gap between
-/// neighbouring cursors wider than [`MIN_SPLIT_GAP`] and than everything
-/// the newer binding still has to read (`head - cursor`) starts a new run,
-/// widest gaps first, so one long-idle binding does not make the whole
-/// batch re-read its window. At most [`MAX_DELTA_RUNS`] runs.
-fn delta_runs(cursors: &[u64], head: u64) -> Vec<usize> {
+/// ascending: one run per distinct cursor. A binding's cursor is the
+/// revision of its own last write, so a resume from a smaller cursor would
+/// re-deliver at least that update to every newer binding (a restart of
+/// 10,000 bindings would deliver 10,000 updates for 1,000 changes).
+/// Bindings with equal cursors (those that synced together and were not
+/// written since) share a run. Beyond [`MAX_DELTA_RUNS`] distinct cursors
+/// the narrowest gaps share a run. Runs go one at a time, so a bucket
+/// never has more than one resume consumer.
+fn delta_runs(cursors: &[u64]) -> Vec<usize> {
+    if cursors.is_empty() {
+        return Vec::new();
+    }
     let mut splits: Vec<(u64, usize)> = cursors
         .windows(2)
         .enumerate()
-        .filter_map(|(i, w)| {
-            let gap = w[1].saturating_sub(w[0]);
-            let ahead = head.saturating_sub(w[1]);
-            (gap > MIN_SPLIT_GAP && gap > ahead).then_some((gap, i + 1))
-        })
+        .filter(|(_, w)| w[1] > w[0])
+        .map(|(i, w)| (w[1] - w[0], i + 1))
         .collect();
-    splits.sort_by_key(|&(gap, _)| std::cmp::Reverse(gap));
-    splits.truncate(MAX_DELTA_RUNS - 1);
+    if splits.len() >= MAX_DELTA_RUNS {
+        splits.sort_by_key(|&(gap, i)| (std::cmp::Reverse(gap), i));
+        splits.truncate(MAX_DELTA_RUNS - 1);
+    }
     let mut starts: Vec<usize> = std::iter::once(0)
         .chain(splits.into_iter().map(|(_, i)| i))
         .collect();
     starts.sort_unstable();
-    if cursors.is_empty() {
-        starts.clear();
-    }
     starts
 }
 
@@ -791,23 +789,18 @@ mod tests {
     }
 
     #[test]
-    fn resume_batches_split_only_at_wide_gaps() {
-        let head = 1_000_000;
-        // dense cursors near the head: one run
-        let dense: Vec<u64> = (0..100).map(|i| head - 500 + i * 3).collect();
-        assert_eq!(delta_runs(&dense, head), vec![0]);
-        // one binding idle far behind: its own run
-        let mut idle = vec![10];
-        idle.extend(&dense);
-        assert_eq!(delta_runs(&idle, head), vec![0, 1]);
-        // a gap narrower than what the newer side still reads: no split
-        assert_eq!(delta_runs(&[100_000, 200_000], 500_000), vec![0]);
-        // never more than MAX_DELTA_RUNS runs, the widest gaps win
-        // each gap twice what the newer side still reads: 15 candidate splits
-        let head = 3u64.pow(16) * 10_000;
-        let spread: Vec<u64> = (0..16).rev().map(|k| head - 3u64.pow(k) * 10_000).collect();
-        let runs = delta_runs(&spread, head);
-        assert_eq!(runs, (0..MAX_DELTA_RUNS).collect::<Vec<_>>());
-        assert!(delta_runs(&[], head).is_empty());
+    fn resume_batches_run_once_per_distinct_cursor() {
+        assert!(delta_runs(&[]).is_empty());
+        // bindings that synced together share one run
+        assert_eq!(delta_runs(&[7, 7, 7]), vec![0]);
+        assert_eq!(delta_runs(&[5, 7, 7, 9, 9, 9]), vec![0, 1, 3]);
+        // past the cap the narrowest gaps share a run, the widest still split
+        let mut many: Vec<u64> = (0..MAX_DELTA_RUNS as u64 + 10).collect();
+        many.push(1_000_000);
+        let runs = delta_runs(&many);
+        assert_eq!(runs.len(), MAX_DELTA_RUNS);
+        assert_eq!(runs[0], 0);
+        assert!(runs.contains(&(many.len() - 1)), "the widest gap splits");
+        assert!(runs.windows(2).all(|w| w[0] < w[1]));
     }
 }
