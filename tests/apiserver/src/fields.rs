@@ -475,7 +475,7 @@ pub fn render_path(path: &[Pe]) -> String {
 }
 
 /// One `metadata.managedFields[]` entry.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Entry {
     pub manager: String,
     pub operation: String,
@@ -483,17 +483,54 @@ pub struct Entry {
     pub time: String,
     pub subresource: String,
     pub set: FieldSet,
+    /// Index of the `managedFields` item this entry was read from, while
+    /// `set` is unchanged: its `fieldsV1` is copied instead of re-encoded
+    /// (encoding is a large part of a write). Cleared by [`Entry::changed`].
+    pub read_from: Option<usize>,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            &self.manager,
+            &self.operation,
+            &self.api_version,
+            &self.time,
+            &self.subresource,
+            &self.set,
+        ) == (
+            &other.manager,
+            &other.operation,
+            &other.api_version,
+            &other.time,
+            &other.subresource,
+            &other.set,
+        )
+    }
 }
 
 impl Entry {
-    pub fn to_json(&self) -> Value {
+    /// Marks `set` as modified since it was read.
+    pub fn changed(&mut self) {
+        self.read_from = None;
+    }
+
+    /// `old_items`: the `managedFields` of the object the entries were read from.
+    pub fn to_json(&self, old_items: &[Value]) -> Value {
+        let fields = match self.read_from.and_then(|i| old_items.get(i)) {
+            Some(item) => {
+                debug_assert_eq!(decode(&item["fieldsV1"]), self.set, "stale read_from");
+                item["fieldsV1"].clone()
+            }
+            None => encode(&self.set),
+        };
         let mut v = json!({
             "manager": self.manager,
             "operation": self.operation,
             "apiVersion": self.api_version,
             "time": self.time,
             "fieldsType": "FieldsV1",
-            "fieldsV1": encode(&self.set),
+            "fieldsV1": fields,
         });
         if !self.subresource.is_empty() {
             v["subresource"] = json!(self.subresource);
@@ -509,6 +546,7 @@ impl Entry {
             time: v["time"].as_str().unwrap_or_default().to_string(),
             subresource: v["subresource"].as_str().unwrap_or_default().to_string(),
             set: decode(&v["fieldsV1"]),
+            read_from: None,
         })
     }
 }
@@ -516,15 +554,31 @@ impl Entry {
 pub fn read_entries(obj: &Value) -> Vec<Entry> {
     obj["metadata"]["managedFields"]
         .as_array()
-        .map(|a| a.iter().filter_map(Entry::from_json).collect())
+        .map(|a| {
+            a.iter()
+                .enumerate()
+                .filter_map(|(i, v)| {
+                    Entry::from_json(v).map(|mut e| {
+                        e.read_from = Some(i);
+                        e
+                    })
+                })
+                .collect()
+        })
         .unwrap_or_default()
 }
 
-pub fn write_entries(obj: &mut Value, entries: &[Entry]) {
+/// Writes `entries` as `obj`'s managed fields; `read_from` is the object
+/// they were read from (see [`Entry::read_from`]).
+pub fn write_entries(obj: &mut Value, entries: &[Entry], read_from: Option<&Value>) {
+    let old_items: &[Value] = read_from
+        .and_then(|o| o["metadata"]["managedFields"].as_array())
+        .map(Vec::as_slice)
+        .unwrap_or_default();
     let list: Vec<Value> = entries
         .iter()
         .filter(|e| !e.set.is_empty())
-        .map(Entry::to_json)
+        .map(|e| e.to_json(old_items))
         .collect();
     if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         if list.is_empty() {

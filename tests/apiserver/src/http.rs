@@ -49,7 +49,7 @@ fn bytes_response(code: StatusCode, body: Bytes) -> Response {
 
 /// Runs CPU-heavy work (a large list) without stalling the other requests
 /// queued on this runtime worker.
-fn heavy<T>(items: usize, f: impl FnOnce() -> T) -> T {
+pub(crate) fn heavy<T>(items: usize, f: impl FnOnce() -> T) -> T {
     let multi = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     if items > 1_000 && multi {

@@ -882,6 +882,7 @@ impl State {
                     time: now,
                     subresource: sub.into(),
                     set: new_set,
+                    read_from: None,
                 };
                 return self.finish(
                     res,
@@ -910,6 +911,7 @@ impl State {
                     time: now.clone(),
                     subresource: String::new(),
                     set: all,
+                    read_from: None,
                 });
             }
         }
@@ -936,21 +938,19 @@ impl State {
             }
             for (i, p) in &conflicts {
                 entries[*i].set.remove(p);
+                entries[*i].changed();
             }
         }
         // Fields this manager applied before and no longer applies go away,
         // unless another manager also owns them.
-        let prev: FieldSet = entries
-            .iter()
-            .find(|e| mine(e))
-            .map(|e| e.set.clone())
-            .unwrap_or_default();
-        for r in prev.difference(&new_set) {
-            let co_owned = entries
-                .iter()
-                .any(|e| !mine(e) && fields::owns_within(&e.set, r));
-            if !co_owned {
-                fields::remove_at(&mut merged, r);
+        if let Some(prev) = entries.iter().find(|e| mine(e)).map(|e| &e.set) {
+            for r in prev.difference(&new_set) {
+                let co_owned = entries
+                    .iter()
+                    .any(|e| !mine(e) && fields::owns_within(&e.set, r));
+                if !co_owned {
+                    fields::remove_at(&mut merged, r);
+                }
             }
         }
         match entries.iter_mut().find(|e| mine(e)) {
@@ -958,6 +958,7 @@ impl State {
                 if e.set != new_set {
                     e.set = new_set;
                     e.time = now;
+                    e.changed();
                 }
             }
             None => entries.push(Entry {
@@ -967,6 +968,7 @@ impl State {
                 time: now,
                 subresource: sub.into(),
                 set: new_set,
+                read_from: None,
             }),
         }
         self.finish(
@@ -1018,7 +1020,7 @@ impl State {
                         };
                     }
                 }
-                let old_meta = old["metadata"].as_object().cloned().unwrap_or_default();
+                let old_meta = &old["metadata"];
                 let meta = meta_mut(&mut new);
                 for k in [
                     "name",
@@ -1029,13 +1031,14 @@ impl State {
                     "deletionGracePeriodSeconds",
                     "generation",
                     "resourceVersion",
-                    "managedFields",
                 ] {
                     match old_meta.get(k) {
                         Some(v) => meta.insert(k.into(), v.clone()),
                         None => meta.remove(k),
                     };
                 }
+                // Rewritten from the tracked entries below.
+                meta.remove("managedFields");
             }
             None => {
                 if res.status
@@ -1155,8 +1158,12 @@ impl State {
                     .collect();
                 let removed: FieldSet = old_members.difference(&new_members).cloned().collect();
                 for e in entries.iter_mut() {
+                    let before = e.set.len();
                     e.set
                         .retain(|p| !changed.contains(p) && !removed.contains(p));
+                    if e.set.len() != before {
+                        e.changed();
+                    }
                 }
                 let sub = if status { "status" } else { "" };
                 if !changed.is_empty() {
@@ -1166,6 +1173,7 @@ impl State {
                         Some(e) => {
                             e.set.extend(changed);
                             e.time = now.clone();
+                            e.changed();
                         }
                         None => entries.push(Entry {
                             manager: manager.clone(),
@@ -1174,31 +1182,36 @@ impl State {
                             time: now.clone(),
                             subresource: sub.into(),
                             set: changed,
+                            read_from: None,
                         }),
                     }
                 }
                 entries
             }
         };
-        fields::write_entries(&mut new, &entries);
+        fields::write_entries(&mut new, &entries, old.as_deref());
         // Generation moves on spec changes only (everything but metadata and status).
         if let Some(old) = &old
             && res.tracks_generation()
         {
-            let strip = |v: &Value| -> Value {
-                let mut c = v.clone();
-                if let Some(m) = c.as_object_mut() {
-                    m.remove("metadata");
-                    m.remove("status");
-                    m.remove("apiVersion");
-                    m.remove("kind");
+            // Compared in place: cloning both objects would cost more than the write.
+            let spec_eq = |a: &Value, b: &Value| -> bool {
+                let skip = |k: &str| matches!(k, "metadata" | "status" | "apiVersion" | "kind");
+                match (a.as_object(), b.as_object()) {
+                    (Some(a), Some(b)) => {
+                        a.keys().filter(|k| !skip(k)).count()
+                            == b.keys().filter(|k| !skip(k)).count()
+                            && a.iter()
+                                .filter(|(k, _)| !skip(k))
+                                .all(|(k, v)| b.get(k) == Some(v))
+                    }
+                    _ => a == b,
                 }
-                c
             };
             let changed = if res.status {
-                strip(old) != strip(&new)
+                !spec_eq(old, &new)
             } else {
-                strip(old) != strip(&new) || old.get("status") != new.get("status")
+                !spec_eq(old, &new) || old.get("status") != new.get("status")
             };
             if changed {
                 let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;

@@ -153,7 +153,7 @@ pub fn start(
         (st.tx.subscribe(), st.rv)
     };
     if !initial_items.is_empty() || p.send_initial_events {
-        first = initial_lines(&res, &initial_items);
+        first = crate::http::heavy(initial_items.len(), || initial_lines(&res, &initial_items));
         if p.send_initial_events {
             first.push(bookmark(&res, start_rv, true));
         }
