@@ -331,6 +331,22 @@ mod scale {
         uids
     }
 
+    /// Creates `n` owners (no ConfigMaps), straight in the store; returns their uids.
+    fn preload_owners(api: &ApiServer, prefix: &str, group: &str, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let o = api
+                    .create_object(json!({
+                        "apiVersion": "bench.slipstream.io/v1", "kind": "Owner",
+                        "metadata": {"name": format!("{prefix}-{i}"), "namespace": NS, "labels": {"bench-group": group}},
+                        "spec": {"bucket": "b", "prefixes": [format!("{prefix}-{i}.")]},
+                    }))
+                    .unwrap();
+                o["metadata"]["uid"].as_str().unwrap().to_string()
+            })
+            .collect()
+    }
+
     /// Latencies (microseconds) and errors of one load phase.
     #[derive(Default)]
     struct Phase {
@@ -510,8 +526,18 @@ mod scale {
         let t = Instant::now();
         api.create_object(owner_crd()).unwrap();
         preload(&api, "bg", "bg", n, false);
-        let hot_uids = Arc::new(preload(&api, "hot", "hot", HOT, false));
+        let hot_uids = Arc::new(preload_owners(&api, "hot", "hot", HOT));
         preload(&api, "gc", "gc", GC, true);
+        // The written set is created by server-side apply, as an operator does
+        // (one field manager), untimed.
+        let never = Arc::new(AtomicBool::new(false));
+        drive(
+            clients,
+            Some(HOT as u64),
+            never.clone(),
+            applier(&api, hot_uids.clone()),
+        )
+        .await;
         let preload_t = t.elapsed();
         let stored = api.list("v1", "ConfigMap", Some(NS)).len();
         eprintln!(
@@ -520,7 +546,6 @@ mod scale {
         );
 
         // 1. server-side apply (whole ConfigMap, one value changed, force) on the hot set.
-        let never = Arc::new(AtomicBool::new(false));
         let apply = drive(
             clients,
             Some(applies),
@@ -681,10 +706,41 @@ mod scale {
         let clients = arg("--clients", 64) as usize;
         let applies = arg("--applies", 10_000);
         let latency_ms = arg("--write-latency-ms", 3);
+        if let Some(n) = args
+            .iter()
+            .position(|a| a == "--one")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            // Child: one size, its cells as one JSON line.
+            let row = one(n, clients, applies, latency_ms).await;
+            let cells: Vec<(String, String)> = columns()
+                .iter()
+                .map(|(name, f)| (name.to_string(), f(&row)))
+                .collect();
+            println!("ROW {}", serde_json::to_string(&cells).unwrap());
+            return;
+        }
+        // Each size runs in its own process, so one run's memory (and its
+        // release) does not weigh on the next.
         let load_before = load();
-        let mut rows = Vec::new();
+        let mut rows: Vec<Vec<(String, String)>> = Vec::new();
         for &n in &sizes {
-            rows.push(one(n, clients, applies, latency_ms).await);
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--scale", "--one", &n.to_string()])
+                .args(["--clients", &clients.to_string()])
+                .args(["--applies", &applies.to_string()])
+                .args(["--write-latency-ms", &latency_ms.to_string()])
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let row = text
+                .lines()
+                .find_map(|l| l.strip_prefix("ROW "))
+                .and_then(|j| serde_json::from_str(j).ok())
+                .unwrap_or_else(|| panic!("size {n} failed: {text}"));
+            rows.push(row);
         }
         println!(
             "apiserver emulator scale benchmark ({} cores, load average before {load_before}, after {}; write latency {latency_ms} ms, {clients} clients)",
@@ -693,18 +749,38 @@ mod scale {
                 .unwrap_or(1),
             load()
         );
+        print!("| {:<30} |", "measure");
+        for r in &rows {
+            print!(" {:>12} |", r[0].1);
+        }
+        println!();
+        print!("|{}|", "-".repeat(32));
+        for _ in &rows {
+            print!("{}|", "-".repeat(14));
+        }
+        println!();
+        for (i, (name, _)) in rows[0].iter().enumerate() {
+            print!("| {name:<30} |");
+            for r in &rows {
+                print!(" {:>12} |", r.get(i).map(|c| c.1.as_str()).unwrap_or(""));
+            }
+            println!();
+        }
+    }
+
+    fn columns() -> Vec<Column> {
         let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
-        let table: Vec<Column> = vec![
+        vec![
             (
-                "pre-loaded objects (N)",
-                Box::new(|r: &Row| r.n.to_string()),
+                "pre-loaded objects",
+                Box::new(|r: &Row| format!("N={}", r.n)),
             ),
             (
                 "ConfigMaps stored",
                 Box::new(|r: &Row| r.stored.to_string()),
             ),
             (
-                "pre-load time (in-process)",
+                "set-up (pre-load, 1000 SSA)",
                 Box::new(move |r: &Row| format!("{:.1} s", r.preload.as_secs_f64())),
             ),
             (
@@ -761,6 +837,14 @@ mod scale {
                 Box::new(move |r: &Row| r.gc_done.map(ms).unwrap_or_else(|| "timeout".into())),
             ),
             (
+                "GC: last ConfigMap after owner",
+                Box::new(move |r: &Row| {
+                    r.gc_done
+                        .map(|d| ms(d.saturating_sub(r.gc_owners)))
+                        .unwrap_or_else(|| "timeout".into())
+                }),
+            ),
+            (
                 "applies/s during GC",
                 Box::new(|r: &Row| format!("{:.0}", r.gc_apply.rate())),
             ),
@@ -780,23 +864,6 @@ mod scale {
                 "process RSS after",
                 Box::new(|r: &Row| format!("{:.0} MiB", r.rss_mb)),
             ),
-        ];
-        print!("| {:<28} |", "measure");
-        for r in &rows {
-            print!(" {:>12} |", format!("N={}", r.n));
-        }
-        println!();
-        print!("|{}|", "-".repeat(30));
-        for _ in &rows {
-            print!("{}|", "-".repeat(14));
-        }
-        println!();
-        for (name, f) in &table {
-            print!("| {name:<28} |");
-            for r in &rows {
-                print!(" {:>12} |", f(r));
-            }
-            println!();
-        }
+        ]
     }
 }
