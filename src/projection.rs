@@ -26,7 +26,7 @@
 //! A key that cannot be represented (empty after stripping the prefix, or
 //! longer than 253 characters once escaped) is skipped and listed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 
@@ -338,7 +338,9 @@ impl ProjectionRules {
         I: IntoIterator<Item = (&'a str, &'a [u8])>,
     {
         let mut out = Projected::default();
-        let mut origin: HashMap<String, &'a str> = HashMap::new();
+        let entries = entries.into_iter();
+        // KV keys written so far: only read to name the first key of a collision
+        let mut written: Vec<&'a str> = Vec::with_capacity(entries.size_hint().0);
         let mut largest: (usize, &str) = (0, "");
         for (kv_key, value) in entries {
             let cm_key = match self.map_key(kv_key) {
@@ -355,32 +357,29 @@ impl ProjectionRules {
                 }
                 KeyDecision::Mapped(k) => k,
             };
-            if let Some(first) = origin.get(&cm_key) {
-                let (first, second) = if *first <= kv_key {
-                    (*first, kv_key)
-                } else {
-                    (kv_key, *first)
-                };
-                return Err(ProjectionError::KeyCollision {
-                    configmap_key: cm_key,
-                    first: first.to_owned(),
-                    second: second.to_owned(),
-                });
+            // one allocation for the key, one for the value; a ConfigMap key
+            // is unique across data and binaryData
+            let collided = match std::str::from_utf8(value) {
+                Ok(text) => {
+                    out.binary_data.contains_key(&cm_key)
+                        || out.data.insert(cm_key, text.to_owned()).is_some()
+                }
+                Err(_) => {
+                    out.data.contains_key(&cm_key)
+                        || out
+                            .binary_data
+                            .insert(cm_key, ByteString(value.to_vec()))
+                            .is_some()
+                }
+            };
+            if collided {
+                return Err(self.collision(&written, kv_key));
             }
+            written.push(kv_key);
             out.bytes += value.len();
             if value.len() > largest.0 {
                 largest = (value.len(), kv_key);
             }
-            match std::str::from_utf8(value) {
-                Ok(text) => {
-                    out.data.insert(cm_key.clone(), text.to_owned());
-                }
-                Err(_) => {
-                    out.binary_data
-                        .insert(cm_key.clone(), ByteString(value.to_vec()));
-                }
-            }
-            origin.insert(cm_key, kv_key);
         }
         if out.bytes > MAX_CONFIGMAP_BYTES {
             return Err(ProjectionError::TooLarge {
@@ -392,6 +391,33 @@ impl ProjectionRules {
         out.keys = out.data.len() + out.binary_data.len();
         out.skipped.sort();
         Ok(out)
+    }
+}
+
+impl ProjectionRules {
+    /// The error for `second` mapping to a ConfigMap key one of `written`
+    /// already took (the error path only: it maps the keys again).
+    fn collision(&self, written: &[&str], second: &str) -> ProjectionError {
+        let mapped = self.map_key(second);
+        let first = written
+            .iter()
+            .find(|k| self.map_key(k) == mapped)
+            .copied()
+            .unwrap_or(second);
+        let (first, second) = if first <= second {
+            (first, second)
+        } else {
+            (second, first)
+        };
+        let configmap_key = match mapped {
+            KeyDecision::Mapped(k) => k,
+            _ => String::new(),
+        };
+        ProjectionError::KeyCollision {
+            configmap_key,
+            first: first.to_owned(),
+            second: second.to_owned(),
+        }
     }
 }
 
@@ -429,8 +455,10 @@ pub fn escape_key(key: &str) -> String {
             b'_' => out.push_str("__"),
             b if allowed_byte(b) => out.push(char::from(b)),
             b => {
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
                 out.push('_');
-                out.push_str(&format!("{b:02X}"));
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
             }
         }
     }
@@ -611,7 +639,7 @@ mod tests {
             "tab\there",
             "",
         ];
-        let mut seen = HashMap::new();
+        let mut seen = std::collections::HashMap::new();
         for k in keys {
             let e = escape_key(k);
             if !k.is_empty() {

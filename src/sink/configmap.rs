@@ -189,9 +189,9 @@ pub struct Observed {
 pub struct ContentHashes(Vec<(u64, u64)>);
 
 fn hash_of(tag: u8, bytes: &[u8]) -> u64 {
-    use std::hash::Hasher;
-    // SipHash with fixed keys: the same in every instance of this process
-    let mut h = std::hash::DefaultHasher::new();
+    use std::hash::{BuildHasher, Hasher};
+    // fixed seed: equal content hashes equal in every part of the process
+    let mut h = foldhash::quality::FixedState::with_seed(0x5115_7ea4).build_hasher();
     h.write_u8(tag);
     h.write(bytes);
     h.finish()
@@ -550,6 +550,17 @@ impl ConfigMapSink {
             binary_data: (!content.binary_data.is_empty()).then(|| content.binary_data.clone()),
             ..ConfigMap::default()
         }
+    }
+
+    /// The JSON body [`Self::apply`] sends (for profiling the write path
+    /// without a server: `examples/profile_flush.rs`).
+    pub fn apply_body_json(
+        target: &TargetRef,
+        content: &Projected,
+        cursor: WatchCursor,
+        resource_version: Option<&str>,
+    ) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(&ApplyBody::new(target, content, cursor, resource_version))
     }
 
     /// One server-side apply of the whole content and its cursor.
