@@ -348,41 +348,38 @@ impl State {
             .collect()
     }
 
-    /// Keys of all objects in `storage`, in order.
-    fn keys_of_storage(&self, storage: &str) -> Vec<Key> {
-        self.objects
-            .range((storage.to_string(), String::new(), String::new())..)
-            .take_while(|(k, _)| k.0 == storage)
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-
-    /// Keys of the namespaced objects in namespace `ns`: one range per stored
-    /// resource, not a scan of the whole store.
-    fn keys_in_namespace(&self, ns: &str) -> Vec<Key> {
-        let ns_storage = self.registry.namespace_def().storage.clone();
+    /// The distinct storages holding objects: one range lookup each, not a scan.
+    fn storages(&self) -> Vec<String> {
         let mut out = Vec::new();
         let mut next: Option<String> = self.objects.keys().next().map(|k| k.0.clone());
         while let Some(storage) = next {
-            if storage != ns_storage {
-                let start = (storage.clone(), ns.to_string(), String::new());
-                out.extend(
-                    self.objects
-                        .range(start..)
-                        .take_while(|(k, _)| k.0 == storage && k.1 == ns)
-                        .map(|(k, _)| k.clone()),
-                );
-            }
             // `storage + "\0"` is the least string above `storage`: the next storage starts there.
-            let mut after = storage;
+            let mut after = storage.clone();
             after.push('\0');
             next = self
                 .objects
                 .range((after, String::new(), String::new())..)
                 .next()
                 .map(|(k, _)| k.0.clone());
+            out.push(storage);
         }
         out
+    }
+
+    /// Objects of `storage` (in namespace `ns`, or all with `None`).
+    fn range_of<'a>(
+        &'a self,
+        storage: &'a str,
+        ns: Option<&'a str>,
+    ) -> impl Iterator<Item = (&'a Key, &'a Stored)> + 'a {
+        let start = (
+            storage.to_string(),
+            ns.unwrap_or_default().to_string(),
+            String::new(),
+        );
+        self.objects
+            .range(start..)
+            .take_while(move |(k, _)| k.0 == storage && ns.is_none_or(|n| k.1 == n))
     }
 
     fn check_namespace(&self, res: &ResourceDef, ns: Option<&str>) -> ApiResult<()> {
@@ -460,9 +457,8 @@ impl State {
             return;
         }
         let crds: Vec<Arc<Value>> = self
-            .keys_of_storage(&res.storage)
-            .iter()
-            .filter_map(|k| self.objects.get(k).map(|s| s.obj.clone()))
+            .range_of(&res.storage, None)
+            .map(|(_, s)| s.obj.clone())
             .collect();
         self.registry.rebuild(crds.iter().map(|v| &**v));
     }
@@ -1386,19 +1382,16 @@ impl State {
         let _ = self.delete(&res, ns.as_deref(), &key.2, &DeleteOpts::default());
     }
 
-    fn is_deleting(&self, key: &Key) -> bool {
-        self.objects
-            .get(key)
-            .is_some_and(|s| s.obj["metadata"]["deletionTimestamp"].is_string())
-    }
-
-    /// Of `keys` (all present), whether any exists, and up to `limit` of those not yet being deleted.
-    fn to_delete<'k>(&self, keys: impl Iterator<Item = &'k Key>, limit: usize) -> (bool, Vec<Key>) {
+    /// Of `objects`, whether any exists, and up to `limit` of those not yet being deleted.
+    fn to_delete<'k>(
+        objects: impl Iterator<Item = (&'k Key, &'k Stored)>,
+        limit: usize,
+    ) -> (bool, Vec<Key>) {
         let mut any = false;
         let mut out = Vec::new();
-        for k in keys {
+        for (k, o) in objects {
             any = true;
-            if out.len() < limit && !self.is_deleting(k) {
+            if out.len() < limit && !o.obj["metadata"]["deletionTimestamp"].is_string() {
                 out.push(k.clone());
             }
         }
@@ -1468,8 +1461,13 @@ impl State {
         };
         let fin = finalizers(&obj);
         if key.0 == self.registry.namespace_def().storage {
-            let contents = self.keys_in_namespace(&key.2);
-            let (any, doomed) = self.to_delete(contents.iter(), limit);
+            let ns_storage = self.registry.namespace_def().storage.clone();
+            let storages = self.storages();
+            let contents = storages
+                .iter()
+                .filter(|s| **s != ns_storage)
+                .flat_map(|s| self.range_of(s, Some(&key.2)));
+            let (any, doomed) = Self::to_delete(contents, limit);
             if !any {
                 if let Some(res) = self.def_for_storage(&key.0) {
                     self.remove(&res, key.clone(), (*obj).clone());
@@ -1489,8 +1487,7 @@ impl State {
                 obj["spec"]["group"].as_str().unwrap_or_default(),
                 obj["spec"]["names"]["plural"].as_str().unwrap_or_default()
             );
-            let instances = self.keys_of_storage(&storage);
-            let (any, doomed) = self.to_delete(instances.iter(), limit);
+            let (any, doomed) = Self::to_delete(self.range_of(&storage, None), limit);
             if !any {
                 self.drop_finalizer(key, CRD_CLEANUP_FINALIZER);
             } else {
@@ -1513,7 +1510,10 @@ impl State {
             }
             self.drop_finalizer(key, "orphan");
         } else if fin.iter().any(|f| f == "foregroundDeletion") {
-            let (any, doomed) = self.to_delete(dependents.iter(), limit);
+            let deps = dependents
+                .iter()
+                .filter_map(|k| self.objects.get_key_value(k));
+            let (any, doomed) = Self::to_delete(deps, limit);
             if !any {
                 self.drop_finalizer(key, "foregroundDeletion");
             } else {
