@@ -468,10 +468,8 @@ impl Watcher {
             let value = if self.headers_only {
                 Bytes::new()
             } else {
-                // the payload is a slice of the connection's 64 KiB read
-                // buffer and would pin all of it for as long as the value is
-                // kept: a small value gets its own allocation
-                own_small(m.payload)
+                // `to_update` copies it out of the connection's read buffer
+                m.payload
             };
             self.last_yielded = d.stream_seq;
             self.out.push_back(WatchEvent::Update(to_update(
@@ -531,17 +529,6 @@ impl Watcher {
             }
         }
         Ok(())
-    }
-}
-
-/// Values up to this size are copied out of the read buffer they arrived in.
-const OWN_BELOW: usize = 16 * 1024;
-
-fn own_small(payload: Bytes) -> Bytes {
-    if payload.len() < OWN_BELOW {
-        Bytes::copy_from_slice(&payload)
-    } else {
-        payload
     }
 }
 
