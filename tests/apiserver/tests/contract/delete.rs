@@ -400,3 +400,54 @@ async fn deleting_a_namespace_with_many_objects_deletes_all_of_them() {
     .await;
     assert!(api.list("v1", "ConfigMap", Some("big")).is_empty());
 }
+
+#[tokio::test]
+async fn owner_references_changed_by_a_patch_are_what_the_collector_follows() {
+    let (_api, client) = start().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let first = cms
+        .create(&PostParams::default(), &cm("first", &[]))
+        .await
+        .unwrap();
+    let second = cms
+        .create(&PostParams::default(), &cm("second", &[]))
+        .await
+        .unwrap();
+    cms.create(&PostParams::default(), &owned_cm("dep", &first))
+        .await
+        .unwrap();
+    // Stays owned by `first`: once it is collected, `first`'s removal has been handled.
+    cms.create(&PostParams::default(), &owned_cm("witness", &first))
+        .await
+        .unwrap();
+    // Ownership moves from `first` to `second`.
+    let moved =
+        json!({"metadata": {"ownerReferences": [second.controller_owner_ref(&()).unwrap()]}});
+    cms.patch("dep", &PatchParams::default(), &Patch::Merge(moved))
+        .await
+        .unwrap();
+    cms.delete("first", &DeleteParams::background())
+        .await
+        .unwrap();
+    eventually(
+        "the former owner's remaining dependent collected",
+        || async {
+            cms.get_opt("witness")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    // ... and the moved dependent is left alone.
+    let dep = cms.get("dep").await.unwrap();
+    assert_eq!(dep.owner_references()[0].uid, second.uid().unwrap());
+    cms.delete("second", &DeleteParams::background())
+        .await
+        .unwrap();
+    eventually("dependent of the new owner collected", || async {
+        cms.get_opt("dep").await.unwrap().is_none().then_some(())
+    })
+    .await;
+}
