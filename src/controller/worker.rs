@@ -383,7 +383,8 @@ impl Worker {
     }
 
     pub async fn run(mut self) {
-        self.load_target().await;
+        // boxed: its API read would otherwise stay in the task's size forever
+        Box::pin(self.load_target()).await;
         self.backoff = Duration::from_millis(200);
         let (tx, mut hub_rx) = mpsc::unbounded_channel();
         let sub = self.ctx.hub.subscribe(
@@ -401,27 +402,29 @@ impl Worker {
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     None => break,
-                    Some(WorkerMsg::Hub(ev)) => self.on_hub(ev).await,
+                    Some(WorkerMsg::Hub(ev)) => Box::pin(self.on_hub(ev)).await,
                     Some(WorkerMsg::Target(cm)) => self.on_target(cm),
                 },
-                Some(ev) = hub_rx.recv() => self.on_hub(ev).await,
+                Some(ev) = hub_rx.recv() => Box::pin(self.on_hub(ev)).await,
                 _ = sleep_until(deadline) => {
                     let now = Instant::now();
                     if self.retry_at.is_some_and(|r| r <= now) {
                         self.retry_at = None;
                         if self.store.is_some() && !self.synced && self.catchup.is_none() {
-                            self.start_catchup().await;
+                            Box::pin(self.start_catchup()).await;
                         } else {
                             self.flush_at = Some(now);
                         }
                     }
                     if self.flush_at.is_some_and(|f| f <= Instant::now()) {
                         self.flush_at = None;
-                        self.flush().await;
+                        // boxed, like the other handlers: the API call futures
+                        // inside would otherwise sit in every idle worker's task
+                        Box::pin(self.flush()).await;
                     }
                     if self.status_due.is_some_and(|s| s <= Instant::now()) {
                         self.status_due = None;
-                        self.write_pending_status(false).await;
+                        Box::pin(self.write_pending_status(false)).await;
                     }
                 },
                 changed = gate.changed() => {
