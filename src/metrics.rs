@@ -44,6 +44,8 @@ pub struct Metrics {
     pub delivered: Family<DeliveryLabels, Counter>,
     /// Writes a standby (not leader) skipped.
     pub dropped_writes: Counter,
+    /// Status writes put off because ConfigMap writes held the API.
+    pub deferred_status_writes: Counter,
     /// Seconds from receiving a KV update to the ConfigMap write that contains it.
     pub propagation_seconds: Histogram,
     /// NATS consumers (watches) open right now.
@@ -67,6 +69,7 @@ impl Metrics {
         let errors = Family::<ReasonLabels, Counter>::default();
         let delivered = Family::<DeliveryLabels, Counter>::default();
         let dropped_writes = Counter::default();
+        let deferred_status_writes = Counter::default();
         let propagation_seconds = Histogram::new([
             0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
@@ -94,6 +97,11 @@ impl Metrics {
             dropped_writes.clone(),
         );
         registry.register(
+            "status_writes_deferred",
+            "Status writes put off because ConfigMap writes held most of the API concurrency",
+            deferred_status_writes.clone(),
+        );
+        registry.register(
             "propagation_seconds",
             "From the KV write (as NATS stored it) to the ConfigMap write containing it; \
              history replayed at startup counts from when it was received",
@@ -114,6 +122,7 @@ impl Metrics {
             errors,
             delivered,
             dropped_writes,
+            deferred_status_writes,
             propagation_seconds,
             open_watches,
             leader,
@@ -183,6 +192,7 @@ mod tests {
             "slipstream_errors_total{reason=\"TooLarge\"} 1",
             "slipstream_kv_updates_delivered_total{bucket=\"app\",source=\"shared\"} 3",
             "slipstream_dropped_writes_total",
+            "slipstream_status_writes_deferred_total",
             "slipstream_propagation_seconds_bucket",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");

@@ -34,14 +34,17 @@ use crate::{
 pub enum HubEvent {
     /// The shared watch is (re)started; ask for a catch-up from your cursor.
     Attached(Arc<dyn KvStore>),
-    /// A live update matching the binding's prefixes, with when it arrived.
-    Update(KvUpdate, Instant),
+    /// A live update matching the binding's prefixes, with when it arrived;
+    /// shared by every binding it goes to (one copy however many match).
+    Update(Arc<KvUpdate>, Instant),
     /// The shared watch failed; a new `Attached` follows once it recovers.
     Lost(KvError),
-    /// One update of catch-up `ticket`, in revision order: only keys under
-    /// the binding's prefixes, only revisions after the cursor it asked from
-    /// (a full catch-up reports tombstones too).
-    Catchup { ticket: u64, update: KvUpdate },
+    /// The next updates of catch-up `ticket`, in revision order: only keys
+    /// under the binding's prefixes, only revisions after the cursor it asked
+    /// from (a full catch-up reports tombstones too). Sent in chunks of up to
+    /// [`CATCHUP_CHUNK`]: a binding's channel holds a few events, not one
+    /// slot per key, and nothing waits for the end of the scan.
+    Catchup { ticket: u64, updates: Vec<KvUpdate> },
     /// Catch-up `ticket` is complete: every update of the binding's
     /// prefixes with a revision <= `cursor` was delivered or was covered by
     /// the cursor asked from (invariant 1).
@@ -50,6 +53,9 @@ pub enum HubEvent {
     /// cursor is older than the bucket keeps.
     CatchupFailed { ticket: u64, error: KvError },
 }
+
+/// Most updates one `Catchup` event carries.
+pub const CATCHUP_CHUNK: usize = 32;
 
 struct Subscriber {
     rules: ProjectionRules,
@@ -319,13 +325,13 @@ async fn watch_once(
                         head.fetch_max(v, Ordering::Relaxed);
                     }
                     let now = Instant::now();
+                    let update = Arc::new(update);
                     let mut s = lock(shared);
                     s.index.route(update.key(), &mut targets);
                     for id in &targets {
-                        let sent = s
-                            .subscribers
-                            .get(id)
-                            .is_some_and(|sub| sub.tx.send(HubEvent::Update(update.clone(), now)).is_ok());
+                        let sent = s.subscribers.get(id).is_some_and(|sub| {
+                            sub.tx.send(HubEvent::Update(update.clone(), now)).is_ok()
+                        });
                         if !sent {
                             s.remove(*id);
                         }
@@ -386,6 +392,8 @@ struct Requester {
     tx: mpsc::UnboundedSender<HubEvent>,
     /// False once its binding left (its channel is closed).
     alive: bool,
+    /// Updates not sent yet (fewer than [`CATCHUP_CHUNK`]).
+    pending: Vec<KvUpdate>,
 }
 
 impl Requester {
@@ -393,6 +401,22 @@ impl Requester {
         if self.alive && self.tx.send(event).is_err() {
             self.alive = false;
         }
+    }
+
+    fn push(&mut self, update: KvUpdate) {
+        self.pending.push(update);
+        if self.pending.len() >= CATCHUP_CHUNK {
+            self.send_pending();
+        }
+    }
+
+    fn send_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let updates = std::mem::take(&mut self.pending);
+        let ticket = self.ticket;
+        self.send(HubEvent::Catchup { ticket, updates });
     }
 
     fn fail(&mut self, error: KvError) {
@@ -422,6 +446,7 @@ async fn serve_batch(
                     prefixes: sub.rules.prefixes().to_vec(),
                     tx: sub.tx.clone(),
                     alive: true,
+                    pending: Vec::new(),
                 })
             })
             .collect();
@@ -680,14 +705,9 @@ async fn scan(
                 targets.retain(|&i| requesters[i].alive && !requesters[i].from.covers(&version));
                 if let Some((&last, rest)) = targets.split_last() {
                     for &i in rest {
-                        let ticket = requesters[i].ticket;
-                        requesters[i].send(HubEvent::Catchup {
-                            ticket,
-                            update: update.clone(),
-                        });
+                        requesters[i].push(update.clone());
                     }
-                    let ticket = requesters[last].ticket;
-                    requesters[last].send(HubEvent::Catchup { ticket, update });
+                    requesters[last].push(update);
                 }
                 if delivered.is_multiple_of(1024) && !requesters.iter().any(|r| r.alive) {
                     // every binding left: stop the scan, the server can rest
@@ -705,6 +725,7 @@ async fn scan(
     match outcome {
         Ok(cursor) => {
             for r in &mut requesters {
+                r.send_pending();
                 let ticket = r.ticket;
                 r.send(HubEvent::CaughtUp { ticket, cursor });
             }
@@ -750,6 +771,7 @@ mod tests {
             prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
             tx,
             alive: true,
+            pending: Vec::new(),
         }
     }
 

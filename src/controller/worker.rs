@@ -39,9 +39,9 @@ use crate::{
     },
 };
 
-/// Messages a worker receives besides its own timers.
+/// Messages the controller sends a worker (bucket news comes from the hub
+/// on a channel of its own).
 pub enum WorkerMsg {
-    Hub(HubEvent),
     /// The target ConfigMap as the watch last saw it (`None`: deleted).
     Target(Option<Box<Observed>>),
 }
@@ -142,7 +142,7 @@ pub struct Worker {
     catchup: Option<Catchup>,
     /// Membership in the bucket's watch; catch-ups are asked through it.
     sub: Option<Subscription>,
-    buffered: Vec<(KvUpdate, Instant)>,
+    buffered: Vec<(Arc<KvUpdate>, Instant)>,
     entries: BTreeMap<String, Bytes>,
     seen: WatchCursor,
     /// `entries` are complete through `seen` and may be written.
@@ -165,6 +165,9 @@ pub struct Worker {
     status: ConfigBindingStatus,
     /// `status` holds changes not written yet.
     status_dirty: bool,
+    /// Since when `status` holds unwritten changes (bounds how long a busy
+    /// API may defer them).
+    status_dirty_since: Option<Instant>,
     /// When status was last written: cursor-only changes wait until
     /// `config.status_interval` has passed since.
     status_written_at: Option<Instant>,
@@ -181,6 +184,12 @@ pub struct Worker {
     /// Received updates (catch-up and live) — what a restart costs.
     pub received: u64,
 }
+
+/// How long a deferred status write waits before looking at the API again.
+const STATUS_BUSY_RETRY: Duration = Duration::from_secs(1);
+
+/// A busy API defers a status write by at most this many status intervals.
+const MAX_STATUS_DEFER: u32 = 6;
 
 fn min_deadline(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
@@ -267,6 +276,7 @@ impl Worker {
             lingering: false,
             skipped: status.skipped_keys.clone(),
             status_dirty: false,
+            status_dirty_since: None,
             status_written_at: None,
             status_due: None,
             status_written_generation: status.observed_generation,
@@ -402,7 +412,6 @@ impl Worker {
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     None => break,
-                    Some(WorkerMsg::Hub(ev)) => Box::pin(self.on_hub(ev)).await,
                     Some(WorkerMsg::Target(cm)) => self.on_target(cm),
                 },
                 Some(ev) = hub_rx.recv() => Box::pin(self.on_hub(ev)).await,
@@ -424,7 +433,7 @@ impl Worker {
                     }
                     if self.status_due.is_some_and(|s| s <= Instant::now()) {
                         self.status_due = None;
-                        Box::pin(self.write_pending_status(false)).await;
+                        Box::pin(self.write_trailing_status()).await;
                     }
                 },
                 changed = gate.changed() => {
@@ -453,7 +462,7 @@ impl Worker {
                 if self.catching_up || !self.synced {
                     self.buffered.push((update, at));
                 } else {
-                    self.apply_live(update, at);
+                    self.apply_shared(update, at);
                 }
             }
             HubEvent::Catchup { .. }
@@ -551,21 +560,30 @@ impl Worker {
             return;
         };
         match ev {
-            HubEvent::Catchup { update, .. } => {
-                self.received += 1;
-                c.max_version.advance(update.version());
+            HubEvent::Catchup { updates, .. } => {
+                self.received += updates.len() as u64;
+                if let Some(last) = updates.last() {
+                    c.max_version.advance(last.version());
+                }
                 match c.mode {
-                    CatchupMode::Full { .. } => match update {
-                        KvUpdate::Put(e) => {
-                            c.fresh.insert(e.key, e.value);
+                    CatchupMode::Full { .. } => {
+                        for update in updates {
+                            match update {
+                                KvUpdate::Put(e) => {
+                                    c.fresh.insert(e.key, e.value);
+                                }
+                                KvUpdate::Delete { key, .. } | KvUpdate::Purge { key, .. } => {
+                                    c.fresh.remove(&key);
+                                    c.removed.push(key);
+                                }
+                            }
                         }
-                        KvUpdate::Delete { key, .. } | KvUpdate::Purge { key, .. } => {
-                            c.fresh.remove(&key);
-                            c.removed.push(key);
-                        }
-                    },
+                    }
                     CatchupMode::Delta => {
-                        self.apply_live(update, Instant::now());
+                        let now = Instant::now();
+                        for update in updates {
+                            self.apply_live(update, now);
+                        }
                     }
                 }
             }
@@ -610,7 +628,7 @@ impl Worker {
                 self.synced = true;
                 self.backoff = Duration::from_millis(200);
                 for (update, at) in std::mem::take(&mut self.buffered) {
-                    self.apply_live(update, at);
+                    self.apply_shared(update, at);
                 }
                 debug!(binding = %self.labels.binding, cursor = %self.seen, received = self.received, "caught up");
                 self.schedule_flush(Duration::ZERO);
@@ -656,6 +674,15 @@ impl Worker {
     /// The ConfigMap's cursor counts revisions of another bucket incarnation.
     fn other_incarnation(&self, obs: &Observed) -> bool {
         matches!((obs.incarnation, self.incarnation), (Some(a), Some(b)) if a != b)
+    }
+
+    /// [`Self::apply_live`] for an update the hub shares between bindings:
+    /// copied only when another binding still holds it and it is news here.
+    fn apply_shared(&mut self, update: Arc<KvUpdate>, at: Instant) {
+        if self.seen.covers(&update.version()) {
+            return;
+        }
+        self.apply_live(Arc::unwrap_or_clone(update), at);
     }
 
     /// Merges one update in order. Old history (<= seen) is ignored.
@@ -968,7 +995,7 @@ impl Worker {
         }
         if status != self.status {
             self.status = status;
-            self.status_dirty = true;
+            self.mark_status_dirty();
         }
         let health = if self.lingering {
             Health::ok(
@@ -1017,19 +1044,51 @@ impl Worker {
         }
         if status != self.status {
             self.status = status;
-            self.status_dirty = true;
+            self.mark_status_dirty();
         }
         if !self.status_dirty {
             return;
         }
-        let interval = self.ctx.config.status_interval;
-        let next = self.status_written_at.map(|at| at + interval);
-        match next {
-            Some(next) if !urgent && next > Instant::now() => {
-                self.status_due.get_or_insert(next);
-            }
-            _ => self.write_pending_status(announce).await,
+        if urgent {
+            return self.write_pending_status(announce).await;
         }
+        // not urgent: after the ConfigMap write's permit is released, and no
+        // sooner than the interval after the last status write
+        let now = Instant::now();
+        let interval = self.ctx.config.status_interval;
+        let due = self
+            .status_written_at
+            .map_or(now, |at| (at + interval).max(now));
+        self.status_due.get_or_insert(due);
+    }
+
+    fn mark_status_dirty(&mut self) {
+        self.status_dirty = true;
+        self.status_dirty_since.get_or_insert_with(Instant::now);
+    }
+
+    /// The API has little room left: most permits are held by writes.
+    fn api_busy(&self) -> bool {
+        let floor = (self.ctx.config.api_concurrency / 4).max(1);
+        self.ctx.api_permits.available_permits() < floor
+    }
+
+    /// A status write that only restates the cursor, counts or sync time:
+    /// ConfigMap writes go first. While the API is busy it waits (the
+    /// ConfigMap's cursor annotation is the truth; status mirrors it), but
+    /// never longer than [`MAX_STATUS_DEFER`] intervals.
+    async fn write_trailing_status(&mut self) {
+        let limit = self.ctx.config.status_interval * MAX_STATUS_DEFER;
+        let overdue = self
+            .status_dirty_since
+            .is_some_and(|since| since.elapsed() >= limit);
+        if self.status_dirty && !overdue && self.api_busy() {
+            self.ctx.metrics.deferred_status_writes.inc();
+            self.status_due = Some(Instant::now() + STATUS_BUSY_RETRY);
+            return;
+        }
+        let _permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
+        self.write_pending_status(false).await;
     }
 
     /// Writes `status` if it holds unwritten changes (and this replica may
@@ -1044,6 +1103,7 @@ impl Worker {
         match write_status(&self.ctx.client, &self.binding, &self.status).await {
             Ok(()) => {
                 self.status_dirty = false;
+                self.status_dirty_since = None;
                 self.status_written_at = Some(Instant::now());
                 self.status_written_generation = self.status.observed_generation;
             }

@@ -28,11 +28,16 @@ impl Drop for Op {
 }
 
 fn operator(env: &Env, status_interval: Duration) -> Op {
+    operator_with(env, status_interval, Config::default().api_concurrency)
+}
+
+fn operator_with(env: &Env, status_interval: Duration, api_concurrency: usize) -> Op {
     let metrics = Metrics::new();
     let (gate_tx, gate) = watch::channel(true);
     let config = Config {
         coalesce: Duration::from_millis(20),
         status_interval,
+        api_concurrency,
         ..Config::default()
     };
     let ctx = Context::new(
@@ -147,4 +152,50 @@ async fn condition_change_is_written_at_once_with_the_deferred_cursor() {
     let b = wait_reason(&env, "b", "KeyCollision").await;
     assert_eq!(b.status.unwrap().cursor.as_deref(), Some(second.as_str()));
     wait_event(&env, "b", "KeyCollision").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_waits_while_configmap_writes_fill_the_api_then_mirrors_every_cursor() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    let n = 8;
+    for i in 0..n {
+        put(&kv, &format!("p{i}.k"), "0").await;
+    }
+    // one API permit: any ConfigMap write in flight fills the API
+    let op = operator_with(&env, Duration::from_millis(200), 1);
+    for i in 0..n {
+        env.create_binding(&format!("b{i}"), &format!("bucket: app\nprefixes: [p{i}.]"))
+            .await;
+    }
+    for i in 0..n {
+        wait_reason(&env, &format!("b{i}"), "Synced").await;
+    }
+    // every binding stays dirty: 8 writes of 40 ms wanted per 100 ms
+    env.api
+        .faults()
+        .set_write_latency(Duration::from_millis(40));
+    for round in 1..=20 {
+        for i in 0..n {
+            put(&kv, &format!("p{i}.k"), &round.to_string()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deferred = op.metrics.deferred_status_writes.get();
+    assert!(
+        deferred > 0,
+        "no status write gave way to the ConfigMap writes"
+    );
+    env.api.faults().set_write_latency(Duration::ZERO);
+    // with the API free again every status catches up with its ConfigMap
+    for i in 0..n {
+        let name = format!("b{i}");
+        let key = format!("p{i}.k");
+        let cm = wait_data(&env, &name, &map(&[(key.as_str(), "20")])).await;
+        let want = cursor(&cm).unwrap().to_string();
+        eventually("status.cursor mirrors the ConfigMap's cursor", || async {
+            (status_cursor(&env, &name).await.as_deref() == Some(want.as_str())).then_some(())
+        })
+        .await;
+    }
 }
