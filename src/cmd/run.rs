@@ -33,6 +33,11 @@ pub struct RunArgs {
     /// the last change is always written when the interval ends).
     #[arg(long, env = "SLIPSTREAM_STATUS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub status_interval: Duration,
+    /// Most ConfigMap reads and writes (each with its status write) in
+    /// flight at once. While writes hold three quarters of them, status
+    /// writes that only move the cursor wait (at most six status intervals).
+    #[arg(long, env = "SLIPSTREAM_API_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub api_concurrency: u16,
     /// YAML access policy (namespaces -> buckets and prefixes). Default: allow all.
     #[arg(long, env = "SLIPSTREAM_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
@@ -124,6 +129,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     let config = Config {
         coalesce: args.coalesce,
         status_interval: args.status_interval,
+        api_concurrency: usize::from(args.api_concurrency),
         namespace: args.namespace,
         ..Config::default()
     };
