@@ -26,9 +26,7 @@
 //! A key that cannot be represented (empty after stripping the prefix, or
 //! longer than 253 characters once escaped) is skipped and listed.
 
-use std::collections::BTreeMap;
-
-use k8s_openapi::ByteString;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use crate::crd::{ConfigBindingSpec, KeyPolicy, MAX_BUCKET_LEN, MAX_PREFIX_LEN, MAX_PREFIXES};
 
@@ -103,9 +101,10 @@ impl ProjectionError {
 
 /// What happens to one KV key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyDecision {
-    /// Written under this ConfigMap key.
-    Mapped(String),
+pub enum KeyDecision<'a> {
+    /// Written under this ConfigMap key (borrowed from the KV key when no
+    /// character needed escaping).
+    Mapped(Cow<'a, str>),
     /// Outside the binding's prefixes.
     NotMine,
     /// Left out and listed in status, with the reason.
@@ -123,11 +122,13 @@ pub struct ProjectionRules {
     key_policy: KeyPolicy,
 }
 
-/// The content of a ConfigMap for one binding.
+/// The content of a ConfigMap for one binding, borrowed from the KV entries
+/// it was projected from: a write serialises it without copying the values
+/// (and the keys, unless escaping changed them).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Projected {
-    pub data: BTreeMap<String, String>,
-    pub binary_data: BTreeMap<String, ByteString>,
+pub struct Projected<'a> {
+    pub data: BTreeMap<Cow<'a, str>, &'a str>,
+    pub binary_data: BTreeMap<Cow<'a, str>, &'a [u8]>,
     /// KV keys left out by the key policy, sorted.
     pub skipped: Vec<String>,
     /// Bytes of values, counted as the API server counts them.
@@ -140,9 +141,9 @@ pub struct Projected {
     pub incarnation: Option<u64>,
 }
 
-impl Projected {
+impl Projected<'_> {
     /// True when both hold the same ConfigMap content (skips are not content).
-    pub fn same_content(&self, other: &Projected) -> bool {
+    pub fn same_content(&self, other: &Projected<'_>) -> bool {
         self.data == other.data && self.binary_data == other.binary_data
     }
 }
@@ -221,7 +222,7 @@ impl ProjectionRules {
         self.matching_prefix(kv_key).is_some()
     }
 
-    pub fn map_key(&self, kv_key: &str) -> KeyDecision {
+    pub fn map_key<'a>(&self, kv_key: &'a str) -> KeyDecision<'a> {
         let Some(prefix) = self.matching_prefix(kv_key) else {
             return KeyDecision::NotMine;
         };
@@ -245,11 +246,11 @@ impl ProjectionRules {
                 KeyDecision::Mapped(escaped)
             }
             KeyPolicy::Skip => match configmap_key_problem(name) {
-                None => KeyDecision::Mapped(name.to_owned()),
+                None => KeyDecision::Mapped(Cow::Borrowed(name)),
                 Some(why) => KeyDecision::Skip(why),
             },
             KeyPolicy::Fail => match configmap_key_problem(name) {
-                None => KeyDecision::Mapped(name.to_owned()),
+                None => KeyDecision::Mapped(Cow::Borrowed(name)),
                 Some(why) => KeyDecision::Invalid(why),
             },
         }
@@ -275,7 +276,8 @@ impl ProjectionRules {
         } else {
             name
         };
-        (self.map_key(&kv_key) == KeyDecision::Mapped(configmap_key.to_owned())).then_some(kv_key)
+        (self.map_key(&kv_key) == KeyDecision::Mapped(Cow::Borrowed(configmap_key)))
+            .then_some(kv_key)
     }
 
     /// The KV key that ConfigMap key `configmap_key` came from when it was
@@ -292,7 +294,7 @@ impl ProjectionRules {
             name
         };
         (self.matching_prefix(&kv_key) == Some(prefix)
-            && self.map_key(&kv_key) == KeyDecision::Mapped(configmap_key.to_owned()))
+            && self.map_key(&kv_key) == KeyDecision::Mapped(Cow::Borrowed(configmap_key)))
         .then_some(kv_key)
     }
 
@@ -302,7 +304,7 @@ impl ProjectionRules {
     /// targets hold other writers' keys; stripped keys of several prefixes).
     /// `None` when it would exceed [`MAX_SOURCES_BYTES`].
     pub fn sources<'a>(&self, kv_keys: impl IntoIterator<Item = &'a str>) -> Option<String> {
-        let mut by_prefix: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut by_prefix: BTreeMap<&str, Vec<Cow<'a, str>>> = BTreeMap::new();
         for kv_key in kv_keys {
             if let (Some(prefix), KeyDecision::Mapped(cm_key)) =
                 (self.matching_prefix(kv_key), self.map_key(kv_key))
@@ -333,7 +335,7 @@ impl ProjectionRules {
 
     /// Projects KV entries `(key, value)` (keys outside the prefixes are
     /// ignored) into ConfigMap content, or says why it must not be written.
-    pub fn project<'a, I>(&self, entries: I) -> Result<Projected, ProjectionError>
+    pub fn project<'a, I>(&self, entries: I) -> Result<Projected<'a>, ProjectionError>
     where
         I: IntoIterator<Item = (&'a str, &'a [u8])>,
     {
@@ -357,19 +359,15 @@ impl ProjectionRules {
                 }
                 KeyDecision::Mapped(k) => k,
             };
-            // one allocation for the key, one for the value; a ConfigMap key
-            // is unique across data and binaryData
+            // borrowed, not copied; a ConfigMap key is unique across data
+            // and binaryData
             let collided = match std::str::from_utf8(value) {
                 Ok(text) => {
-                    out.binary_data.contains_key(&cm_key)
-                        || out.data.insert(cm_key, text.to_owned()).is_some()
+                    out.binary_data.contains_key(&cm_key) || out.data.insert(cm_key, text).is_some()
                 }
                 Err(_) => {
                     out.data.contains_key(&cm_key)
-                        || out
-                            .binary_data
-                            .insert(cm_key, ByteString(value.to_vec()))
-                            .is_some()
+                        || out.binary_data.insert(cm_key, value).is_some()
                 }
             };
             if collided {
@@ -410,7 +408,7 @@ impl ProjectionRules {
             (second, first)
         };
         let configmap_key = match mapped {
-            KeyDecision::Mapped(k) => k,
+            KeyDecision::Mapped(k) => k.into_owned(),
             _ => String::new(),
         };
         ProjectionError::KeyCollision {
@@ -448,7 +446,12 @@ pub fn configmap_key_problem(key: &str) -> Option<String> {
 }
 
 /// The documented, injective Escape mapping (see the module docs).
-pub fn escape_key(key: &str) -> String {
+pub fn escape_key(key: &str) -> Cow<'_, str> {
+    let unchanged =
+        key.bytes().all(|b| b != b'_' && allowed_byte(b)) && key != "." && !key.starts_with("..");
+    if unchanged {
+        return Cow::Borrowed(key);
+    }
     let mut out = String::with_capacity(key.len());
     for b in key.bytes() {
         match b {
@@ -465,7 +468,7 @@ pub fn escape_key(key: &str) -> String {
     if out == "." || out.starts_with("..") {
         out.replace_range(0..1, "_2E");
     }
-    out
+    Cow::Owned(out)
 }
 
 /// Inverse of [`escape_key`]; `None` for strings `escape_key` never yields.
@@ -673,7 +676,7 @@ mod tests {
             .project([("p.text", "héllo".as_bytes()), ("p.bin", &[0xff, 0x00][..])])
             .unwrap();
         assert_eq!(out.data["text"], "héllo");
-        assert_eq!(out.binary_data["bin"], ByteString(vec![0xff, 0x00]));
+        assert_eq!(out.binary_data["bin"], &[0xff, 0x00][..]);
         assert_eq!(out.keys, 2);
         assert_eq!(out.bytes, "héllo".len() + 2);
     }

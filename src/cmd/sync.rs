@@ -322,8 +322,8 @@ impl Syncer {
                 .keys()
                 .filter_map(|k| match self.rules.map_key(k) {
                     KeyDecision::Mapped(file) => {
-                        let bytes = files.get(&file)?;
-                        Some((k.clone(), FileRef::new(file, bytes)))
+                        let bytes = files.get(file.as_ref())?;
+                        Some((k.clone(), FileRef::new(file.into_owned(), bytes)))
                     }
                     _ => None,
                 })
@@ -349,11 +349,15 @@ impl Syncer {
     }
 }
 
-fn files_of(p: &Projected) -> BTreeMap<String, Vec<u8>> {
+fn files_of(p: &Projected<'_>) -> BTreeMap<String, Vec<u8>> {
     p.data
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_bytes().to_vec()))
-        .chain(p.binary_data.iter().map(|(k, v)| (k.clone(), v.0.clone())))
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .chain(
+            p.binary_data
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec())),
+        )
         .collect()
 }
 

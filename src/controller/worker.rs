@@ -218,8 +218,12 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-fn content_keys(p: &Projected) -> Vec<String> {
-    p.data.keys().chain(p.binary_data.keys()).cloned().collect()
+fn content_keys(p: &Projected<'_>) -> Vec<String> {
+    p.data
+        .keys()
+        .chain(p.binary_data.keys())
+        .map(|k| k.to_string())
+        .collect()
 }
 
 fn rv_number(rv: Option<&str>) -> Option<u64> {
@@ -767,6 +771,14 @@ impl Worker {
         if !self.synced {
             return;
         }
+        // the projection borrows the entries while the write needs `&mut
+        // self`; nothing else runs on this worker until the flush returns
+        let entries = std::mem::take(&mut self.entries);
+        self.flush_entries(&entries).await;
+        self.entries = entries;
+    }
+
+    async fn flush_entries(&mut self, entries: &BTreeMap<String, Bytes>) {
         // held through the write and its status write (bounded API concurrency)
         let _permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
         if self.binding.spec.suspend {
@@ -780,7 +792,7 @@ impl Worker {
         }
         let mut projected = match self
             .rules
-            .project(self.entries.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
+            .project(entries.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
         {
             Ok(p) => p,
             Err(e) => {
@@ -798,7 +810,7 @@ impl Worker {
         projected.incarnation = self.incarnation;
         if self.target.policy == CreationPolicy::Merge || !self.rules.is_invertible() {
             // a restart needs this to map our keys back to KV keys
-            projected.sources = self.rules.sources(self.entries.keys().map(String::as_str));
+            projected.sources = self.rules.sources(entries.keys().map(String::as_str));
         }
         self.skipped = projected.skipped.clone();
         if matches!(self.target_state, TargetState::Unknown) {
@@ -897,7 +909,7 @@ impl Worker {
     /// take it) then applies the content guarded by its resourceVersion.
     async fn write(
         &mut self,
-        content: &Projected,
+        content: &Projected<'_>,
         mut resource_version: Option<String>,
     ) -> Result<Observed, SinkError> {
         if matches!(self.target_state, TargetState::Absent) {
@@ -968,7 +980,7 @@ impl Worker {
     }
 
     /// The ConfigMap holds `content` at `cursor`: mirror it into status.
-    async fn after_write(&mut self, content: &Projected, cursor: WatchCursor) {
+    async fn after_write(&mut self, content: &Projected<'_>, cursor: WatchCursor) {
         if let Some(v) = cursor.version().and_then(|v| v.as_u64()) {
             self.ctx
                 .metrics

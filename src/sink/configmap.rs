@@ -7,7 +7,7 @@
 //! of silently interleaving, and the caller re-reads and compares cursors
 //! before trying again (invariant 2).
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use k8s_openapi::{
     ByteString,
@@ -117,19 +117,16 @@ pub fn content_digest<'a>(
 }
 
 /// [`content_digest`] of projected content.
-pub fn projected_digest(content: &Projected) -> String {
+pub fn projected_digest(content: &Projected<'_>) -> String {
     content_digest(
-        content.data.iter().map(|(k, v)| (k.as_str(), v.as_bytes())),
-        content
-            .binary_data
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.0.as_slice())),
+        content.data.iter().map(|(k, v)| (k.as_ref(), v.as_bytes())),
+        content.binary_data.iter().map(|(k, v)| (k.as_ref(), *v)),
     )
 }
 
 /// Records what a write carries besides the content: its digest and, when
 /// the target needs it, the key sources.
-fn stamp(annotations: &mut BTreeMap<String, String>, content: &Projected) {
+fn stamp(annotations: &mut BTreeMap<String, String>, content: &Projected<'_>) {
     annotations.insert(DIGEST_ANNOTATION.into(), projected_digest(content));
     match &content.sources {
         Some(sources) => annotations.insert(SOURCES_ANNOTATION.into(), sources.clone()),
@@ -332,15 +329,15 @@ impl ContentHashes {
     }
 
     /// Every key of `content` is here with the same value.
-    fn contains_all(&self, content: &Projected) -> bool {
+    fn contains_all(&self, content: &Projected<'_>) -> bool {
         let text = content.data.iter().map(|(k, v)| (false, k, v.as_bytes()));
-        let binary = content.binary_data.iter().map(|(k, v)| (true, k, &v.0[..]));
+        let binary = content.binary_data.iter().map(|(k, v)| (true, k, *v));
         text.chain(binary)
             .all(|(bin, k, v)| self.value_of(key_hash(bin, k)) == Some(value_hash(v)))
     }
 
     /// How many keys of `content` are here (whatever their values).
-    fn count_present(&self, content: &Projected) -> usize {
+    fn count_present(&self, content: &Projected<'_>) -> usize {
         let text = content.data.keys().map(|k| key_hash(false, k));
         let binary = content.binary_data.keys().map(|k| key_hash(true, k));
         text.chain(binary)
@@ -387,7 +384,7 @@ impl Observed {
 
     /// True when the ConfigMap holds exactly `content` under our keys: all
     /// of them for `Owner`, only the projected ones for `Merge`.
-    pub fn holds(&self, content: &Projected, policy: CreationPolicy) -> bool {
+    pub fn holds(&self, content: &Projected<'_>, policy: CreationPolicy) -> bool {
         let same_size = self.content.len() == content.data.len() + content.binary_data.len();
         match policy {
             // keys are unique: as many entries, each of ours present, is equality
@@ -398,7 +395,7 @@ impl Observed {
 
     /// True when our annotations already describe `content` (digest and
     /// sources), so writing it again would change nothing.
-    pub fn stamped(&self, content: &Projected) -> bool {
+    pub fn stamped(&self, content: &Projected<'_>) -> bool {
         self.sources == content.sources
             && self.incarnation == content.incarnation
             && self.skipped == content.skipped.len()
@@ -407,17 +404,17 @@ impl Observed {
 
     /// The ConfigMap has keys that `content` does not (hand-added keys,
     /// which an `Owner` binding removes; [`foreign_keys`] names them).
-    pub fn has_foreign_keys(&self, content: &Projected) -> bool {
+    pub fn has_foreign_keys(&self, content: &Projected<'_>) -> bool {
         self.content.count_present(content) < self.content.len()
     }
 }
 
 /// Keys in `cm` that `content` does not have.
-pub fn foreign_keys(cm: &ConfigMap, content: &Projected) -> Vec<String> {
+pub fn foreign_keys(cm: &ConfigMap, content: &Projected<'_>) -> Vec<String> {
     let text = cm.data.iter().flatten().map(|(k, _)| k);
-    let text = text.filter(|k| !content.data.contains_key(*k));
+    let text = text.filter(|k| !content.data.contains_key(k.as_str()));
     let binary = cm.binary_data.iter().flatten().map(|(k, _)| k);
-    let binary = binary.filter(|k| !content.binary_data.contains_key(*k));
+    let binary = binary.filter(|k| !content.binary_data.contains_key(k.as_str()));
     text.chain(binary).cloned().collect()
 }
 
@@ -459,13 +456,35 @@ struct ApplyBody<'a> {
     #[serde(flatten)]
     object: ConfigMap,
     #[serde(skip_serializing_if = "is_empty")]
-    data: &'a BTreeMap<String, String>,
-    #[serde(rename = "binaryData", skip_serializing_if = "is_empty")]
-    binary_data: &'a BTreeMap<String, ByteString>,
+    data: &'a BTreeMap<Cow<'a, str>, &'a str>,
+    #[serde(
+        rename = "binaryData",
+        skip_serializing_if = "is_empty",
+        serialize_with = "base64_values"
+    )]
+    binary_data: &'a BTreeMap<Cow<'a, str>, &'a [u8]>,
 }
 
-fn is_empty<V>(m: &&BTreeMap<String, V>) -> bool {
+fn is_empty<K, V>(m: &&BTreeMap<K, V>) -> bool {
     m.is_empty()
+}
+
+/// `binaryData` values as the API carries them (standard base64), encoded
+/// straight into the request body.
+fn base64_values<S: serde::Serializer>(
+    m: &&BTreeMap<Cow<'_, str>, &[u8]>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_map(m.iter().map(|(k, v)| (k, Base64(v))))
+}
+
+struct Base64<'a>(&'a [u8]);
+
+impl serde::Serialize for Base64<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use base64::{display::Base64Display, engine::general_purpose::STANDARD};
+        s.collect_str(&Base64Display::new(self.0, &STANDARD))
+    }
 }
 
 impl<'a> ApplyBody<'a> {
@@ -519,7 +538,7 @@ impl ConfigMapSink {
     /// The ConfigMap object a write sends (also used by tests).
     pub fn desired(
         target: &TargetRef,
-        content: &Projected,
+        content: &Projected<'_>,
         cursor: WatchCursor,
         resource_version: Option<&str>,
     ) -> ConfigMap {
@@ -546,8 +565,16 @@ impl ConfigMapSink {
                 resource_version: resource_version.map(str::to_owned),
                 ..ObjectMeta::default()
             },
-            data: (!content.data.is_empty()).then(|| content.data.clone()),
-            binary_data: (!content.binary_data.is_empty()).then(|| content.binary_data.clone()),
+            data: (!content.data.is_empty()).then(|| {
+                let pairs = content.data.iter();
+                pairs.map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            }),
+            binary_data: (!content.binary_data.is_empty()).then(|| {
+                let pairs = content.binary_data.iter();
+                pairs
+                    .map(|(k, v)| (k.to_string(), ByteString(v.to_vec())))
+                    .collect()
+            }),
             ..ConfigMap::default()
         }
     }
@@ -556,7 +583,7 @@ impl ConfigMapSink {
     /// without a server: `examples/profile_flush.rs`).
     pub fn apply_body_json(
         target: &TargetRef,
-        content: &Projected,
+        content: &Projected<'_>,
         cursor: WatchCursor,
         resource_version: Option<&str>,
     ) -> serde_json::Result<Vec<u8>> {
@@ -568,7 +595,7 @@ impl ConfigMapSink {
     pub async fn apply(
         &self,
         target: &TargetRef,
-        content: &Projected,
+        content: &Projected<'_>,
         cursor: WatchCursor,
         resource_version: Option<&str>,
     ) -> Result<Observed> {
@@ -590,7 +617,7 @@ impl ConfigMapSink {
     pub async fn replace_content(
         &self,
         target: &TargetRef,
-        content: &Projected,
+        content: &Projected<'_>,
         cursor: WatchCursor,
         foreign: &[String],
         resource_version: &str,
@@ -679,8 +706,8 @@ mod tests {
     #[test]
     fn apply_body_serializes_exactly_like_the_desired_configmap() {
         let content = Projected {
-            data: BTreeMap::from([("a".into(), "1".into())]),
-            binary_data: BTreeMap::from([("b".into(), ByteString(vec![0xff]))]),
+            data: BTreeMap::from([("a".into(), "1")]),
+            binary_data: BTreeMap::from([("b".into(), &[0xff][..])]),
             keys: 2,
             bytes: 2,
             ..Projected::default()
@@ -723,7 +750,7 @@ mod tests {
     #[test]
     fn desired_configmap_carries_content_cursor_and_claim_in_one_object() {
         let mut content = Projected::default();
-        content.data.insert("a".into(), "1".into());
+        content.data.insert("a".into(), "1");
         let cm = ConfigMapSink::desired(
             &target(CreationPolicy::Owner),
             &content,
@@ -781,10 +808,8 @@ mod tests {
     #[test]
     fn content_hashes_see_a_changed_value_a_moved_key_and_a_missing_key() {
         let mut content = Projected::default();
-        content.data.insert("a".into(), "1".into());
-        content
-            .binary_data
-            .insert("b".into(), ByteString(vec![0xff]));
+        content.data.insert("a".into(), "1");
+        content.binary_data.insert("b".into(), &[0xff][..]);
         let cm = |data: &[(&str, &str)], binary: &[(&str, &[u8])]| ConfigMap {
             data: Some(
                 data.iter()
@@ -845,7 +870,7 @@ mod tests {
     #[test]
     fn merge_compares_only_our_keys_owner_compares_all() {
         let mut content = Projected::default();
-        content.data.insert("a".into(), "1".into());
+        content.data.insert("a".into(), "1");
         let cm = ConfigMap {
             data: Some(BTreeMap::from([
                 ("a".into(), "1".into()),
