@@ -83,6 +83,10 @@ async fn main() {
         scale::run().await;
         return;
     }
+    if std::env::args().any(|a| a == "--probe") {
+        probe::run().await;
+        return;
+    }
     let seconds = arg("--seconds", 10);
     let rate = arg("--rate", 1000);
     let watches = arg("--watches", 100);
@@ -233,9 +237,9 @@ mod scale {
     const HOT: usize = 1_000;
     /// Owners deleted in the GC phase.
     const GC: usize = 1_000;
-    const NS: &str = "default";
+    pub(super) const NS: &str = "default";
 
-    fn owner_crd() -> Value {
+    pub(super) fn owner_crd() -> Value {
         json!({
             "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
             "metadata": {"name": "owners.bench.slipstream.io"},
@@ -271,7 +275,7 @@ mod scale {
     }
 
     /// 100 keys of 32-byte values; `first` replaces the value of `key-000`.
-    fn data(first: u64) -> Map<String, Value> {
+    pub(super) fn data(first: u64) -> Map<String, Value> {
         (0..100u64)
             .map(|k| {
                 let v = if k == 0 {
@@ -289,7 +293,7 @@ mod scale {
                 "controller": true, "blockOwnerDeletion": true}])
     }
 
-    fn config_map(name: &str, group: &str, owner: &str, uid: &str, seq: u64) -> Value {
+    pub(super) fn config_map(name: &str, group: &str, owner: &str, uid: &str, seq: u64) -> Value {
         json!({
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {
@@ -304,7 +308,7 @@ mod scale {
 
     /// Creates `n` owners and one owned ConfigMap each, straight in the store.
     /// Returns the owners' uids.
-    fn preload(
+    pub(super) fn preload(
         api: &ApiServer,
         prefix: &str,
         group: &str,
@@ -349,24 +353,29 @@ mod scale {
 
     /// Latencies (microseconds) and errors of one load phase.
     #[derive(Default)]
-    struct Phase {
-        lat: Vec<u64>,
-        errors: u64,
-        elapsed: Duration,
+    pub(super) struct Phase {
+        pub(super) lat: Vec<u64>,
+        pub(super) errors: u64,
+        pub(super) elapsed: Duration,
     }
 
     impl Phase {
-        fn rate(&self) -> f64 {
+        pub(super) fn rate(&self) -> f64 {
             self.lat.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
         }
-        fn p(&self, q: f64) -> f64 {
+        pub(super) fn p(&self, q: f64) -> f64 {
             pct(&self.lat, q)
         }
     }
 
     /// Runs `f(i)` for i = 0.. from `clients` concurrent tasks until `total`
     /// calls were made or `stop` is set.
-    async fn drive<F, Fut>(clients: usize, total: Option<u64>, stop: Arc<AtomicBool>, f: F) -> Phase
+    pub(super) async fn drive<F, Fut>(
+        clients: usize,
+        total: Option<u64>,
+        stop: Arc<AtomicBool>,
+        f: F,
+    ) -> Phase
     where
         F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = bool> + Send,
@@ -435,7 +444,7 @@ mod scale {
         }
     }
 
-    fn owners_api(api: &ApiServer) -> Api<DynamicObject> {
+    pub(super) fn owners_api(api: &ApiServer) -> Api<DynamicObject> {
         let ar =
             ApiResource::from_gvk(&GroupVersionKind::gvk("bench.slipstream.io", "v1", "Owner"));
         Api::namespaced_with(api.client(), NS, &ar)
@@ -865,5 +874,243 @@ mod scale {
                 Box::new(|r: &Row| format!("{:.0} MiB", r.rss_mb)),
             ),
         ]
+    }
+}
+
+/// The emulator-capacity probe of `examples/bench_scale.rs` (`--probe`):
+/// N stored 100-key ConfigMaps (each owned by a custom resource), then forced
+/// server-side applies of whole 100-key ConfigMaps (one field manager, one
+/// value changed per apply, each client its own ConfigMap) with 32 and 64
+/// requests in flight, then the same applies together with `/status` merge
+/// patches of custom resources. Prints throughput, p50/p99 and the CPU the
+/// emulator's threads used.
+/// `cargo run --release -p apiserver --example bench_apiserver -- --probe [--objects 10000] [--seconds 5] [--write-latency-ms 3]`
+mod probe {
+    use std::{
+        path::Path,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use apiserver::{ApiServer, Config};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Api, DynamicObject, Patch, PatchParams};
+    use serde_json::json;
+
+    use super::{
+        arg, load,
+        scale::{NS, Phase, config_map, drive, owner_crd, owners_api, preload},
+    };
+
+    /// utime + stime of a `/proc/.../stat` file, in clock ticks (100/s on Linux).
+    fn stat_ticks(path: &Path) -> u64 {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return 0;
+        };
+        let Some(i) = text.rfind(')') else { return 0 };
+        let f: Vec<&str> = text[i + 2..].split_whitespace().collect();
+        let n = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        n(11) + n(12)
+    }
+
+    /// CPU seconds of this process, and of its threads named `apiserver*` (the emulator).
+    fn cpu() -> (f64, f64) {
+        let all = stat_ticks(Path::new("/proc/self/stat"));
+        let mut emu = 0;
+        if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+            for t in dir.flatten() {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                if comm.starts_with("apiserver") {
+                    emu += stat_ticks(&t.path().join("stat"));
+                }
+            }
+        }
+        (all as f64 / 100.0, emu as f64 / 100.0)
+    }
+
+    fn applier(
+        api: &ApiServer,
+        uids: Arc<Vec<String>>,
+        slots: usize,
+    ) -> impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>>
+    + Clone
+    + Send
+    + Sync
+    + 'static {
+        let cms: Api<ConfigMap> = Api::namespaced(api.client(), NS);
+        let seq = Arc::new(AtomicU64::new(1_000_000));
+        move |i| {
+            let (cms, uids, seq) = (cms.clone(), uids.clone(), seq.clone());
+            Box::pin(async move {
+                let k = (i as usize) % slots;
+                let name = format!("probe-{k}");
+                let s = seq.fetch_add(1, Ordering::Relaxed);
+                let body = config_map(&name, "probe", &format!("bg-{k}"), &uids[k], s);
+                cms.patch(
+                    &name,
+                    &PatchParams::apply("bench-probe").force(),
+                    &Patch::Apply(body),
+                )
+                .await
+                .is_ok()
+            })
+        }
+    }
+
+    fn status_patcher(
+        owners: Api<DynamicObject>,
+        slots: usize,
+    ) -> impl Fn(u64) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>>
+    + Clone
+    + Send
+    + Sync
+    + 'static {
+        move |i| {
+            let owners = owners.clone();
+            Box::pin(async move {
+                let name = format!("bg-{}", (i as usize) % slots);
+                let body = json!({"status": {"cursor": i.to_string(), "keys": 100, "bytes": 3200,
+                    "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+                owners
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(body))
+                    .await
+                    .is_ok()
+            })
+        }
+    }
+
+    struct Row {
+        label: String,
+        apply: Option<Phase>,
+        status: Option<Phase>,
+        wall: f64,
+        emu_cpu: f64,
+        all_cpu: f64,
+    }
+
+    fn cell(p: &Option<Phase>) -> String {
+        match p {
+            Some(p) => format!(
+                "{:>6.0}/s p50 {:>5.1} p99 {:>5.1} ms{}",
+                p.rate(),
+                p.p(0.5),
+                p.p(0.99),
+                if p.errors > 0 {
+                    format!(" ({} errors)", p.errors)
+                } else {
+                    String::new()
+                }
+            ),
+            None => "-".into(),
+        }
+    }
+
+    pub async fn run() {
+        let objects = arg("--objects", 10_000) as usize;
+        let seconds = arg("--seconds", 5);
+        let latency_ms = arg("--write-latency-ms", 3);
+        let load_before = load();
+        let api = ApiServer::start_with(Config {
+            write_latency: Duration::from_millis(latency_ms),
+            // As examples/bench_scale.rs configures it.
+            history_window: 500_000,
+            log_capacity: 5_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        api.create_object(owner_crd()).unwrap();
+        let uids = Arc::new(preload(&api, "bg", "bg", objects.max(64), false));
+        // The probe's own ConfigMaps, created by server-side apply (untimed).
+        let never = Arc::new(AtomicBool::new(false));
+        drive(64, Some(64), never.clone(), applier(&api, uids.clone(), 64)).await;
+        let owners = owners_api(&api);
+        let dur = Duration::from_secs(seconds);
+        let mut rows = Vec::new();
+        for (label, apply_clients, status_clients) in [
+            ("SSA, 32 in flight", 32, 0),
+            ("SSA, 64 in flight", 64, 0),
+            ("SSA 32 + status 32 in flight", 32, 32),
+        ] {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (c0, t0) = (cpu(), Instant::now());
+            let a = (apply_clients > 0).then(|| {
+                tokio::spawn(drive(
+                    apply_clients,
+                    None,
+                    stop.clone(),
+                    applier(&api, uids.clone(), apply_clients),
+                ))
+            });
+            let s = (status_clients > 0).then(|| {
+                tokio::spawn(drive(
+                    status_clients,
+                    None,
+                    stop.clone(),
+                    status_patcher(owners.clone(), status_clients.max(64)),
+                ))
+            });
+            tokio::time::sleep(dur).await;
+            stop.store(true, Ordering::Relaxed);
+            let apply = match a {
+                Some(h) => Some(h.await.unwrap()),
+                None => None,
+            };
+            let status = match s {
+                Some(h) => Some(h.await.unwrap()),
+                None => None,
+            };
+            let (c1, wall) = (cpu(), t0.elapsed().as_secs_f64());
+            let row = Row {
+                label: label.into(),
+                apply,
+                status,
+                wall,
+                emu_cpu: c1.1 - c0.1,
+                all_cpu: c1.0 - c0.0,
+            };
+            eprintln!(
+                "probe: {}: apply {} | status {} | emulator CPU {:.0}% of a core, process {:.0}%",
+                row.label,
+                cell(&row.apply),
+                cell(&row.status),
+                row.emu_cpu / row.wall * 100.0,
+                row.all_cpu / row.wall * 100.0
+            );
+            rows.push(row);
+        }
+        println!(
+            "apiserver emulator probe ({} cores, load average before {load_before}, after {}; {} stored 100-key ConfigMaps, write latency {latency_ms} ms, {seconds} s per row)",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            load(),
+            api.list("v1", "ConfigMap", Some(NS)).len(),
+        );
+        println!(
+            "| {:<30} | {:<36} | {:<36} | {:>12} | {:>12} |",
+            "load", "SSA applies", "status merge patches", "emulator CPU", "process CPU"
+        );
+        println!(
+            "|{}|{}|{}|{}|{}|",
+            "-".repeat(32),
+            "-".repeat(38),
+            "-".repeat(38),
+            "-".repeat(14),
+            "-".repeat(14)
+        );
+        for r in &rows {
+            println!(
+                "| {:<30} | {:<36} | {:<36} | {:>11.0}% | {:>11.0}% |",
+                r.label,
+                cell(&r.apply),
+                cell(&r.status),
+                r.emu_cpu / r.wall * 100.0,
+                r.all_cpu / r.wall * 100.0
+            );
+        }
     }
 }

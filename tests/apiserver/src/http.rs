@@ -21,7 +21,7 @@ use crate::{
     errors::{ApiError, ApiResult},
     resources::ResourceDef,
     selectors::{FieldSelector, LabelSelector, Selectors},
-    store::{DeleteOpts, PatchType, State, Stored, WriteOpts, parse_body},
+    store::{self, DeleteOpts, PatchType, State, Stored, WriteOpts, Written, parse_body},
     watch::{self, WatchParams},
 };
 
@@ -497,7 +497,6 @@ fn resource(
             .lock()
             .map_err(|_| ApiError::internal("store lock poisoned"))
     };
-    let created = |v: Stored| bytes_response(StatusCode::CREATED, v.body(res));
     let reply = |v: Stored| bytes_response(StatusCode::OK, v.body(res));
     match (req.method.as_str(), name) {
         ("GET", None) if req.q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
@@ -599,26 +598,31 @@ fn resource(
             } else {
                 parse_body(req.body, true)?
             };
+            let mut body = body;
             let opts = write_opts(&req);
-            mutate(shared, |st| st.create(res, nsr, body, &opts).map(created))
+            let name = store::name_for_create(&mut body);
+            let w = store::write(&shared.state, res, nsr, &name, |v| {
+                v.create(res, nsr, body.clone(), &opts)
+            })?;
+            Ok(written(shared, res, w))
         }
         ("PUT", Some(name)) => {
             reject_protobuf(req.content_type)?;
-            let body = parse_body(req.body, false)?;
             let opts = write_opts(&req);
-            mutate(shared, |st| {
-                st.update(res, nsr, &name, status, body, &opts).map(reply)
-            })
+            // Parsed by each attempt (a retry is rare; a clone of every body is not).
+            let w = store::write(&shared.state, res, nsr, &name, |v| {
+                v.update(res, nsr, &name, status, parse_body(req.body, false)?, &opts)
+            })?;
+            Ok(written(shared, res, w))
         }
         ("PATCH", Some(name)) => {
             let ptype = PatchType::from_content_type(req.content_type)
                 .ok_or_else(|| ApiError::unsupported_media_type(req.content_type))?;
             let opts = write_opts(&req);
-            mutate(shared, |st| {
-                let existed = st.get(res, nsr, &name).is_ok();
-                let v = st.patch(res, nsr, &name, status, ptype, req.body, &opts)?;
-                Ok(if existed { reply(v) } else { created(v) })
-            })
+            let w = store::write(&shared.state, res, nsr, &name, |v| {
+                v.patch(res, nsr, &name, status, ptype, req.body, &opts)
+            })?;
+            Ok(written(shared, res, w))
         }
         ("DELETE", Some(name)) => {
             let opts = delete_opts(req.body, req.q)?;
@@ -641,6 +645,22 @@ fn resource(
 /// How many storage writes (resourceVersion increments) a request caused.
 #[derive(Clone, Copy)]
 pub struct StorageWrites(pub u64);
+
+/// The answer to a write computed outside the store lock ([`store::write`]):
+/// 201 when it created the object, tagged with its storage writes.
+fn written(shared: &Shared, res: &ResourceDef, w: Written) -> Response {
+    let code = if w.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut resp = bytes_response(code, w.stored.body(res));
+    resp.extensions_mut().insert(StorageWrites(w.writes));
+    if w.gc {
+        shared.gc.notify_one();
+    }
+    resp
+}
 
 /// Runs a write under the store lock and tags the response with its storage writes.
 fn mutate(

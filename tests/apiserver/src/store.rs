@@ -220,6 +220,240 @@ impl Stored {
     }
 }
 
+/// An object's JSON with the value of `metadata.resourceVersion` left out,
+/// so it can be serialized before the commit assigns the resourceVersion.
+#[derive(Debug)]
+pub struct Body {
+    json: Vec<u8>,
+    /// Where the resourceVersion digits go (between the quotes of `""`).
+    hole: usize,
+}
+
+impl Body {
+    /// Serializes `obj` exactly as `serde_json::to_vec` does, except that the
+    /// value of `metadata.resourceVersion` is written as `""` and its position
+    /// kept. `None` when the object has no such field.
+    fn with_hole(obj: &Value) -> Option<Self> {
+        let Value::Object(top) = obj else {
+            return None;
+        };
+        let mut json = Vec::with_capacity(1024);
+        let mut hole = None;
+        json.push(b'{');
+        for (i, (k, v)) in top.iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            serde_json::to_writer(&mut json, k).ok()?;
+            json.push(b':');
+            match v {
+                Value::Object(meta) if k == "metadata" => {
+                    json.push(b'{');
+                    for (j, (mk, mv)) in meta.iter().enumerate() {
+                        if j > 0 {
+                            json.push(b',');
+                        }
+                        serde_json::to_writer(&mut json, mk).ok()?;
+                        json.push(b':');
+                        if mk == "resourceVersion" {
+                            json.push(b'"');
+                            hole = Some(json.len());
+                            json.push(b'"');
+                        } else {
+                            serde_json::to_writer(&mut json, mv).ok()?;
+                        }
+                    }
+                    json.push(b'}');
+                }
+                _ => serde_json::to_writer(&mut json, v).ok()?,
+            }
+        }
+        json.push(b'}');
+        Some(Self { json, hole: hole? })
+    }
+
+    /// The body of an object whose resourceVersion is already set (slower:
+    /// under the lock, for the rare object without a `metadata` map).
+    fn of(obj: &Value) -> Self {
+        let json = serde_json::to_vec(obj).unwrap_or_default();
+        Self {
+            hole: json.len(),
+            json,
+        }
+    }
+
+    /// The watch event line for this body at resourceVersion `rv`, and the
+    /// object's JSON as a slice of it.
+    fn event_line(&self, etype: EventType, rv: u64) -> (Bytes, Bytes) {
+        let head = format!("{{\"type\":\"{}\",\"object\":", etype.as_str());
+        // `of` bodies carry their resourceVersion already.
+        let digits = if self.hole < self.json.len() {
+            rv.to_string()
+        } else {
+            String::new()
+        };
+        let mut buf = Vec::with_capacity(head.len() + self.json.len() + digits.len() + 2);
+        buf.extend_from_slice(head.as_bytes());
+        let start = buf.len();
+        buf.extend_from_slice(&self.json[..self.hole]);
+        buf.extend_from_slice(digits.as_bytes());
+        buf.extend_from_slice(&self.json[self.hole..]);
+        let end = buf.len();
+        buf.extend_from_slice(b"}\n");
+        let line = Bytes::from(buf);
+        let json = line.slice(start..end);
+        (line, json)
+    }
+}
+
+/// A storage write computed from a [`View`], waiting for its commit.
+#[derive(Debug)]
+pub struct Pending {
+    key: Key,
+    /// The object it was computed from (`None`: a create).
+    old: Option<Arc<Value>>,
+    new: Value,
+    /// `new` serialized (without its resourceVersion); `None`: serialize at commit.
+    body: Option<Body>,
+    /// The write removes the object (its last finalizer went while deleting).
+    remove: bool,
+}
+
+impl Pending {
+    /// Does the expensive part of a write (serializing the object) up front.
+    fn new(key: Key, old: Option<Arc<Value>>, mut new: Value, remove: bool) -> Self {
+        let body = if new.is_object() {
+            // The field exists (in its final position) before serializing;
+            // the commit fills in its value.
+            meta_mut(&mut new).insert("resourceVersion".into(), json!(""));
+            Body::with_hole(&new)
+        } else {
+            None
+        };
+        Self {
+            key,
+            old,
+            new,
+            body,
+            remove,
+        }
+    }
+}
+
+/// What a write computed from a [`View`] does.
+#[derive(Debug)]
+pub enum Plan {
+    /// Nothing is stored (a no-op write or a dry run); this is the answer.
+    Done(Stored),
+    /// One storage write.
+    Write(Pending),
+}
+
+/// The result of a write request.
+#[derive(Debug)]
+pub struct Written {
+    pub stored: Stored,
+    /// No object existed before (a create, or an apply that created).
+    pub created: bool,
+    /// Storage writes made (0 for no-op writes and dry runs).
+    pub writes: u64,
+    /// The garbage collector has work.
+    pub gc: bool,
+}
+
+/// Optimistic attempts of a write before it is computed under the store lock.
+pub const OPTIMISTIC_ATTEMPTS: usize = 16;
+
+/// Runs one write the way kube-apiserver's `GuaranteedUpdate` does: read the
+/// current object under the store lock, compute the new one outside it
+/// (parsing, merging, field management, validation, serialization), then
+/// commit under the lock only if the object (and for a create, its
+/// namespace; and the set of served resources) is still what was read;
+/// otherwise compute again from the newer object. A `resourceVersion`
+/// precondition is checked against the object each attempt reads, so a
+/// stale one still gets 409. The real storage loop retries without bound;
+/// here, after [`OPTIMISTIC_ATTEMPTS`] lost races, the write is computed
+/// while holding the lock, so it cannot lose again and no request fails for
+/// contention alone.
+pub fn write(
+    state: &std::sync::Mutex<State>,
+    res: &ResourceDef,
+    ns: Option<&str>,
+    name: &str,
+    mut plan: impl FnMut(&View) -> ApiResult<Plan>,
+) -> ApiResult<Written> {
+    let lock = || {
+        state
+            .lock()
+            .map_err(|_| ApiError::internal("store lock poisoned"))
+    };
+    for _ in 0..OPTIMISTIC_ATTEMPTS {
+        let view = lock()?.view(res, ns, name);
+        let created = view.current.is_none();
+        match plan(&view)? {
+            Plan::Done(stored) => {
+                return Ok(Written {
+                    stored,
+                    created,
+                    writes: 0,
+                    gc: false,
+                });
+            }
+            Plan::Write(p) => {
+                let mut st = lock()?;
+                if st.unchanged(&view, created) {
+                    let stored = st.execute(res, p);
+                    return Ok(Written {
+                        stored,
+                        created,
+                        writes: 1,
+                        gc: st.gc_dirty,
+                    });
+                }
+            }
+        }
+    }
+    let mut st = lock()?;
+    let view = st.view(res, ns, name);
+    let created = view.current.is_none();
+    let (stored, writes) = match plan(&view)? {
+        Plan::Done(stored) => (stored, 0),
+        Plan::Write(p) => (st.execute(res, p), 1),
+    };
+    Ok(Written {
+        stored,
+        created,
+        writes,
+        gc: st.gc_dirty,
+    })
+}
+
+/// Gives a POST body with `generateName` and no name its generated name
+/// (once, before the store is read) and returns the name.
+pub fn name_for_create(body: &mut Value) -> String {
+    if !body.is_object() {
+        return String::new();
+    }
+    let meta = meta_mut(body);
+    let has_name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    if !has_name
+        && let Some(g) = meta
+            .get("generateName")
+            .and_then(Value::as_str)
+            .filter(|g| !g.is_empty())
+    {
+        let name = format!("{g}{}", random_suffix());
+        meta.insert("name".into(), json!(name));
+    }
+    meta.get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn api_version_is(obj: &Value, res: &ResourceDef) -> bool {
     let Some(av) = obj["apiVersion"].as_str() else {
         return false;
@@ -270,7 +504,8 @@ pub struct State {
     /// Serialized size of the retained history.
     pub history_bytes: usize,
     pub tx: broadcast::Sender<Arc<Change>>,
-    pub registry: Registry,
+    /// Replaced (never mutated) when CRDs change, so a write's [`View`] can hold it.
+    pub registry: Arc<Registry>,
     /// Set by deletions and deletion marks: the garbage collector has work.
     pub gc_dirty: bool,
 }
@@ -286,7 +521,7 @@ impl State {
             window,
             history_bytes: 0,
             tx,
-            registry: Registry::new(),
+            registry: Arc::new(Registry::new()),
             gc_dirty: false,
         };
         let ns = st.registry.namespace_def();
@@ -382,31 +617,8 @@ impl State {
             .take_while(move |(k, _)| k.0 == storage && ns.is_none_or(|n| k.1 == n))
     }
 
-    fn check_namespace(&self, res: &ResourceDef, ns: Option<&str>) -> ApiResult<()> {
-        if !res.namespaced {
-            return Ok(());
-        }
-        let Some(ns) = ns.filter(|n| !n.is_empty()) else {
-            return Err(ApiError::bad_request(
-                "the server could not find the requested resource: a namespace is required",
-            ));
-        };
-        let nsdef = self.registry.namespace_def();
-        match self.objects.get(&Self::key(&nsdef, None, ns)) {
-            None => Err(ApiError::namespace_not_found(ns)),
-            Some(o) if o.obj["metadata"]["deletionTimestamp"].is_string() => {
-                Err(ApiError::forbidden(format!(
-                    "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
-                    res.qualified(),
-                    "",
-                )))
-            }
-            Some(_) => Ok(()),
-        }
-    }
-
     /// Records a committed write in the watch history and broadcasts it;
-    /// returns the object's JSON (serialized once, here).
+    /// returns the object's JSON (a slice of the event line).
     fn push_change(
         &mut self,
         res: &ResourceDef,
@@ -414,18 +626,12 @@ impl State {
         etype: EventType,
         obj: Arc<Value>,
         old: Option<Arc<Value>>,
+        body: &Body,
     ) -> Bytes {
         if etype == EventType::Deleted || obj["metadata"]["deletionTimestamp"].is_string() {
             self.gc_dirty = true;
         }
-        let prefix = format!("{{\"type\":\"{}\",\"object\":", etype.as_str());
-        let mut buf = prefix.into_bytes();
-        let start = buf.len();
-        serde_json::to_writer(&mut buf, &*obj).unwrap_or_default();
-        let end = buf.len();
-        buf.extend_from_slice(b"}\n");
-        let line = Bytes::from(buf);
-        let json = line.slice(start..end);
+        let (line, json) = body.event_line(etype, self.rv);
         let change = Arc::new(Change {
             rv: self.rv,
             storage: res.storage.clone(),
@@ -460,7 +666,9 @@ impl State {
             .range_of(&res.storage, None)
             .map(|(_, s)| s.obj.clone())
             .collect();
-        self.registry.rebuild(crds.iter().map(|v| &**v));
+        let mut registry = (*self.registry).clone();
+        registry.rebuild(crds.iter().map(|v| &**v));
+        self.registry = Arc::new(registry);
     }
 
     /// Whether a deleting object needs the collector to finish its deletion.
@@ -533,38 +741,104 @@ impl State {
         }
     }
 
+    /// Stores `new` over `old` under the store lock (deletion and the garbage collector).
     fn commit(
         &mut self,
         res: &ResourceDef,
         key: Key,
         old: Option<Arc<Value>>,
-        mut new: Value,
+        new: Value,
     ) -> Stored {
+        self.execute(res, Pending::new(key, old, new, false))
+    }
+
+    /// Removes `key`; `last` is the object the DELETED event carries.
+    fn remove(&mut self, res: &ResourceDef, key: Key, last: Value) -> Stored {
+        let old = self.objects.get(&key).map(|s| s.obj.clone());
+        self.execute(res, Pending::new(key, old, last, true))
+    }
+
+    /// Commits a computed write: the next resourceVersion, indexes, watch
+    /// history and broadcast. Everything expensive was done by [`Pending::new`].
+    fn execute(&mut self, res: &ResourceDef, p: Pending) -> Stored {
+        let Pending {
+            key,
+            old,
+            mut new,
+            body,
+            remove,
+        } = p;
         self.rv += 1;
         meta_mut(&mut new).insert("resourceVersion".into(), json!(self.rv.to_string()));
         let obj = Arc::new(new);
-        self.reindex(&key, old.as_deref(), Some(&obj));
-        let etype = if old.is_some() {
-            EventType::Modified
+        let etype = if remove {
+            self.objects.remove(&key);
+            self.reindex(&key, old.as_deref(), None);
+            EventType::Deleted
         } else {
-            EventType::Added
+            self.reindex(&key, old.as_deref(), Some(&obj));
+            if old.is_some() {
+                EventType::Modified
+            } else {
+                EventType::Added
+            }
         };
-        let json = self.push_change(res, &key.1, etype, obj.clone(), old);
+        let body = body.unwrap_or_else(|| Body::of(&obj));
+        let json = self.push_change(res, &key.1, etype, obj.clone(), old, &body);
         let stored = Stored { obj, json };
-        self.objects.insert(key, stored.clone());
+        if !remove {
+            self.objects.insert(key, stored.clone());
+        }
         self.crds_changed(res);
         stored
     }
 
-    fn remove(&mut self, res: &ResourceDef, key: Key, mut last: Value) -> Stored {
-        let old = self.objects.remove(&key).map(|s| s.obj);
-        self.reindex(&key, old.as_deref(), None);
-        self.rv += 1;
-        meta_mut(&mut last).insert("resourceVersion".into(), json!(self.rv.to_string()));
-        let obj = Arc::new(last);
-        let json = self.push_change(res, &key.1, EventType::Deleted, obj.clone(), old);
-        self.crds_changed(res);
-        Stored { obj, json }
+    /// The object a write read, captured under the lock for work done outside it.
+    pub fn view(&self, res: &ResourceDef, ns: Option<&str>, name: &str) -> View {
+        let key = Self::key(res, ns, name);
+        let namespace = if res.namespaced && !key.1.is_empty() {
+            let nsdef = self.registry.namespace_def();
+            self.objects.get(&Self::key(&nsdef, None, &key.1)).cloned()
+        } else {
+            None
+        };
+        View {
+            registry: self.registry.clone(),
+            current: self.objects.get(&key).cloned(),
+            namespace,
+            key,
+        }
+    }
+
+    /// Whether the store still holds what `view` read: the same object (or
+    /// none), the same resource registry, and for a create the same namespace.
+    fn unchanged(&self, view: &View, create: bool) -> bool {
+        fn same(a: Option<&Stored>, b: Option<&Stored>) -> bool {
+            match (a, b) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(&a.obj, &b.obj),
+                _ => false,
+            }
+        }
+        if !Arc::ptr_eq(&self.registry, &view.registry)
+            || !same(self.objects.get(&view.key), view.current.as_ref())
+        {
+            return false;
+        }
+        if create && !view.key.1.is_empty() {
+            let nsdef = self.registry.namespace_def();
+            let now = self.objects.get(&Self::key(&nsdef, None, &view.key.1));
+            return same(now, view.namespace.as_ref());
+        }
+        true
+    }
+
+    /// Runs a write computed under the lock.
+    fn run(&mut self, res: &ResourceDef, plan: Plan) -> Stored {
+        match plan {
+            Plan::Done(stored) => stored,
+            Plan::Write(p) => self.execute(res, p),
+        }
     }
 
     /// Drops the retained history: a watch from any earlier resourceVersion gets 410.
@@ -574,6 +848,7 @@ impl State {
         self.floor = self.rv;
     }
 
+    /// POST under the store lock (the direct test API).
     pub fn create(
         &mut self,
         res: &ResourceDef,
@@ -581,6 +856,75 @@ impl State {
         mut body: Value,
         opts: &WriteOpts,
     ) -> ApiResult<Stored> {
+        let name = name_for_create(&mut body);
+        let plan = self.view(res, ns, &name).create(res, ns, body, opts)?;
+        Ok(self.run(res, plan))
+    }
+
+    pub(crate) fn check_name(res: &ResourceDef, body: &Value, name: &str) -> ApiResult<()> {
+        match meta_str(body, "name") {
+            Some(n) if !n.is_empty() && n != name => Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({name})"
+            ))),
+            _ => {
+                let _ = res;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What a write read from the store, taken under the store lock and used
+/// outside it. A write is computed from a view and committed only if the
+/// store still holds what the view saw (optimistic concurrency, like
+/// kube-apiserver's `GuaranteedUpdate` against etcd); see [`write`].
+#[derive(Debug, Clone)]
+pub struct View {
+    pub registry: Arc<Registry>,
+    pub key: Key,
+    /// The object at `key`, if any.
+    pub current: Option<Stored>,
+    /// The namespace object `key` lives in (namespaced resources).
+    pub namespace: Option<Stored>,
+}
+
+impl View {
+    fn get(&self, res: &ResourceDef, name: &str) -> ApiResult<Stored> {
+        self.current
+            .clone()
+            .ok_or_else(|| ApiError::not_found(res, name))
+    }
+
+    fn check_namespace(&self, res: &ResourceDef, ns: Option<&str>) -> ApiResult<()> {
+        if !res.namespaced {
+            return Ok(());
+        }
+        let Some(ns) = ns.filter(|n| !n.is_empty()) else {
+            return Err(ApiError::bad_request(
+                "the server could not find the requested resource: a namespace is required",
+            ));
+        };
+        match &self.namespace {
+            None => Err(ApiError::namespace_not_found(ns)),
+            Some(o) if o.obj["metadata"]["deletionTimestamp"].is_string() => {
+                Err(ApiError::forbidden(format!(
+                    "{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                    res.qualified(),
+                    "",
+                )))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// POST: `body` already named by [`name_for_create`].
+    pub fn create(
+        &self,
+        res: &ResourceDef,
+        ns: Option<&str>,
+        mut body: Value,
+        opts: &WriteOpts,
+    ) -> ApiResult<Plan> {
         if !body.is_object() {
             return Err(ApiError::bad_request(
                 "the body of the request must be a JSON object",
@@ -603,19 +947,6 @@ impl State {
         } else {
             meta.remove("namespace");
         }
-        let has_name = meta
-            .get("name")
-            .and_then(Value::as_str)
-            .is_some_and(|n| !n.is_empty());
-        if !has_name
-            && let Some(g) = meta
-                .get("generateName")
-                .and_then(Value::as_str)
-                .filter(|g| !g.is_empty())
-        {
-            let name = format!("{g}{}", random_suffix());
-            meta.insert("name".into(), json!(name));
-        }
         let name = meta
             .get("name")
             .and_then(Value::as_str)
@@ -632,10 +963,10 @@ impl State {
             ));
         }
         self.check_namespace(res, ns)?;
-        if self.objects.contains_key(&Self::key(res, ns, &name)) {
+        if self.current.is_some() {
             return Err(ApiError::already_exists(res, &name));
         }
-        self.finish(
+        plan_finish(
             res,
             ns,
             None,
@@ -672,45 +1003,34 @@ impl State {
         Ok(())
     }
 
-    fn check_name(res: &ResourceDef, body: &Value, name: &str) -> ApiResult<()> {
-        match meta_str(body, "name") {
-            Some(n) if !n.is_empty() && n != name => Err(ApiError::bad_request(format!(
-                "the name of the object ({n}) does not match the name on the URL ({name})"
-            ))),
-            _ => {
-                let _ = res;
-                Ok(())
-            }
-        }
-    }
-
     /// PUT on the main resource or `/status`.
     pub fn update(
-        &mut self,
+        &self,
         res: &ResourceDef,
         ns: Option<&str>,
         name: &str,
         status: bool,
         body: Value,
         opts: &WriteOpts,
-    ) -> ApiResult<Stored> {
+    ) -> ApiResult<Plan> {
         if !body.is_object() {
             return Err(ApiError::bad_request(
                 "the body of the request must be a JSON object",
             ));
         }
         self.check_kind(res, &body)?;
-        Self::check_name(res, &body, name)?;
-        let old = self.get(res, ns, name)?;
+        State::check_name(res, &body, name)?;
+        let current = self.get(res, name)?;
+        let old = current.obj.clone();
         if let Some(rv) = meta_str(&body, "resourceVersion").filter(|r| !r.is_empty())
             && Some(rv) != meta_str(&old, "resourceVersion")
         {
             return Err(ApiError::stale(res, name));
         }
-        self.finish(
+        plan_finish(
             res,
             ns,
-            Some(old),
+            Some(&current),
             body,
             status,
             Managed::Update(opts.manager.clone()),
@@ -721,7 +1041,7 @@ impl State {
     /// PATCH with any of the four patch types; apply creates a missing object.
     #[allow(clippy::too_many_arguments)]
     pub fn patch(
-        &mut self,
+        &self,
         res: &ResourceDef,
         ns: Option<&str>,
         name: &str,
@@ -729,7 +1049,7 @@ impl State {
         ptype: PatchType,
         body: &[u8],
         opts: &WriteOpts,
-    ) -> ApiResult<Stored> {
+    ) -> ApiResult<Plan> {
         if ptype == PatchType::Apply {
             return self.apply(res, ns, name, status, body, opts);
         }
@@ -738,7 +1058,8 @@ impl State {
                 "application/strategic-merge-patch+json",
             ));
         }
-        let old = self.get(res, ns, name)?;
+        let current = self.get(res, name)?;
+        let old = current.obj.clone();
         let mut doc = (*old).clone();
         match ptype {
             PatchType::Merge | PatchType::Strategic => {
@@ -774,11 +1095,11 @@ impl State {
             PatchType::Apply => {}
         }
         // A patch may not rename the object.
-        Self::check_name(res, &doc, name)?;
-        self.finish(
+        State::check_name(res, &doc, name)?;
+        plan_finish(
             res,
             ns,
-            Some(old),
+            Some(&current),
             doc,
             status,
             Managed::Update(opts.manager.clone()),
@@ -787,14 +1108,14 @@ impl State {
     }
 
     fn apply(
-        &mut self,
+        &self,
         res: &ResourceDef,
         ns: Option<&str>,
         name: &str,
         status: bool,
         body: &[u8],
         opts: &WriteOpts,
-    ) -> ApiResult<Stored> {
+    ) -> ApiResult<Plan> {
         if opts.manager.is_empty() {
             return Err(ApiError::invalid(
                 res,
@@ -822,7 +1143,7 @@ impl State {
             ));
         }
         self.check_kind(res, &applied)?;
-        Self::check_name(res, &applied, name)?;
+        State::check_name(res, &applied, name)?;
         let scope = scope_for(res, status);
         // Only the part of the object this endpoint writes counts.
         if let Some(m) = applied.as_object_mut() {
@@ -857,7 +1178,7 @@ impl State {
         let now = now_rfc3339();
         let mine =
             |e: &Entry| e.manager == opts.manager && e.operation == "Apply" && e.subresource == sub;
-        let old = match self.get(res, ns, name) {
+        let current = match self.get(res, name) {
             Ok(o) => o,
             Err(_) => {
                 if status {
@@ -880,7 +1201,7 @@ impl State {
                     set: new_set,
                     read_from: None,
                 };
-                return self.finish(
+                return plan_finish(
                     res,
                     ns,
                     None,
@@ -891,6 +1212,7 @@ impl State {
                 );
             }
         };
+        let old = current.obj.clone();
         if let Some(rv) = rv_pre
             && Some(rv.as_str()) != meta_str(&old, "resourceVersion")
         {
@@ -967,270 +1289,269 @@ impl State {
                 read_from: None,
             }),
         }
-        self.finish(
+        plan_finish(
             res,
             ns,
-            Some(old),
+            Some(&current),
             merged,
             status,
             Managed::Apply(entries),
             opts,
         )
     }
+}
 
-    /// The common tail of every write: server-owned metadata, subresource
-    /// scoping, validation, managed fields, generation, no-op detection, commit.
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &mut self,
-        res: &ResourceDef,
-        ns: Option<&str>,
-        old: Option<Arc<Value>>,
-        mut new: Value,
-        status: bool,
-        managed: Managed,
-        opts: &WriteOpts,
-    ) -> ApiResult<Stored> {
-        let now = now_rfc3339();
-        if let Some(m) = new.as_object_mut() {
-            m.insert("apiVersion".into(), json!(res.api_version()));
-            m.insert("kind".into(), json!(res.kind));
-        }
-        match &old {
-            Some(old) => {
-                if res.status {
-                    if status {
-                        let st = new.get("status").cloned();
-                        new = (**old).clone();
-                        if let Some(m) = new.as_object_mut() {
-                            m.insert("apiVersion".into(), json!(res.api_version()));
-                            match st {
-                                Some(s) => m.insert("status".into(), s),
-                                None => m.remove("status"),
-                            };
-                        }
-                    } else if let Some(m) = new.as_object_mut() {
-                        match old.get("status") {
-                            Some(s) => m.insert("status".into(), s.clone()),
+/// The common tail of every write: server-owned metadata, subresource
+/// scoping, validation, managed fields, generation, no-op detection, commit.
+#[allow(clippy::too_many_arguments)]
+fn plan_finish(
+    res: &ResourceDef,
+    ns: Option<&str>,
+    current: Option<&Stored>,
+    mut new: Value,
+    status: bool,
+    managed: Managed,
+    opts: &WriteOpts,
+) -> ApiResult<Plan> {
+    let old = current.map(|c| c.obj.clone());
+    let now = now_rfc3339();
+    if let Some(m) = new.as_object_mut() {
+        m.insert("apiVersion".into(), json!(res.api_version()));
+        m.insert("kind".into(), json!(res.kind));
+    }
+    match &old {
+        Some(old) => {
+            if res.status {
+                if status {
+                    let st = new.get("status").cloned();
+                    new = (**old).clone();
+                    if let Some(m) = new.as_object_mut() {
+                        m.insert("apiVersion".into(), json!(res.api_version()));
+                        match st {
+                            Some(s) => m.insert("status".into(), s),
                             None => m.remove("status"),
                         };
                     }
-                }
-                let old_meta = &old["metadata"];
-                let meta = meta_mut(&mut new);
-                for k in [
-                    "name",
-                    "namespace",
-                    "uid",
-                    "creationTimestamp",
-                    "deletionTimestamp",
-                    "deletionGracePeriodSeconds",
-                    "generation",
-                    "resourceVersion",
-                ] {
-                    match old_meta.get(k) {
-                        Some(v) => meta.insert(k.into(), v.clone()),
-                        None => meta.remove(k),
+                } else if let Some(m) = new.as_object_mut() {
+                    match old.get("status") {
+                        Some(s) => m.insert("status".into(), s.clone()),
+                        None => m.remove("status"),
                     };
                 }
-                // Rewritten from the tracked entries below.
-                meta.remove("managedFields");
             }
-            None => {
-                if res.status
-                    && (res.custom || res.kind == "CustomResourceDefinition")
-                    && let Some(m) = new.as_object_mut()
-                {
-                    m.remove("status");
-                }
-                let meta = meta_mut(&mut new);
-                for k in [
-                    "uid",
-                    "resourceVersion",
-                    "deletionTimestamp",
-                    "deletionGracePeriodSeconds",
-                    "managedFields",
-                    "selfLink",
-                ] {
-                    meta.remove(k);
-                }
-                meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
-                meta.insert("creationTimestamp".into(), json!(now));
-                if res.tracks_generation() {
-                    meta.insert("generation".into(), json!(1));
-                } else {
-                    meta.remove("generation");
-                }
-                if res.kind == "Namespace" && res.group.is_empty() {
-                    new["spec"] = json!({"finalizers": ["kubernetes"]});
-                    new["status"] = json!({"phase": "Active"});
-                    let name = meta_str(&new, "name").unwrap_or_default().to_string();
-                    let labels = meta_mut(&mut new)
-                        .entry("labels")
-                        .or_insert_with(|| json!({}));
-                    if let Some(l) = labels.as_object_mut() {
-                        l.insert("kubernetes.io/metadata.name".into(), json!(name));
-                    }
-                }
-                if res.kind == "CustomResourceDefinition" {
-                    let mut f = finalizers(&new);
-                    if !f.iter().any(|x| x == CRD_CLEANUP_FINALIZER) {
-                        f.push(CRD_CLEANUP_FINALIZER.into());
-                    }
-                    set_finalizers(&mut new, &f);
-                }
+            let old_meta = &old["metadata"];
+            let meta = meta_mut(&mut new);
+            for k in [
+                "name",
+                "namespace",
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "resourceVersion",
+            ] {
+                match old_meta.get(k) {
+                    Some(v) => meta.insert(k.into(), v.clone()),
+                    None => meta.remove(k),
+                };
             }
+            // Rewritten from the tracked entries below.
+            meta.remove("managedFields");
         }
-        let name = meta_str(&new, "name").unwrap_or_default().to_string();
-        // Validation (after pruning and defaulting for custom resources).
-        let mut causes = validation::validate_meta(res, &new);
-        causes.extend(validation::validate_config(res, &new));
-        if res.custom {
-            let mut pruned = Vec::new();
-            causes.extend(validation::validate_custom(res, &mut new, &mut pruned));
-            if opts.strict && !pruned.is_empty() {
-                let fields: Vec<String> = pruned
-                    .iter()
-                    .map(|p| format!("unknown field \"{p}\""))
-                    .collect();
-                return Err(ApiError::bad_request(format!(
-                    "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
-                    res.kind,
-                    res.version,
-                    res.kind,
-                    fields.join(", ")
-                )));
+        None => {
+            if res.status
+                && (res.custom || res.kind == "CustomResourceDefinition")
+                && let Some(m) = new.as_object_mut()
+            {
+                m.remove("status");
+            }
+            let meta = meta_mut(&mut new);
+            for k in [
+                "uid",
+                "resourceVersion",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "managedFields",
+                "selfLink",
+            ] {
+                meta.remove(k);
+            }
+            meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+            meta.insert("creationTimestamp".into(), json!(now));
+            if res.tracks_generation() {
+                meta.insert("generation".into(), json!(1));
+            } else {
+                meta.remove("generation");
+            }
+            if res.kind == "Namespace" && res.group.is_empty() {
+                new["spec"] = json!({"finalizers": ["kubernetes"]});
+                new["status"] = json!({"phase": "Active"});
+                let name = meta_str(&new, "name").unwrap_or_default().to_string();
+                let labels = meta_mut(&mut new)
+                    .entry("labels")
+                    .or_insert_with(|| json!({}));
+                if let Some(l) = labels.as_object_mut() {
+                    l.insert("kubernetes.io/metadata.name".into(), json!(name));
+                }
+            }
+            if res.kind == "CustomResourceDefinition" {
+                let mut f = finalizers(&new);
+                if !f.iter().any(|x| x == CRD_CLEANUP_FINALIZER) {
+                    f.push(CRD_CLEANUP_FINALIZER.into());
+                }
+                set_finalizers(&mut new, &f);
             }
         }
-        if res.kind == "CustomResourceDefinition" {
-            causes.extend(validation::validate_crd(&new));
-        }
-        if !causes.is_empty() {
-            return Err(ApiError::invalid(res, &name, causes));
-        }
-        if res.kind == "CustomResourceDefinition" {
-            let names = new["spec"]["names"].clone();
-            let stored: Vec<Value> = new["spec"]["versions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|v| v["storage"].as_bool() == Some(true))
-                .map(|v| v["name"].clone())
+    }
+    let name = meta_str(&new, "name").unwrap_or_default().to_string();
+    // Validation (after pruning and defaulting for custom resources).
+    let mut causes = validation::validate_meta(res, &new);
+    causes.extend(validation::validate_config(res, &new));
+    if res.custom {
+        let mut pruned = Vec::new();
+        causes.extend(validation::validate_custom(res, &mut new, &mut pruned));
+        if opts.strict && !pruned.is_empty() {
+            let fields: Vec<String> = pruned
+                .iter()
+                .map(|p| format!("unknown field \"{p}\""))
                 .collect();
-            let t = old
-                .as_ref()
-                .and_then(|o| {
-                    o["status"]["conditions"][0]["lastTransitionTime"]
-                        .as_str()
-                        .map(str::to_string)
-                })
-                .unwrap_or_else(|| now.clone());
-            new["status"] = json!({
-                "acceptedNames": names,
-                "storedVersions": stored,
-                "conditions": [
-                    {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": t},
-                    {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": t},
-                ],
-            });
+            return Err(ApiError::bad_request(format!(
+                "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                res.kind,
+                res.version,
+                res.kind,
+                fields.join(", ")
+            )));
         }
-        // Managed fields.
-        let scope = scope_for(res, status);
-        let entries = match managed {
-            Managed::Apply(entries) => entries,
-            Managed::Keep => fields::read_entries(old.as_deref().unwrap_or(&Value::Null)),
-            Managed::Update(manager) => {
-                let tracker = Tracker::new(res.schema.as_ref(), scope);
-                let mut entries = old.as_deref().map(fields::read_entries).unwrap_or_default();
-                let old_members = old
-                    .as_deref()
-                    .map(|o| tracker.members(o))
-                    .unwrap_or_default();
-                let new_members = tracker.members(&new);
-                let changed: FieldSet = new_members
-                    .iter()
-                    .filter(|p| fields::changed(old.as_deref(), &new, p))
-                    .cloned()
-                    .collect();
-                let removed: FieldSet = old_members.difference(&new_members).cloned().collect();
-                for e in entries.iter_mut() {
-                    let before = e.set.len();
-                    e.set
-                        .retain(|p| !changed.contains(p) && !removed.contains(p));
-                    if e.set.len() != before {
+    }
+    if res.kind == "CustomResourceDefinition" {
+        causes.extend(validation::validate_crd(&new));
+    }
+    if !causes.is_empty() {
+        return Err(ApiError::invalid(res, &name, causes));
+    }
+    if res.kind == "CustomResourceDefinition" {
+        let names = new["spec"]["names"].clone();
+        let stored: Vec<Value> = new["spec"]["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["storage"].as_bool() == Some(true))
+            .map(|v| v["name"].clone())
+            .collect();
+        let t = old
+            .as_ref()
+            .and_then(|o| {
+                o["status"]["conditions"][0]["lastTransitionTime"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| now.clone());
+        new["status"] = json!({
+            "acceptedNames": names,
+            "storedVersions": stored,
+            "conditions": [
+                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": t},
+                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": t},
+            ],
+        });
+    }
+    // Managed fields.
+    let scope = scope_for(res, status);
+    let entries = match managed {
+        Managed::Apply(entries) => entries,
+        Managed::Keep => fields::read_entries(old.as_deref().unwrap_or(&Value::Null)),
+        Managed::Update(manager) => {
+            let tracker = Tracker::new(res.schema.as_ref(), scope);
+            let mut entries = old.as_deref().map(fields::read_entries).unwrap_or_default();
+            let old_members = old
+                .as_deref()
+                .map(|o| tracker.members(o))
+                .unwrap_or_default();
+            let new_members = tracker.members(&new);
+            let changed: FieldSet = new_members
+                .iter()
+                .filter(|p| fields::changed(old.as_deref(), &new, p))
+                .cloned()
+                .collect();
+            let removed: FieldSet = old_members.difference(&new_members).cloned().collect();
+            for e in entries.iter_mut() {
+                let before = e.set.len();
+                e.set
+                    .retain(|p| !changed.contains(p) && !removed.contains(p));
+                if e.set.len() != before {
+                    e.changed();
+                }
+            }
+            let sub = if status { "status" } else { "" };
+            if !changed.is_empty() {
+                match entries.iter_mut().find(|e| {
+                    e.manager == manager && e.operation == "Update" && e.subresource == sub
+                }) {
+                    Some(e) => {
+                        e.set.extend(changed);
+                        e.time = now.clone();
                         e.changed();
                     }
+                    None => entries.push(Entry {
+                        manager: manager.clone(),
+                        operation: "Update".into(),
+                        api_version: res.api_version(),
+                        time: now.clone(),
+                        subresource: sub.into(),
+                        set: changed,
+                        read_from: None,
+                    }),
                 }
-                let sub = if status { "status" } else { "" };
-                if !changed.is_empty() {
-                    match entries.iter_mut().find(|e| {
-                        e.manager == manager && e.operation == "Update" && e.subresource == sub
-                    }) {
-                        Some(e) => {
-                            e.set.extend(changed);
-                            e.time = now.clone();
-                            e.changed();
-                        }
-                        None => entries.push(Entry {
-                            manager: manager.clone(),
-                            operation: "Update".into(),
-                            api_version: res.api_version(),
-                            time: now.clone(),
-                            subresource: sub.into(),
-                            set: changed,
-                            read_from: None,
-                        }),
-                    }
+            }
+            entries
+        }
+    };
+    fields::write_entries(&mut new, &entries, old.as_deref());
+    // Generation moves on spec changes only (everything but metadata and status).
+    if let Some(old) = &old
+        && res.tracks_generation()
+    {
+        // Compared in place: cloning both objects would cost more than the write.
+        let spec_eq = |a: &Value, b: &Value| -> bool {
+            let skip = |k: &str| matches!(k, "metadata" | "status" | "apiVersion" | "kind");
+            match (a.as_object(), b.as_object()) {
+                (Some(a), Some(b)) => {
+                    a.keys().filter(|k| !skip(k)).count() == b.keys().filter(|k| !skip(k)).count()
+                        && a.iter()
+                            .filter(|(k, _)| !skip(k))
+                            .all(|(k, v)| b.get(k) == Some(v))
                 }
-                entries
+                _ => a == b,
             }
         };
-        fields::write_entries(&mut new, &entries, old.as_deref());
-        // Generation moves on spec changes only (everything but metadata and status).
-        if let Some(old) = &old
-            && res.tracks_generation()
-        {
-            // Compared in place: cloning both objects would cost more than the write.
-            let spec_eq = |a: &Value, b: &Value| -> bool {
-                let skip = |k: &str| matches!(k, "metadata" | "status" | "apiVersion" | "kind");
-                match (a.as_object(), b.as_object()) {
-                    (Some(a), Some(b)) => {
-                        a.keys().filter(|k| !skip(k)).count()
-                            == b.keys().filter(|k| !skip(k)).count()
-                            && a.iter()
-                                .filter(|(k, _)| !skip(k))
-                                .all(|(k, v)| b.get(k) == Some(v))
-                    }
-                    _ => a == b,
-                }
-            };
-            let changed = if res.status {
-                !spec_eq(old, &new)
-            } else {
-                !spec_eq(old, &new) || old.get("status") != new.get("status")
-            };
-            if changed {
-                let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
-                meta_mut(&mut new).insert("generation".into(), json!(g));
-            }
+        let changed = if res.status {
+            !spec_eq(old, &new)
+        } else {
+            !spec_eq(old, &new) || old.get("status") != new.get("status")
+        };
+        if changed {
+            let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+            meta_mut(&mut new).insert("generation".into(), json!(g));
         }
-        let key = Self::key(res, ns, &name);
-        if let Some(old) = &old {
-            // The real server skips the storage write when nothing changed.
-            if **old == new {
-                return Ok(self.current(&key, old));
-            }
-        }
-        if opts.dry_run {
-            return Ok(Stored::serialize(new));
-        }
-        let deleting = new["metadata"]["deletionTimestamp"].is_string();
-        if deleting && finalizers(&new).is_empty() {
-            return Ok(self.remove(res, key, new));
-        }
-        Ok(self.commit(res, key, old, new))
     }
+    let key = State::key(res, ns, &name);
+    if let Some(current) = current {
+        // The real server skips the storage write when nothing changed.
+        if *current.obj == new {
+            return Ok(Plan::Done(current.clone()));
+        }
+    }
+    if opts.dry_run {
+        return Ok(Plan::Done(Stored::serialize(new)));
+    }
+    let deleting = new["metadata"]["deletionTimestamp"].is_string();
+    let remove = deleting && finalizers(&new).is_empty();
+    Ok(Plan::Write(Pending::new(key, old, new, remove)))
+}
 
+impl State {
     pub fn delete(
         &mut self,
         res: &ResourceDef,
@@ -1354,15 +1675,18 @@ impl State {
             manager: "kube-controller-manager".into(),
             ..Default::default()
         };
-        let _ = self.finish(
+        let current = self.objects.get(key).cloned();
+        if let Ok(Plan::Write(p)) = plan_finish(
             &res,
             ns.as_deref(),
-            Some(obj),
+            current.as_ref(),
             new,
             false,
             Managed::Keep,
             &opts,
-        );
+        ) {
+            self.execute(&res, p);
+        }
     }
 
     fn delete_key(&mut self, key: &Key) {
@@ -1549,15 +1873,18 @@ impl State {
             manager: "kube-controller-manager".into(),
             ..Default::default()
         };
-        let _ = self.finish(
+        let current = self.objects.get(key).cloned();
+        if let Ok(Plan::Write(p)) = plan_finish(
             &res,
             ns.as_deref(),
-            Some(obj),
+            current.as_ref(),
             new,
             false,
             Managed::Update("kube-controller-manager".into()),
             &opts,
-        );
+        ) {
+            self.execute(&res, p);
+        }
     }
 }
 
@@ -1716,4 +2043,217 @@ pub fn strategic_merge(doc: &mut Value, patch: &Value, path: &str) -> ApiResult<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    fn state() -> Mutex<State> {
+        let (tx, _) = broadcast::channel(1024);
+        Mutex::new(State::new(1000, tx))
+    }
+
+    fn configmaps(st: &Mutex<State>) -> Arc<ResourceDef> {
+        st.lock()
+            .unwrap()
+            .registry
+            .find("", "v1", "configmaps")
+            .unwrap()
+    }
+
+    fn opts(manager: &str) -> WriteOpts {
+        WriteOpts {
+            manager: manager.into(),
+            ..Default::default()
+        }
+    }
+
+    fn merge(
+        st: &Mutex<State>,
+        res: &ResourceDef,
+        name: &str,
+        patch: Value,
+        manager: &str,
+    ) -> ApiResult<Written> {
+        let body = patch.to_string();
+        write(st, res, Some("default"), name, |v| {
+            v.patch(
+                res,
+                Some("default"),
+                name,
+                false,
+                PatchType::Merge,
+                body.as_bytes(),
+                &opts(manager),
+            )
+        })
+    }
+
+    fn create_cm(st: &Mutex<State>, res: &ResourceDef, name: &str) -> Stored {
+        let body = json!({"metadata": {"name": name}, "data": {"a": "1"}});
+        st.lock()
+            .unwrap()
+            .create(res, Some("default"), body, &opts("test"))
+            .unwrap()
+    }
+
+    #[test]
+    fn stored_json_and_event_lines_are_the_serialized_object_with_its_resource_version() {
+        let st = state();
+        let res = configmaps(&st);
+        let mut rx = st.lock().unwrap().tx.subscribe();
+        let created = create_cm(&st, &res, "cm");
+        let patched = merge(&st, &res, "cm", json!({"data": {"b": "2"}}), "m")
+            .unwrap()
+            .stored;
+        for (s, etype) in [(&created, "ADDED"), (&patched, "MODIFIED")] {
+            assert_eq!(s.json, serde_json::to_vec(&*s.obj).unwrap());
+            let c = rx.try_recv().unwrap();
+            assert_eq!(c.etype.as_str(), etype);
+            assert_eq!(c.json, s.json);
+            let want = format!(
+                "{{\"type\":\"{etype}\",\"object\":{}}}\n",
+                String::from_utf8_lossy(&s.json)
+            );
+            assert_eq!(c.line, want.as_bytes());
+            assert_eq!(
+                s.obj["metadata"]["resourceVersion"],
+                json!(c.rv.to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn a_write_whose_object_moved_before_its_commit_is_recomputed_from_the_newer_object() {
+        let st = state();
+        let res = configmaps(&st);
+        create_cm(&st, &res, "cm");
+        let rv0 = st.lock().unwrap().rv;
+        let mut attempts = 0;
+        let body = json!({"data": {"c": "3"}}).to_string();
+        let w = write(&st, &res, Some("default"), "cm", |v| {
+            attempts += 1;
+            if attempts == 1 {
+                // Another writer commits between this write's read and its commit.
+                merge(&st, &res, "cm", json!({"data": {"b": "2"}}), "other").unwrap();
+            }
+            v.patch(
+                &res,
+                Some("default"),
+                "cm",
+                false,
+                PatchType::Merge,
+                body.as_bytes(),
+                &opts("mine"),
+            )
+        })
+        .unwrap();
+        assert_eq!(attempts, 2);
+        assert_eq!(w.writes, 1);
+        assert_eq!(w.stored.obj["data"], json!({"a": "1", "b": "2", "c": "3"}));
+        assert_eq!(st.lock().unwrap().rv, rv0 + 2);
+        let managers: Vec<String> = fields::read_entries(&w.stored.obj)
+            .into_iter()
+            .map(|e| e.manager)
+            .collect();
+        assert_eq!(managers, ["test", "other", "mine"]);
+    }
+
+    #[test]
+    fn a_stale_resource_version_precondition_is_checked_against_the_object_each_attempt_reads() {
+        let st = state();
+        let res = configmaps(&st);
+        let rv = create_cm(&st, &res, "cm").obj["metadata"]["resourceVersion"].clone();
+        let mut attempts = 0;
+        let body = json!({"metadata": {"resourceVersion": rv}, "data": {"c": "3"}}).to_string();
+        let r = write(&st, &res, Some("default"), "cm", |v| {
+            attempts += 1;
+            if attempts == 1 {
+                merge(&st, &res, "cm", json!({"data": {"b": "2"}}), "other").unwrap();
+            }
+            v.patch(
+                &res,
+                Some("default"),
+                "cm",
+                false,
+                PatchType::Merge,
+                body.as_bytes(),
+                &opts("mine"),
+            )
+        });
+        assert_eq!(attempts, 2);
+        assert_eq!(r.unwrap_err().code, 409);
+    }
+
+    #[test]
+    fn a_write_that_keeps_losing_races_is_computed_under_the_lock_and_lands() {
+        let st = state();
+        let res = configmaps(&st);
+        create_cm(&st, &res, "cm");
+        let rv0 = st.lock().unwrap().rv;
+        let mut attempts = 0;
+        let body = json!({"data": {"mine": "x"}}).to_string();
+        let w = write(&st, &res, Some("default"), "cm", |v| {
+            attempts += 1;
+            // A competing write before every optimistic commit; the last
+            // attempt runs with the store locked, so none can get in.
+            if st.try_lock().is_ok() {
+                let p = json!({"data": {format!("other-{attempts}"): "y"}});
+                merge(&st, &res, "cm", p, "other").unwrap();
+            }
+            v.patch(
+                &res,
+                Some("default"),
+                "cm",
+                false,
+                PatchType::Merge,
+                body.as_bytes(),
+                &opts("mine"),
+            )
+        })
+        .unwrap();
+        assert_eq!(attempts, OPTIMISTIC_ATTEMPTS + 1);
+        let data = w.stored.obj["data"].as_object().unwrap();
+        assert_eq!(data.len(), 2 + OPTIMISTIC_ATTEMPTS);
+        assert_eq!(data["mine"], "x");
+        assert_eq!(st.lock().unwrap().rv, rv0 + OPTIMISTIC_ATTEMPTS as u64 + 1);
+    }
+
+    #[test]
+    fn a_create_is_not_committed_into_a_namespace_that_started_terminating_after_it_read_it() {
+        let st = state();
+        let res = configmaps(&st);
+        let nsdef = st.lock().unwrap().registry.namespace_def();
+        st.lock()
+            .unwrap()
+            .create(
+                &nsdef,
+                None,
+                json!({"metadata": {"name": "doomed"}}),
+                &opts("t"),
+            )
+            .unwrap();
+        let mut attempts = 0;
+        let body = json!({"metadata": {"name": "late"}, "data": {"a": "1"}});
+        let r = write(&st, &res, Some("doomed"), "late", |v| {
+            attempts += 1;
+            if attempts == 1 {
+                st.lock()
+                    .unwrap()
+                    .delete(&nsdef, None, "doomed", &DeleteOpts::default())
+                    .unwrap();
+            }
+            v.create(&res, Some("doomed"), body.clone(), &opts("t"))
+        });
+        assert_eq!(attempts, 2);
+        assert_eq!(r.unwrap_err().code, 403);
+        assert!(!st.lock().unwrap().objects.contains_key(&State::key(
+            &res,
+            Some("doomed"),
+            "late"
+        )));
+    }
 }

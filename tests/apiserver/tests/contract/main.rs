@@ -3,6 +3,7 @@
 //! `Controller`) and, where available, the real `kubectl`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod concurrency;
 mod crud;
 mod delete;
 mod discovery;

@@ -1,0 +1,292 @@
+//! Concurrent writes (kube-apiserver's `GuaranteedUpdate`: a write is
+//! computed from the object it read and committed only if that object is
+//! still current, else computed again): concurrent writes to one object from
+//! different field managers all land with consistent managed fields, each
+//! changing write is exactly one resourceVersion and one watch event in
+//! order, concurrent creates of one name give one 201 and 409 AlreadyExists
+//! for the rest, and a stale resourceVersion precondition is 409 Conflict.
+
+use std::collections::BTreeMap;
+
+use futures::{StreamExt, future::join_all};
+use kube::api::{Patch, PatchParams, WatchEvent, WatchParams};
+
+use super::*;
+
+const WRITERS: usize = 48;
+
+fn managers_of(meta: &ObjectMeta) -> BTreeMap<(String, String), Value> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .map(|e| {
+            (
+                (
+                    e.manager.clone().unwrap_or_default(),
+                    e.operation.clone().unwrap_or_default(),
+                ),
+                serde_json::to_value(e.fields_v1.as_ref().unwrap()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// MODIFIED events of `name` after `rv`, until `n` arrived: their resourceVersions.
+async fn modified_rvs(cms: &Api<ConfigMap>, name: &str, rv: u64, n: usize) -> Vec<u64> {
+    let wp = WatchParams::default()
+        .fields(&format!("metadata.name={name}"))
+        .timeout(30);
+    let mut s = cms.watch(&wp, &rv.to_string()).await.unwrap().boxed();
+    let mut out = Vec::new();
+    while out.len() < n {
+        match s.next().await {
+            Some(Ok(WatchEvent::Modified(c))) => out.push(rv_of(&c.metadata)),
+            Some(Ok(_)) => {}
+            other => panic!("watch ended after {} events: {other:?}", out.len()),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn concurrent_applies_from_many_field_managers_to_one_object_all_land() {
+    let (api, client) = start().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let base = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"seed": "0"}});
+    let c0 = cms
+        .patch("shared", &PatchParams::apply("base"), &Patch::Apply(base))
+        .await
+        .unwrap();
+    let rv0 = rv_of(&c0.metadata);
+    let writes0 = api.counters().storage_writes;
+
+    let results = join_all((0..WRITERS).map(|i| {
+        let cms = cms.clone();
+        async move {
+            let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"},
+                "data": {format!("k{i}"): format!("v{i}")}});
+            cms.patch(
+                "shared",
+                &PatchParams::apply(&format!("m{i}")),
+                &Patch::Apply(body),
+            )
+            .await
+        }
+    }))
+    .await;
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    let c = cms.get("shared").await.unwrap();
+    let data = c.data.clone().unwrap();
+    assert_eq!(data.len(), WRITERS + 1, "a write was lost: {data:?}");
+    for i in 0..WRITERS {
+        assert_eq!(data[&format!("k{i}")], format!("v{i}"));
+    }
+    // One Apply entry per manager, owning exactly its own key.
+    let managers = managers_of(&c.metadata);
+    assert_eq!(managers.len(), WRITERS + 1, "{managers:?}");
+    assert_eq!(
+        managers[&("base".to_string(), "Apply".to_string())],
+        json!({"f:data": {"f:seed": {}}})
+    );
+    for i in 0..WRITERS {
+        assert_eq!(
+            managers[&(format!("m{i}"), "Apply".to_string())],
+            json!({"f:data": {format!("f:k{i}"): {}}})
+        );
+    }
+    // Every changing write is one resourceVersion and one watch event, in order.
+    assert_eq!(rv_of(&c.metadata), rv0 + WRITERS as u64);
+    assert_eq!(api.counters().storage_writes - writes0, WRITERS as u64);
+    let rvs = modified_rvs(&cms, "shared", rv0, WRITERS).await;
+    assert_eq!(rvs, (rv0 + 1..=rv0 + WRITERS as u64).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn concurrent_merge_patches_land_once_each_and_repeating_them_writes_nothing() {
+    let (api, client) = start().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let c0 = cms
+        .create(&PostParams::default(), &cm("labels", &[("a", "1")]))
+        .await
+        .unwrap();
+    let rv0 = rv_of(&c0.metadata);
+    let patch_all = || {
+        join_all((0..WRITERS).map(|i| {
+            let cms = cms.clone();
+            async move {
+                let pp = PatchParams {
+                    field_manager: Some(format!("m{i}")),
+                    ..Default::default()
+                };
+                let body = json!({"metadata": {"labels": {format!("l{i}"): "x"}}});
+                cms.patch("labels", &pp, &Patch::Merge(body)).await
+            }
+        }))
+    };
+    for r in patch_all().await {
+        r.unwrap();
+    }
+    let c = cms.get("labels").await.unwrap();
+    assert_eq!(c.metadata.labels.as_ref().unwrap().len(), WRITERS);
+    assert_eq!(rv_of(&c.metadata), rv0 + WRITERS as u64);
+    let managers = managers_of(&c.metadata);
+    for i in 0..WRITERS {
+        assert_eq!(
+            managers[&(format!("m{i}"), "Update".to_string())],
+            json!({"f:metadata": {"f:labels": {format!("f:l{i}"): {}}}})
+        );
+    }
+
+    // The same patches again change nothing: no write, no resourceVersion.
+    let writes = api.counters().storage_writes;
+    for r in patch_all().await {
+        assert_eq!(rv_of(&r.unwrap().metadata), rv0 + WRITERS as u64);
+    }
+    assert_eq!(api.counters().storage_writes, writes);
+}
+
+#[tokio::test]
+async fn concurrent_status_merge_patches_all_land_without_touching_spec_or_generation() {
+    let (_api, client) = start_with_crd().await;
+    let widgets: Api<Widget> = Api::default_namespaced(client);
+    let w0 = widgets
+        .create(&PostParams::default(), &widget("w", 3))
+        .await
+        .unwrap();
+    let rv0 = rv_of(&w0.metadata);
+    let results = join_all((0..WRITERS).map(|i| {
+        let widgets = widgets.clone();
+        async move {
+            let pp = PatchParams {
+                field_manager: Some(format!("ctl{i}")),
+                ..Default::default()
+            };
+            let body = json!({"status": {"phase": format!("p{i}")}});
+            widgets.patch_status("w", &pp, &Patch::Merge(body)).await
+        }
+    }))
+    .await;
+    let mut phases: Vec<u64> = Vec::new();
+    for r in results {
+        let w = r.unwrap();
+        assert_eq!(w.spec.size, 3);
+        assert_eq!(w.metadata.generation, Some(1));
+        phases.push(rv_of(&w.metadata));
+    }
+    // Each answer is its own write.
+    phases.sort_unstable();
+    assert_eq!(phases, (rv0 + 1..=rv0 + WRITERS as u64).collect::<Vec<_>>());
+    let w = widgets.get("w").await.unwrap();
+    assert_eq!(rv_of(&w.metadata), rv0 + WRITERS as u64);
+    assert_eq!(w.metadata.generation, Some(1));
+    assert_eq!(w.spec.size, 3);
+}
+
+#[tokio::test]
+async fn concurrent_creates_of_one_name_give_one_201_and_409_already_exists_for_the_rest() {
+    let (api, client) = start().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let rv0 = api.resource_version();
+    let results = join_all((0..WRITERS).map(|i| {
+        let cms = cms.clone();
+        async move {
+            cms.create(
+                &PostParams::default(),
+                &cm("once", &[("who", &i.to_string())]),
+            )
+            .await
+        }
+    }))
+    .await;
+    let mut winners = Vec::new();
+    for r in results {
+        match r {
+            Ok(c) => winners.push(c),
+            Err(e) => {
+                let s = api_err::<()>(Err(e));
+                assert_eq!((s.code, s.reason.as_str()), (409, "AlreadyExists"));
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    let stored = cms.get("once").await.unwrap();
+    assert_eq!(stored.data, winners[0].data);
+    assert_eq!(stored.metadata.uid, winners[0].metadata.uid);
+    assert_eq!(api.resource_version(), rv0 + 1);
+}
+
+#[tokio::test]
+async fn a_stale_resource_version_precondition_is_409_conflict_under_concurrency() {
+    let (_api, client) = start().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let c0 = cms
+        .create(&PostParams::default(), &cm("guarded", &[("a", "0")]))
+        .await
+        .unwrap();
+    let rv0 = c0.metadata.resource_version.clone().unwrap();
+    // PUTs and merge patches all carrying the same resourceVersion: one wins.
+    let results = join_all((0..WRITERS).map(|i| {
+        let (cms, c0, rv0) = (cms.clone(), c0.clone(), rv0.clone());
+        async move {
+            if i % 2 == 0 {
+                let mut c = c0;
+                // Never "0": an unchanged object is a no-op that succeeds.
+                c.data = Some([("a".to_string(), (i + 1).to_string())].into());
+                cms.replace("guarded", &PostParams::default(), &c).await
+            } else {
+                let body = json!({"metadata": {"resourceVersion": rv0}, "data": {"a": (i + 1).to_string()}});
+                cms.patch("guarded", &PatchParams::default(), &Patch::Merge(body))
+                    .await
+            }
+        }
+    }))
+    .await;
+    let mut winners = Vec::new();
+    for r in results {
+        match r {
+            Ok(c) => winners.push(c),
+            Err(e) => {
+                let s = api_err::<()>(Err(e));
+                assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"));
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    let stored = cms.get("guarded").await.unwrap();
+    assert_eq!(stored.data, winners[0].data);
+    assert_eq!(rv_of(&stored.metadata), rv_of(&c0.metadata) + 1);
+}
+
+#[tokio::test]
+async fn creates_racing_a_namespace_deletion_leave_nothing_behind_in_it() {
+    let (api, client) = start().await;
+    create_namespace(&client, "racing").await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "racing");
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let creates = join_all((0..WRITERS).map(|i| {
+        let cms = cms.clone();
+        async move {
+            cms.create(&PostParams::default(), &cm(&format!("c{i}"), &[("a", "1")]))
+                .await
+        }
+    }));
+    let delete = async {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        nss.delete("racing", &Default::default()).await.unwrap();
+    };
+    let (results, ()) = tokio::join!(creates, delete);
+    for r in results {
+        if let Err(e) = r {
+            let s = api_err::<()>(Err(e));
+            assert!(matches!(s.code, 403 | 404), "{s:?}");
+        }
+    }
+    eventually("the namespace is gone", || async {
+        nss.get_opt("racing").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(api.list("v1", "ConfigMap", Some("racing")).is_empty());
+}
