@@ -132,10 +132,10 @@ fn route(shared: &Shared, path: &str) -> Route {
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
         _ => return Route::NotFound,
     };
-    let Ok(st) = shared.state.lock() else {
+    // The registry is replaced, never mutated: look it up outside the store lock.
+    let Ok(reg) = shared.state.lock().map(|st| st.registry.clone()) else {
         return Route::NotFound;
     };
-    let reg = &st.registry;
     let (ns, plural, name, sub) = match rest {
         ["namespaces", ns, plural, tail @ ..]
             if reg
@@ -580,12 +580,13 @@ fn resource(
             Ok(list_response(res, rv, &cont, &items))
         }
         ("GET", Some(name)) => {
-            let st = lock()?;
-            let o = st.get_stored(res, nsr, &name)?;
+            let (o, rv) = {
+                let st = lock()?;
+                (st.get_stored(res, nsr, &name)?, st.rv)
+            };
             if wants_table(req.accept) {
-                return Ok(ok(&crate::table::render(res, &[o.obj], st.rv)));
+                return Ok(ok(&crate::table::render(res, &[o.obj], rv)));
             }
-            drop(st);
             Ok(bytes_response(StatusCode::OK, o.body(res)))
         }
         ("POST", None) => {

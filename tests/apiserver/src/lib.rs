@@ -327,8 +327,14 @@ fn serve_thread(
     config: Config,
     ready: tokio::sync::oneshot::Sender<Result<Arc<Shared>, std::io::Error>>,
 ) {
+    // Requests are served in parallel (writes are computed outside the store
+    // lock): one worker per core, at least two.
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2);
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .thread_name("apiserver-rt")
         .enable_all()
         .build()
