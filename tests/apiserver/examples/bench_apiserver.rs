@@ -989,6 +989,23 @@ mod probe {
         wall: f64,
         emu_cpu: f64,
         all_cpu: f64,
+        /// Seconds the store lock was held.
+        lock: f64,
+    }
+
+    impl Row {
+        fn lock_cell(&self) -> String {
+            let writes: usize = [&self.apply, &self.status]
+                .iter()
+                .filter_map(|p| p.as_ref())
+                .map(|p| p.lat.len())
+                .sum();
+            format!(
+                "{:.0}% ({:.0} us/write)",
+                self.lock / self.wall * 100.0,
+                self.lock * 1e6 / writes.max(1) as f64
+            )
+        }
     }
 
     fn cell(p: &Option<Phase>) -> String {
@@ -1030,13 +1047,26 @@ mod probe {
         let owners = owners_api(&api);
         let dur = Duration::from_secs(seconds);
         let mut rows = Vec::new();
+        // Each load twice, alternating: writes computed under the store lock
+        // (as before parallel writes), then outside it.
+        let mut loads = Vec::new();
         for (label, apply_clients, status_clients) in [
             ("SSA, 32 in flight", 32, 0),
             ("SSA, 64 in flight", 64, 0),
             ("SSA 32 + status 32 in flight", 32, 32),
         ] {
+            for serialized in [true, false] {
+                loads.push((label, apply_clients, status_clients, serialized));
+            }
+        }
+        for (label, apply_clients, status_clients, serialized) in loads {
+            api.faults().serialize_writes(serialized);
+            let label = format!(
+                "{label}, {}",
+                if serialized { "locked" } else { "parallel" }
+            );
             let stop = Arc::new(AtomicBool::new(false));
-            let (c0, t0) = (cpu(), Instant::now());
+            let (c0, l0, t0) = (cpu(), api.store_lock_held().0, Instant::now());
             let a = (apply_clients > 0).then(|| {
                 tokio::spawn(drive(
                     apply_clients,
@@ -1063,22 +1093,24 @@ mod probe {
                 Some(h) => Some(h.await.unwrap()),
                 None => None,
             };
-            let (c1, wall) = (cpu(), t0.elapsed().as_secs_f64());
+            let (c1, l1, wall) = (cpu(), api.store_lock_held().0, t0.elapsed().as_secs_f64());
             let row = Row {
-                label: label.into(),
+                label,
                 apply,
                 status,
                 wall,
                 emu_cpu: c1.1 - c0.1,
                 all_cpu: c1.0 - c0.0,
+                lock: (l1 - l0).as_secs_f64(),
             };
             eprintln!(
-                "probe: {}: apply {} | status {} | emulator CPU {:.0}% of a core, process {:.0}%",
+                "probe: {}: apply {} | status {} | emulator CPU {:.0}% of a core, process {:.0}% | store lock held {}",
                 row.label,
                 cell(&row.apply),
                 cell(&row.status),
                 row.emu_cpu / row.wall * 100.0,
-                row.all_cpu / row.wall * 100.0
+                row.all_cpu / row.wall * 100.0,
+                row.lock_cell()
             );
             rows.push(row);
         }
@@ -1091,25 +1123,32 @@ mod probe {
             api.list("v1", "ConfigMap", Some(NS)).len(),
         );
         println!(
-            "| {:<30} | {:<36} | {:<36} | {:>12} | {:>12} |",
-            "load", "SSA applies", "status merge patches", "emulator CPU", "process CPU"
+            "| {:<40} | {:<36} | {:<36} | {:>12} | {:>12} | {:>24} |",
+            "load",
+            "SSA applies",
+            "status merge patches",
+            "emulator CPU",
+            "process CPU",
+            "store lock held"
         );
         println!(
-            "|{}|{}|{}|{}|{}|",
-            "-".repeat(32),
+            "|{}|{}|{}|{}|{}|{}|",
+            "-".repeat(42),
             "-".repeat(38),
             "-".repeat(38),
             "-".repeat(14),
-            "-".repeat(14)
+            "-".repeat(14),
+            "-".repeat(26)
         );
         for r in &rows {
             println!(
-                "| {:<30} | {:<36} | {:<36} | {:>11.0}% | {:>11.0}% |",
+                "| {:<40} | {:<36} | {:<36} | {:>11.0}% | {:>11.0}% | {:>24} |",
                 r.label,
                 cell(&r.apply),
                 cell(&r.status),
                 r.emu_cpu / r.wall * 100.0,
-                r.all_cpu / r.wall * 100.0
+                r.all_cpu / r.wall * 100.0,
+                r.lock_cell()
             );
         }
     }

@@ -89,6 +89,17 @@ impl Faults {
         }
     }
 
+    /// Computes every write while holding the store lock, as the emulator
+    /// did before writes ran in parallel (`false`, the default: writes are
+    /// computed outside it and committed if the object is unchanged). For
+    /// benchmarks comparing the two; answers are the same either way.
+    pub fn serialize_writes(&self, on: bool) {
+        self.shared
+            .state
+            .serialized
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Ends every open watch stream (clients see the stream end and re-watch).
     pub fn close_watches(&self) {
         self.shared.close_watches.send_modify(|g| *g += 1);

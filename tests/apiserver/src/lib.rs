@@ -40,7 +40,7 @@ pub use crate::{
 };
 use crate::{
     selectors::Selectors,
-    store::{DeleteOpts, State, WriteOpts},
+    store::{DeleteOpts, State, StoreLock, WriteOpts},
 };
 
 /// Emulator settings.
@@ -88,7 +88,7 @@ pub enum Error {
 }
 
 pub(crate) struct Shared {
-    pub(crate) state: Mutex<State>,
+    pub(crate) state: StoreLock,
     pub(crate) config: Config,
     pub(crate) addr: SocketAddr,
     pub(crate) faults: Mutex<Vec<FaultRule>>,
@@ -223,6 +223,12 @@ impl ApiServer {
             .lock()
             .map(|c| c.clone())
             .unwrap_or_default()
+    }
+
+    /// How long the store lock has been held in total since start, and how
+    /// many times it was taken (requests serialize only while it is held).
+    pub fn store_lock_held(&self) -> (Duration, u64) {
+        self.shared.state.held()
     }
 
     /// The current global resourceVersion.
@@ -362,7 +368,7 @@ fn serve_thread(
         };
         let (tx, _) = broadcast::channel(65_536);
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::new(config.history_window.max(1), tx)),
+            state: StoreLock::new(State::new(config.history_window.max(1), tx)),
             write_latency: Mutex::new(config.write_latency),
             config,
             addr,

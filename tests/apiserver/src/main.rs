@@ -7,7 +7,9 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
-#[tokio::main]
+// The emulator serves from its own multi-thread runtime (one worker per
+// core, see `ApiServer::start_with`); this one only waits for Ctrl-C.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut config = apiserver::Config::default();
     let mut kubeconfig = None;
