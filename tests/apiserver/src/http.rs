@@ -676,7 +676,9 @@ fn mutate(
     let mut resp = f(&mut st)?;
     resp.extensions_mut().insert(StorageWrites(st.rv - before));
     let gc = st.gc_dirty;
+    let trash = std::mem::take(&mut st.trash);
     drop(st);
+    drop(trash);
     if gc {
         shared.gc.notify_one();
     }

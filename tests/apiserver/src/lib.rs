@@ -420,13 +420,14 @@ async fn gc_loop(shared: Arc<Shared>) {
             continue;
         }
         loop {
-            let more = match shared.state.lock() {
+            let (more, trash) = match shared.state.lock() {
                 Ok(mut st) => {
                     st.gc_dirty = false;
-                    st.gc_step(GC_SLICE_WRITES)
+                    (st.gc_step(GC_SLICE_WRITES), std::mem::take(&mut st.trash))
                 }
                 Err(_) => return,
             };
+            drop(trash);
             if !more {
                 break;
             }

@@ -107,6 +107,9 @@ enum Managed {
     Keep,
 }
 
+/// History entries kept in [`State::trash`] until a caller drops them outside the lock.
+const TRASH_MAX: usize = 4096;
+
 /// Retained watch history is also capped at this many serialized bytes.
 pub const HISTORY_BYTES_MAX: usize = 256 * 1024 * 1024;
 
@@ -492,11 +495,15 @@ pub fn write(
                 let mut st = lock()?;
                 if st.unchanged(&view, created) {
                     let stored = st.execute(res, p);
+                    let gc = st.gc_dirty;
+                    let trash = std::mem::take(&mut st.trash);
+                    drop(st);
+                    drop(trash);
                     return Ok(Written {
                         stored,
                         created,
                         writes: 1,
-                        gc: st.gc_dirty,
+                        gc,
                     });
                 }
             }
@@ -509,11 +516,15 @@ pub fn write(
         Plan::Done(stored) => (stored, 0),
         Plan::Write(p) => (st.execute(res, p), 1),
     };
+    let gc = st.gc_dirty;
+    let trash = std::mem::take(&mut st.trash);
+    drop(st);
+    drop(trash);
     Ok(Written {
         stored,
         created,
         writes,
-        gc: st.gc_dirty,
+        gc,
     })
 }
 
@@ -597,6 +608,9 @@ pub struct State {
     pub registry: Arc<Registry>,
     /// Set by deletions and deletion marks: the garbage collector has work.
     pub gc_dirty: bool,
+    /// History entries that left the window, dropped after the lock is
+    /// released (the last reference to an old object frees a whole tree).
+    pub trash: Vec<Arc<Change>>,
 }
 
 impl State {
@@ -612,6 +626,7 @@ impl State {
             tx,
             registry: Arc::new(Registry::new()),
             gc_dirty: false,
+            trash: Vec::new(),
         };
         let ns = st.registry.namespace_def();
         for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
@@ -740,6 +755,9 @@ impl State {
             if let Some(c) = self.history.pop_front() {
                 self.history_bytes -= c.line.len();
                 self.floor = self.floor.max(c.rv);
+                if self.trash.len() < TRASH_MAX {
+                    self.trash.push(c);
+                }
             }
         }
         let _ = self.tx.send(change);
