@@ -940,6 +940,16 @@ async fn main() {
     );
     rep.row(
         "steady",
+        "operator's own histogram (put stored -> apply answered): p50 / p99",
+        format!(
+            "<= {:.0} / <= {:.0} ms",
+            steady.op_side.0 * 1e3,
+            steady.op_side.1 * 1e3
+        ),
+        "bucket bounds",
+    );
+    rep.row(
+        "steady",
         "ConfigMap writes per update (all API writes)",
         format!(
             "{:.2} ({:.2})",
@@ -1392,6 +1402,50 @@ struct SteadyResult {
     wall: Duration,
     stats: ProcStats,
     undelivered: usize,
+    /// The operator's own propagation histogram over the phase (NATS store
+    /// -> apply answered): upper bucket bounds of p50 and p99, seconds.
+    op_side: (f64, f64),
+}
+
+/// `slipstream_propagation_seconds_bucket` as (upper bound, cumulative count).
+fn propagation_buckets(metrics: &str) -> Vec<(f64, f64)> {
+    let prefix = "slipstream_propagation_seconds_bucket{le=\"";
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bound holding quantile `q` of the observations between two
+/// scrapes (NaN when none were made).
+fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let old = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, n - old)
+        })
+        .collect();
+    let total = delta.last().map_or(0.0, |(_, n)| *n);
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    delta
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map_or(f64::NAN, |(le, _)| *le)
 }
 
 impl SteadyResult {
@@ -1404,6 +1458,7 @@ impl SteadyResult {
             "operator_cpu_s": self.cpu.as_secs_f64(), "emulator_cpu_s": self.emu_cpu.as_secs_f64(),
             "rss_mib": self.stats.rss_mib, "hwm_mib": self.stats.hwm_mib,
             "api": api_json(&self.api, self.wall),
+            "operator_side_p50_le_s": self.op_side.0, "operator_side_p99_le_s": self.op_side.1,
         })
     }
 }
@@ -1422,6 +1477,7 @@ async fn run_steady(
 ) -> SteadyResult {
     tracker.take_latencies();
     floor_lat.lock().unwrap().clear();
+    let hist0 = propagation_buckets(&op.scrape().await);
     api_phase(api);
     let cpu0 = op.stats().cpu;
     let emu0 = emulator_cpu();
@@ -1449,7 +1505,13 @@ async fn run_steady(
     let wall = t0.elapsed();
     let stats = op.stats();
     let floor = std::mem::take(&mut *floor_lat.lock().unwrap());
+    let hist1 = propagation_buckets(&op.scrape().await);
+    let op_side = (
+        bucket_quantile(&hist0, &hist1, 0.5),
+        bucket_quantile(&hist0, &hist1, 0.99),
+    );
     SteadyResult {
+        op_side,
         updates,
         lat: latency_summary(tracker.take_latencies()),
         floor: latency_summary(floor),
