@@ -497,7 +497,6 @@ fn resource(
             .lock()
             .map_err(|_| ApiError::internal("store lock poisoned"))
     };
-    let reply = |v: Stored| bytes_response(StatusCode::OK, v.body(res));
     match (req.method.as_str(), name) {
         ("GET", None) if req.q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             let sel = selectors(res, req.q)?;
@@ -627,7 +626,10 @@ fn resource(
         }
         ("DELETE", Some(name)) => {
             let opts = delete_opts(req.body, req.q)?;
-            mutate(shared, |st| st.delete(res, nsr, &name, &opts).map(reply))
+            let w = store::write(&shared.state, res, nsr, &name, |v| {
+                v.delete(res, nsr, &name, &opts)
+            })?;
+            Ok(written(shared, res, w))
         }
         ("DELETE", None) => {
             let opts = delete_opts(req.body, req.q)?;

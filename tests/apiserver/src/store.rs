@@ -848,17 +848,6 @@ impl State {
         }
     }
 
-    /// Stores `new` over `old` under the store lock (deletion and the garbage collector).
-    fn commit(
-        &mut self,
-        res: &ResourceDef,
-        key: Key,
-        old: Option<Arc<Value>>,
-        new: Value,
-    ) -> Stored {
-        self.execute(res, Pending::new(key, old, new, false))
-    }
-
     /// Removes `key`; `last` is the object the DELETED event carries.
     fn remove(&mut self, res: &ResourceDef, key: Key, last: Value) -> Stored {
         let old = self.objects.get(&key).map(|s| s.obj.clone());
@@ -1108,6 +1097,84 @@ impl View {
             )));
         }
         Ok(())
+    }
+
+    /// DELETE of one object: removed at once, or marked (deletionTimestamp)
+    /// while finalizers remain.
+    pub fn delete(
+        &self,
+        res: &ResourceDef,
+        ns: Option<&str>,
+        name: &str,
+        opts: &DeleteOpts,
+    ) -> ApiResult<Plan> {
+        let current = self.get(res, name)?;
+        let old = current.obj.clone();
+        if let Some(uid) = &opts.uid
+            && Some(uid.as_str()) != meta_str(&old, "uid")
+        {
+            return Err(ApiError::conflict(
+                res,
+                name,
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    meta_str(&old, "uid").unwrap_or_default()
+                ),
+            ));
+        }
+        if let Some(rv) = &opts.resource_version
+            && Some(rv.as_str()) != meta_str(&old, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                res,
+                name,
+                &format!(
+                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                    meta_str(&old, "resourceVersion").unwrap_or_default()
+                ),
+            ));
+        }
+        let mut new = (*old).clone();
+        let mut fin = finalizers(&new);
+        match opts.propagation.as_deref() {
+            Some("Foreground") if !fin.iter().any(|f| f == "foregroundDeletion") => {
+                fin.push("foregroundDeletion".into())
+            }
+            Some("Orphan") if !fin.iter().any(|f| f == "orphan") => fin.push("orphan".into()),
+            None | Some("Background") | Some("Foreground") | Some("Orphan") => {}
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    res,
+                    name,
+                    vec![Cause::not_supported(
+                        "propagationPolicy",
+                        &json!(other),
+                        &[json!("Foreground"), json!("Background"), json!("Orphan")],
+                    )],
+                ));
+            }
+        }
+        let is_namespace = res.kind == "Namespace" && res.group.is_empty();
+        if is_namespace {
+            new["status"]["phase"] = json!("Terminating");
+        }
+        let key = State::key(res, ns, name);
+        if opts.dry_run {
+            return Ok(Plan::Done(current));
+        }
+        if fin.is_empty() && !is_namespace {
+            return Ok(Plan::Write(Pending::new(key, Some(old), new, true)));
+        }
+        set_finalizers(&mut new, &fin);
+        let meta = meta_mut(&mut new);
+        if !meta.contains_key("deletionTimestamp") {
+            meta.insert("deletionTimestamp".into(), json!(now_rfc3339()));
+            meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+        }
+        if new == *old {
+            return Ok(Plan::Done(current));
+        }
+        Ok(Plan::Write(Pending::new(key, Some(old), new, false)))
     }
 
     /// PUT on the main resource or `/status`.
@@ -1659,6 +1726,7 @@ fn plan_finish(
 }
 
 impl State {
+    /// DELETE under the store lock (the garbage collector, `deletecollection`, the direct test API).
     pub fn delete(
         &mut self,
         res: &ResourceDef,
@@ -1666,72 +1734,8 @@ impl State {
         name: &str,
         opts: &DeleteOpts,
     ) -> ApiResult<Stored> {
-        let old = self.get(res, ns, name)?;
-        if let Some(uid) = &opts.uid
-            && Some(uid.as_str()) != meta_str(&old, "uid")
-        {
-            return Err(ApiError::conflict(
-                res,
-                name,
-                &format!(
-                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    meta_str(&old, "uid").unwrap_or_default()
-                ),
-            ));
-        }
-        if let Some(rv) = &opts.resource_version
-            && Some(rv.as_str()) != meta_str(&old, "resourceVersion")
-        {
-            return Err(ApiError::conflict(
-                res,
-                name,
-                &format!(
-                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
-                    meta_str(&old, "resourceVersion").unwrap_or_default()
-                ),
-            ));
-        }
-        let mut new = (*old).clone();
-        let mut fin = finalizers(&new);
-        match opts.propagation.as_deref() {
-            Some("Foreground") if !fin.iter().any(|f| f == "foregroundDeletion") => {
-                fin.push("foregroundDeletion".into())
-            }
-            Some("Orphan") if !fin.iter().any(|f| f == "orphan") => fin.push("orphan".into()),
-            None | Some("Background") | Some("Foreground") | Some("Orphan") => {}
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    res,
-                    name,
-                    vec![Cause::not_supported(
-                        "propagationPolicy",
-                        &json!(other),
-                        &[json!("Foreground"), json!("Background"), json!("Orphan")],
-                    )],
-                ));
-            }
-        }
-        let is_namespace = res.kind == "Namespace" && res.group.is_empty();
-        if is_namespace {
-            new["status"]["phase"] = json!("Terminating");
-        }
-        let key = Self::key(res, ns, name);
-        if opts.dry_run {
-            return Ok(self.current(&key, &old));
-        }
-        if fin.is_empty() && !is_namespace {
-            return Ok(self.remove(res, key, new));
-        }
-        set_finalizers(&mut new, &fin);
-        let meta = meta_mut(&mut new);
-        if !meta.contains_key("deletionTimestamp") {
-            meta.insert("deletionTimestamp".into(), json!(now_rfc3339()));
-            meta.insert("deletionGracePeriodSeconds".into(), json!(0));
-        }
-        if new == *old {
-            return Ok(self.current(&key, &old));
-        }
-        Ok(self.commit(res, key, Some(old), new))
+        let plan = self.view(res, ns, name).delete(res, ns, name, opts)?;
+        Ok(self.run(res, plan))
     }
 
     pub fn delete_collection(
@@ -1749,15 +1753,6 @@ impl State {
             out.push(self.delete(res, ons.as_deref(), &name, opts)?);
         }
         Ok(out)
-    }
-
-    /// The stored form of `obj`, the current version of `key`.
-    fn current(&self, key: &Key, obj: &Arc<Value>) -> Stored {
-        self.objects
-            .get(key)
-            .filter(|s| Arc::ptr_eq(&s.obj, obj))
-            .cloned()
-            .unwrap_or_else(|| Stored::serialize((**obj).clone()))
     }
 
     fn def_for_storage(&self, storage: &str) -> Option<Arc<ResourceDef>> {
@@ -2325,6 +2320,37 @@ mod tests {
         assert_eq!(data.len(), 2 + OPTIMISTIC_ATTEMPTS);
         assert_eq!(data["mine"], "x");
         assert_eq!(st.lock().unwrap().rv, rv0 + OPTIMISTIC_ATTEMPTS as u64 + 1);
+    }
+
+    #[test]
+    fn a_patch_racing_the_deletion_of_its_object_is_404_and_does_not_bring_it_back() {
+        let st = state();
+        let res = configmaps(&st);
+        create_cm(&st, &res, "cm");
+        let mut attempts = 0;
+        let body = json!({"data": {"c": "3"}}).to_string();
+        let r = write(&st, &res, Some("default"), "cm", |v| {
+            attempts += 1;
+            if attempts == 1 {
+                st.lock()
+                    .unwrap()
+                    .delete(&res, Some("default"), "cm", &DeleteOpts::default())
+                    .unwrap();
+            }
+            v.patch(
+                &res,
+                Some("default"),
+                "cm",
+                false,
+                PatchType::Merge,
+                body.as_bytes(),
+                &opts("mine"),
+            )
+        });
+        assert_eq!(attempts, 2);
+        assert_eq!(r.unwrap_err().code, 404);
+        let key = State::key(&res, Some("default"), "cm");
+        assert!(!st.lock().unwrap().objects.contains_key(&key));
     }
 
     #[test]

@@ -290,3 +290,40 @@ async fn creates_racing_a_namespace_deletion_leave_nothing_behind_in_it() {
     .await;
     assert!(api.list("v1", "ConfigMap", Some("racing")).is_empty());
 }
+
+#[tokio::test]
+async fn concurrent_deletes_remove_once_and_mark_a_finalized_object_once() {
+    let (api, client) = start().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client);
+    let mut held = cm("held", &[("a", "1")]);
+    held.metadata.finalizers = Some(vec!["test.slipstream.io/hold".into()]);
+    cms.create(&PostParams::default(), &held).await.unwrap();
+    cms.create(&PostParams::default(), &cm("plain", &[("a", "1")]))
+        .await
+        .unwrap();
+    let writes = api.counters().storage_writes;
+
+    let deletes = |name: &'static str| {
+        join_all((0..WRITERS).map(|_| {
+            let cms = cms.clone();
+            async move { cms.delete(name, &Default::default()).await }
+        }))
+    };
+    let (plain, marked) = tokio::join!(deletes("plain"), deletes("held"));
+    let mut removed = 0;
+    for r in plain {
+        match r {
+            Ok(_) => removed += 1,
+            Err(e) => assert_eq!(api_err::<()>(Err(e)).code, 404),
+        }
+    }
+    assert_eq!(removed, 1);
+    // Marking is idempotent: every DELETE answers, one of them wrote.
+    for r in marked {
+        r.unwrap();
+    }
+    assert_eq!(api.counters().storage_writes - writes, 2);
+    assert!(cms.get_opt("plain").await.unwrap().is_none());
+    let h = cms.get("held").await.unwrap();
+    assert!(h.metadata.deletion_timestamp.is_some());
+}
