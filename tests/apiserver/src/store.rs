@@ -2,6 +2,9 @@
 //! resourceVersion counter, uid/creationTimestamp/generation, optimistic
 //! concurrency, status subresource, managed fields, finalizers, deletion and
 //! garbage collection. HTTP handlers and the direct test API both call these.
+//!
+//! A request's write is computed outside the store lock from a [`View`] and
+//! committed by [`write()`] only if the store still holds what it read.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
@@ -973,7 +976,7 @@ impl State {
 /// What a write read from the store, taken under the store lock and used
 /// outside it. A write is computed from a view and committed only if the
 /// store still holds what the view saw (optimistic concurrency, like
-/// kube-apiserver's `GuaranteedUpdate` against etcd); see [`write`].
+/// kube-apiserver's `GuaranteedUpdate` against etcd); see [`write()`].
 #[derive(Debug, Clone)]
 pub struct View {
     pub registry: Arc<Registry>,
