@@ -476,7 +476,8 @@ async fn serve_batch(
 }
 
 /// Resume for requesters with a cursor still retained (the others get
-/// `CursorExpired`): one scan per distinct cursor, see [`delta_runs`].
+/// `CursorExpired`): by direct reads when a binding has few records to read
+/// ([`resume_direct`]), else one scan per distinct cursor, see [`delta_runs`].
 async fn resume(
     bucket: &str,
     store: &Arc<dyn KvStore>,
@@ -513,6 +514,7 @@ async fn resume(
         }
         !expired
     });
+    let mut requesters = resume_direct(bucket, store, metrics, requesters, last).await;
     let at = |r: &Requester| r.from.version().and_then(|v| v.as_u64()).unwrap_or(0);
     requesters.sort_by_key(at);
     let cursors: Vec<u64> = requesters.iter().map(at).collect();
@@ -529,6 +531,94 @@ async fn resume(
         );
         scan(bucket, store, metrics, run).await;
     }
+}
+
+/// Most records one binding's resume reads one by one; a binding with more
+/// to read joins a resume scan instead.
+const DIRECT_RESUME_READS: usize = 64;
+
+/// Bindings whose records are read one by one at the same time.
+const DIRECT_RESUME_CONCURRENCY: usize = 32;
+
+/// Serves each requester's delta up to revision `last` by reading its
+/// records one by one (a direct get per record, no consumer), answering it
+/// with `Catchup` chunks and `CaughtUp`. A restart of thousands of bindings,
+/// most with nothing or a few changes each, then costs a request per change
+/// instead of one scan per distinct cursor. Returns the requesters it could
+/// not serve this way (too many records, a failed read, no direct gets):
+/// they go to the resume scans.
+async fn resume_direct(
+    bucket: &str,
+    store: &Arc<dyn KvStore>,
+    metrics: &Metrics,
+    requesters: Vec<Requester>,
+    last: u64,
+) -> Vec<Requester> {
+    if requesters.is_empty() || last == 0 {
+        return requesters;
+    }
+    let upto = VersionToken::from_u64(last);
+    let read: Vec<(Requester, Option<Vec<KvUpdate>>)> = futures::stream::iter(requesters)
+        .map(|r| {
+            let store = store.clone();
+            async move {
+                let updates = match r.from.version() {
+                    Some(after) => store
+                        .changes_between(&r.prefixes, after, upto, DIRECT_RESUME_READS)
+                        .await
+                        .unwrap_or_else(|e| {
+                            debug!(reason = e.reason(), error = %e, "direct resume read failed; scanning instead");
+                            None
+                        }),
+                    None => None,
+                };
+                (r, updates)
+            }
+        })
+        .buffer_unordered(DIRECT_RESUME_CONCURRENCY)
+        .collect()
+        .await;
+    // retention may have moved while reading: what it dropped was not read
+    let first_now = match store.info().await {
+        Ok(info) => info.first_revision.and_then(|v| v.as_u64()),
+        Err(_) => return read.into_iter().map(|(r, _)| r).collect(),
+    };
+    let mut rest = Vec::new();
+    let mut delivered = 0u64;
+    for (mut r, updates) in read {
+        let Some(updates) = updates else {
+            rest.push(r);
+            continue;
+        };
+        let from = r.from.version().and_then(|v| v.as_u64()).unwrap_or(0);
+        if let Some(first) = first_now
+            && from.saturating_add(1) < first
+        {
+            r.fail(KvError::CursorExpired {
+                cursor: VersionToken::from_u64(from),
+                first_retained: VersionToken::from_u64(first),
+            });
+            continue;
+        }
+        delivered += updates.len() as u64;
+        for update in updates {
+            r.push(update);
+        }
+        r.send_pending();
+        let ticket = r.ticket;
+        r.send(HubEvent::CaughtUp {
+            ticket,
+            cursor: WatchCursor::after(upto),
+        });
+    }
+    metrics.delivered(bucket, "catchup", delivered);
+    debug!(
+        bucket,
+        delivered,
+        scanned = rest.len(),
+        "catch-up resume by direct reads"
+    );
+    rest
 }
 
 /// Most resume scans one batch is split into (run one after another).

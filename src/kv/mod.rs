@@ -349,6 +349,23 @@ pub trait KvReader: Send + Sync {
     fn incarnation(&self) -> Option<u64> {
         None
     }
+    /// The records of keys under `prefixes` with a revision in
+    /// `(after, upto]`, in revision order (tombstones included), read
+    /// record by record without a server-side consumer: cheap when there are
+    /// a few. `None` when more than `max_reads` records would have to be read
+    /// or the backend cannot read this way; a watch from `after` then does
+    /// it. Does not check retention: the caller compares `after` with
+    /// [`BucketInfo::first_revision`] before and after.
+    async fn changes_between(
+        &self,
+        prefixes: &[String],
+        after: VersionToken,
+        upto: VersionToken,
+        max_reads: usize,
+    ) -> Result<Option<Vec<KvUpdate>>> {
+        let _ = (prefixes, after, upto, max_reads);
+        Ok(None)
+    }
 }
 
 /// Watches. Prefixes are plain string prefixes of keys ("" matches all).

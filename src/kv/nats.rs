@@ -36,7 +36,7 @@ use tokio::sync::watch;
 use super::{
     BucketInfo, KvEntry, KvError, KvPurge, KvReader, KvTtl, KvUpdate, KvWatcher, KvWriter, Result,
     VersionToken, WatchCursor, WatchStream,
-    filter::{validate_key, validate_prefix},
+    filter::{self, validate_key, validate_prefix},
     nats_watch,
 };
 
@@ -753,6 +753,83 @@ impl KvReader for NatsBucket {
 
     fn incarnation(&self) -> Option<u64> {
         self.inner.incarnation
+    }
+
+    async fn changes_between(
+        &self,
+        prefixes: &[String],
+        after: VersionToken,
+        upto: VersionToken,
+        max_reads: usize,
+    ) -> Result<Option<Vec<KvUpdate>>> {
+        let (Some(after), Some(upto)) = (after.as_u64(), upto.as_u64()) else {
+            return Ok(None);
+        };
+        if !self.inner.allow_direct || prefixes.is_empty() {
+            return Ok(None);
+        }
+        for p in prefixes {
+            validate_prefix(p)?;
+        }
+        let prefixes = filter::normalize_prefixes(prefixes);
+        let subject_prefix = &self.inner.subject_prefix;
+        let t = self.inner.timeout;
+        let mut out = Vec::new();
+        let mut reads = 0usize;
+        // the filters do not overlap: each record is read once
+        for subject in filter::subject_filters(subject_prefix, &prefixes) {
+            let mut next = after.saturating_add(1);
+            while next <= upto {
+                if reads == max_reads {
+                    return Ok(None);
+                }
+                reads += 1;
+                let got = timed(
+                    t,
+                    self.inner
+                        .stream
+                        .direct_get_next_for_subject(subject.as_str(), Some(next)),
+                )
+                .await?;
+                let message = match got {
+                    Ok(m) => m,
+                    Err(e) => match e.kind() {
+                        DirectGetErrorKind::NotFound => break,
+                        DirectGetErrorKind::TimedOut => return Err(KvError::Timeout(t)),
+                        _ => {
+                            return Err(KvError::OperationFailed(format!(
+                                "direct get after {next} on {subject}: {e}"
+                            )));
+                        }
+                    },
+                };
+                if message.sequence > upto {
+                    break;
+                }
+                next = message.sequence + 1;
+                self.inner.stats.messages.fetch_add(1, Ordering::Relaxed);
+                let Some(key) = message
+                    .subject
+                    .as_str()
+                    .strip_prefix(subject_prefix.as_str())
+                else {
+                    continue;
+                };
+                if !filter::matches_any(key, &prefixes) {
+                    continue;
+                }
+                let op = operation_from_headers(Some(&message.headers));
+                out.push(to_update(
+                    key.to_owned(),
+                    op,
+                    message.payload,
+                    message.sequence,
+                    None,
+                ));
+            }
+        }
+        out.sort_by_key(KvUpdate::version);
+        Ok(Some(out))
     }
 }
 

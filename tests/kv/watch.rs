@@ -382,3 +382,50 @@ async fn watch_deliveries_carry_when_nats_stored_them_not_when_they_arrived() {
         "equality ignores the stamp"
     );
 }
+
+#[tokio::test]
+async fn changes_between_reads_the_delta_of_some_prefixes_in_order_without_a_consumer() {
+    let server = NatsServer::start();
+    let kv = bucket(&server, "app").await;
+    kv.put("web.a", b("1")).await.unwrap();
+    kv.put("api.x", b("1")).await.unwrap();
+    let after = kv.put("web.b", b("1")).await.unwrap();
+    let v1 = kv.put("api.y", b("2")).await.unwrap();
+    kv.put("db.z", b("other prefix")).await.unwrap();
+    let v2 = kv.delete("web.a").await.unwrap();
+    let v3 = kv.put("web.b", b("2")).await.unwrap();
+    let upto = kv.put("api.x", b("3")).await.unwrap();
+    // after the bound: left for the live watch
+    kv.put("web.c", b("late")).await.unwrap();
+    let before = kv.watch_stats().consumers_created;
+
+    let got = kv
+        .changes_between(&prefixes(&["web.", "api.y"]), after, upto, 64)
+        .await
+        .unwrap()
+        .expect("few records: read directly");
+    let seen: Vec<(String, VersionToken, bool)> = got
+        .iter()
+        .map(|u| (u.key().to_owned(), u.version(), u.is_removal()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("api.y".to_owned(), v1, false),
+            ("web.a".to_owned(), v2, true),
+            ("web.b".to_owned(), v3, false),
+        ],
+        "only the prefixes' records in (after, upto], in revision order, tombstones included"
+    );
+    assert_eq!(kv.watch_stats().consumers_created, before, "no consumer");
+
+    // nothing changed after the bound: an empty delta, not a fallback
+    let none = kv
+        .changes_between(&prefixes(&["web."]), upto, upto, 64)
+        .await;
+    assert_eq!(none.unwrap(), Some(Vec::new()));
+    // more records than allowed: the caller watches instead
+    let all = prefixes(&[""]);
+    let many = kv.changes_between(&all, VersionToken::from_u64(0), upto, 3);
+    assert_eq!(many.await.unwrap(), None);
+}

@@ -170,7 +170,9 @@ async fn restart_of_one_hundred_bindings_with_spread_cursors_delivers_only_the_c
     let op = env.operator();
     wait_all(&env, &truth).await;
     let during = peak.take();
-    assert!(during <= 3, "restart consumers peak {during}");
+    // each binding has a few changes: read record by record, so nothing but
+    // the bucket's live watch holds a consumer
+    assert!(during <= 1, "restart consumers peak {during}");
     assert_eq!(
         op.metrics.delivered_count("app", "catchup"),
         changes,
