@@ -34,7 +34,7 @@ pub struct RunArgs {
     #[arg(long, env = "SLIPSTREAM_STATUS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub status_interval: Duration,
     /// Most ConfigMap reads and writes (each with its status write) in
-    /// flight at once. While writes hold three quarters of them, status
+    /// flight at once. While writes hold a quarter of them, status
     /// writes that only move the cursor wait (at most six status intervals).
     #[arg(long, env = "SLIPSTREAM_API_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub api_concurrency: u16,

@@ -1079,10 +1079,13 @@ impl Worker {
         self.status_dirty_since.get_or_insert_with(Instant::now);
     }
 
-    /// The API has little room left: most permits are held by writes.
+    /// ConfigMap writes hold a quarter or more of the API permits: the API
+    /// is working for the data, and a cursor-only status write would only
+    /// add to its queue.
     fn api_busy(&self) -> bool {
-        let floor = (self.ctx.config.api_concurrency / 4).max(1);
-        self.ctx.api_permits.available_permits() < floor
+        let total = self.ctx.config.api_concurrency.max(1);
+        let in_use = total.saturating_sub(self.ctx.api_permits.available_permits());
+        in_use * 4 >= total
     }
 
     /// A status write that only restates the cursor, counts or sync time:
