@@ -163,10 +163,8 @@ pub struct Worker {
     skipped: Vec<String>,
     /// The status we want in the API (written, or waiting for `status_due`).
     status: ConfigBindingStatus,
-    /// `status` holds changes not written yet.
-    status_dirty: bool,
-    /// Since when `status` holds unwritten changes (bounds how long a busy
-    /// API may defer them).
+    /// Since when `status` holds changes not written yet (`None`: all
+    /// written); bounds how long a busy API may defer them.
     status_dirty_since: Option<Instant>,
     /// When status was last written: cursor-only changes wait until
     /// `config.status_interval` has passed since.
@@ -279,7 +277,6 @@ impl Worker {
             health: Health::from_status(&status),
             lingering: false,
             skipped: status.skipped_keys.clone(),
-            status_dirty: false,
             status_dirty_since: None,
             status_written_at: None,
             status_due: None,
@@ -1058,7 +1055,7 @@ impl Worker {
             self.status = status;
             self.mark_status_dirty();
         }
-        if !self.status_dirty {
+        if self.status_dirty_since.is_none() {
             return;
         }
         if urgent {
@@ -1075,7 +1072,6 @@ impl Worker {
     }
 
     fn mark_status_dirty(&mut self) {
-        self.status_dirty = true;
         self.status_dirty_since.get_or_insert_with(Instant::now);
     }
 
@@ -1094,10 +1090,8 @@ impl Worker {
     /// never longer than [`MAX_STATUS_DEFER`] intervals.
     async fn write_trailing_status(&mut self) {
         let limit = self.ctx.config.status_interval * MAX_STATUS_DEFER;
-        let overdue = self
-            .status_dirty_since
-            .is_some_and(|since| since.elapsed() >= limit);
-        if self.status_dirty && !overdue && self.api_busy() {
+        let waiting = self.status_dirty_since.map(|since| since.elapsed());
+        if waiting.is_some_and(|w| w < limit) && self.api_busy() {
             self.ctx.metrics.deferred_status_writes.inc();
             self.status_due = Some(Instant::now() + STATUS_BUSY_RETRY);
             return;
@@ -1109,7 +1103,7 @@ impl Worker {
     /// Writes `status` if it holds unwritten changes (and this replica may
     /// write); `announce` also publishes the Ready condition as an Event.
     async fn write_pending_status(&mut self, announce: bool) {
-        if !self.status_dirty || !self.may_write() {
+        if self.status_dirty_since.is_none() || !self.may_write() {
             // a standby writes nothing; taking over flushes, which rewrites
             self.status_due = None;
             return;
@@ -1117,7 +1111,6 @@ impl Worker {
         self.status_due = None;
         match write_status(&self.ctx.client, &self.binding, &self.status).await {
             Ok(()) => {
-                self.status_dirty = false;
                 self.status_dirty_since = None;
                 self.status_written_at = Some(Instant::now());
                 self.status_written_generation = self.status.observed_generation;
