@@ -580,7 +580,7 @@ async fn resume_direct(
         .await;
     // retention may have moved while reading: what it dropped was not read
     let first_now = match store.info().await {
-        Ok(info) => info.first_revision.and_then(|v| v.as_u64()),
+        Ok(info) => info.first_revision,
         Err(_) => return read.into_iter().map(|(r, _)| r).collect(),
     };
     let mut rest = Vec::new();
@@ -590,13 +590,12 @@ async fn resume_direct(
             rest.push(r);
             continue;
         };
-        let from = r.from.version().and_then(|v| v.as_u64()).unwrap_or(0);
-        if let Some(first) = first_now
-            && from.saturating_add(1) < first
+        if let (Some(cursor), Some(first)) = (r.from.version(), first_now)
+            && !covers_before(cursor, first)
         {
             r.fail(KvError::CursorExpired {
-                cursor: VersionToken::from_u64(from),
-                first_retained: VersionToken::from_u64(first),
+                cursor,
+                first_retained: first,
             });
             continue;
         }
