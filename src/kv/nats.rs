@@ -26,7 +26,10 @@ use async_nats::{
         self, ErrorCode,
         context::{GetStreamErrorKind, PublishError, PublishErrorKind},
         kv as nats_kv,
-        stream::{DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, StorageType},
+        message::StreamMessage,
+        stream::{
+            DirectGetError, DirectGetErrorKind, DiscardPolicy, LastRawMessageErrorKind, StorageType,
+        },
     },
 };
 use async_trait::async_trait;
@@ -692,15 +695,10 @@ impl KvReader for NatsBucket {
         let stream = &self.inner.stream;
         let t = self.inner.timeout;
         let message = if self.inner.allow_direct {
-            match timed(t, stream.direct_get_last_for_subject(subject)).await? {
-                Ok(m) => m,
-                Err(e) => {
-                    return match e.kind() {
-                        DirectGetErrorKind::NotFound => Ok(None),
-                        DirectGetErrorKind::TimedOut => Err(KvError::Timeout(t)),
-                        _ => Err(KvError::OperationFailed(format!("get {key:?}: {e}"))),
-                    };
-                }
+            let got = timed(t, stream.direct_get_last_for_subject(subject)).await?;
+            match direct_answer(got, t, || format!("get {key:?}"))? {
+                Some(m) => m,
+                None => return Ok(None),
             }
         } else {
             match timed(t, stream.get_last_raw_message_by_subject(&subject)).await? {
@@ -713,14 +711,7 @@ impl KvReader for NatsBucket {
                 }
             }
         };
-        let op = operation_from_headers(Some(&message.headers));
-        Ok(Some(to_update(
-            key.to_owned(),
-            op,
-            message.payload,
-            message.sequence,
-            None,
-        )))
+        Ok(Some(record_update(key.to_owned(), message)))
     }
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
@@ -791,17 +782,9 @@ impl KvReader for NatsBucket {
                         .direct_get_next_for_subject(subject.as_str(), Some(next)),
                 )
                 .await?;
-                let message = match got {
-                    Ok(m) => m,
-                    Err(e) => match e.kind() {
-                        DirectGetErrorKind::NotFound => break,
-                        DirectGetErrorKind::TimedOut => return Err(KvError::Timeout(t)),
-                        _ => {
-                            return Err(KvError::OperationFailed(format!(
-                                "direct get after {next} on {subject}: {e}"
-                            )));
-                        }
-                    },
+                let what = || format!("direct get after {next} on {subject}");
+                let Some(message) = direct_answer(got, t, what)? else {
+                    break;
                 };
                 if message.sequence > upto {
                     break;
@@ -818,19 +801,34 @@ impl KvReader for NatsBucket {
                 if !filter::matches_any(key, &prefixes) {
                     continue;
                 }
-                let op = operation_from_headers(Some(&message.headers));
-                out.push(to_update(
-                    key.to_owned(),
-                    op,
-                    message.payload,
-                    message.sequence,
-                    None,
-                ));
+                out.push(record_update(key.to_owned(), message));
             }
         }
         out.sort_by_key(KvUpdate::version);
         Ok(Some(out))
     }
+}
+
+/// A direct get's record; `None` when no record matches.
+fn direct_answer(
+    got: std::result::Result<StreamMessage, DirectGetError>,
+    timeout: Duration,
+    what: impl FnOnce() -> String,
+) -> Result<Option<StreamMessage>> {
+    match got {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => match e.kind() {
+            DirectGetErrorKind::NotFound => Ok(None),
+            DirectGetErrorKind::TimedOut => Err(KvError::Timeout(timeout)),
+            _ => Err(KvError::OperationFailed(format!("{}: {e}", what()))),
+        },
+    }
+}
+
+/// The update a stored record of `key` stands for.
+fn record_update(key: String, message: StreamMessage) -> KvUpdate {
+    let op = operation_from_headers(Some(&message.headers));
+    to_update(key, op, message.payload, message.sequence, None)
 }
 
 /// Live entries of a snapshot, in key order.
