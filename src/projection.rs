@@ -125,7 +125,7 @@ pub struct ProjectionRules {
 /// The content of a ConfigMap for one binding, borrowed from the KV entries
 /// it was projected from: a write serialises it without copying the values
 /// (and the keys, unless escaping changed them).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Projected<'a> {
     pub data: BTreeMap<Cow<'a, str>, &'a str>,
     pub binary_data: BTreeMap<Cow<'a, str>, &'a [u8]>,
@@ -139,33 +139,7 @@ pub struct Projected<'a> {
     pub sources: Option<String>,
     /// The bucket incarnation the content was read from, put on record.
     pub incarnation: Option<u64>,
-    /// The content digest, computed on first use (the no-op check and the
-    /// write both need it); see `sink::configmap::projected_digest`. Set
-    /// `data` and `binary_data` before.
-    pub(crate) digest: std::sync::OnceLock<String>,
 }
-
-/// Equal content and records; the cached digest is not compared.
-impl PartialEq for Projected<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        self.same_content(other)
-            && (
-                &self.skipped,
-                self.bytes,
-                self.keys,
-                &self.sources,
-                self.incarnation,
-            ) == (
-                &other.skipped,
-                other.bytes,
-                other.keys,
-                &other.sources,
-                other.incarnation,
-            )
-    }
-}
-
-impl Eq for Projected<'_> {}
 
 impl Projected<'_> {
     /// True when both hold the same ConfigMap content (skips are not content).

@@ -116,23 +116,18 @@ pub fn content_digest<'a>(
     format!("{h:016x}")
 }
 
-/// [`content_digest`] of projected content, computed once per projection.
-pub fn projected_digest<'c>(content: &'c Projected<'_>) -> &'c str {
-    content.digest.get_or_init(|| {
-        content_digest(
-            content.data.iter().map(|(k, v)| (k.as_ref(), v.as_bytes())),
-            content.binary_data.iter().map(|(k, v)| (k.as_ref(), *v)),
-        )
-    })
+/// [`content_digest`] of projected content.
+pub fn projected_digest(content: &Projected<'_>) -> String {
+    content_digest(
+        content.data.iter().map(|(k, v)| (k.as_ref(), v.as_bytes())),
+        content.binary_data.iter().map(|(k, v)| (k.as_ref(), *v)),
+    )
 }
 
 /// Records what a write carries besides the content: its digest and, when
 /// the target needs it, the key sources.
 fn stamp(annotations: &mut BTreeMap<String, String>, content: &Projected<'_>) {
-    annotations.insert(
-        DIGEST_ANNOTATION.into(),
-        projected_digest(content).to_owned(),
-    );
+    annotations.insert(DIGEST_ANNOTATION.into(), projected_digest(content));
     match &content.sources {
         Some(sources) => annotations.insert(SOURCES_ANNOTATION.into(), sources.clone()),
         None => annotations.remove(SOURCES_ANNOTATION),
@@ -404,7 +399,7 @@ impl Observed {
         self.sources == content.sources
             && self.incarnation == content.incarnation
             && self.skipped == content.skipped.len()
-            && self.digest.as_deref() == Some(projected_digest(content))
+            && self.digest.as_deref() == Some(projected_digest(content).as_str())
     }
 
     /// The ConfigMap has keys that `content` does not (hand-added keys,
