@@ -148,10 +148,15 @@ async fn the_background_loop_keeps_the_lease_and_releases_it_on_stop() {
 }
 
 /// One contender: acquires, holds for a while renewing, then releases or
-/// "crashes" (goes silent and comes back as a fresh process). Returns terms.
-async fn contend(slot: Arc<Mutex<Arc<Lease>>>, make: impl Fn() -> Lease, until: Instant) -> u64 {
-    let mut terms = 0;
-    while Instant::now() < until {
+/// "crashes" (goes silent and comes back as a fresh process). Counts each
+/// term it starts in `terms`, which contenders may share.
+async fn contend(
+    slot: Arc<Mutex<Arc<Lease>>>,
+    make: impl Fn() -> Lease,
+    terms: Arc<AtomicU64>,
+    done: impl Fn() -> bool,
+) {
+    while !done() {
         let lease = slot.lock().unwrap().clone();
         match lease.try_acquire().await {
             Ok(true) => {}
@@ -160,7 +165,7 @@ async fn contend(slot: Arc<Mutex<Arc<Lease>>>, make: impl Fn() -> Lease, until: 
                 continue;
             }
         }
-        terms += 1;
+        terms.fetch_add(1, Ordering::Relaxed);
         let (hold, crash) = {
             let mut rng = rand::rng();
             (
@@ -184,13 +189,15 @@ async fn contend(slot: Arc<Mutex<Arc<Lease>>>, make: impl Fn() -> Lease, until: 
     }
     let lease = slot.lock().unwrap().clone();
     let _ = lease.release().await;
-    terms
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_contenders_in_one_process_never_hold_the_lease_at_once() {
     let server = NatsServer::start();
-    let until = Instant::now() + Duration::from_secs(6);
+    // Run until the lease has changed hands enough times (a loaded machine
+    // only takes longer), with a cap that fails the count below.
+    let terms = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(60);
     let mut slots = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..8 {
@@ -200,7 +207,11 @@ async fn eight_contenders_in_one_process_never_hold_the_lease_at_once() {
         let make = move || Lease::new(s.clone(), "leader", id.clone(), fast()).unwrap();
         let slot = Arc::new(Mutex::new(Arc::new(make())));
         slots.push(slot.clone());
-        tasks.push(tokio::spawn(contend(slot, make, until)));
+        let done = {
+            let terms = terms.clone();
+            move || terms.load(Ordering::Relaxed) >= TERMS as u64 || Instant::now() >= until
+        };
+        tasks.push(tokio::spawn(contend(slot, make, terms.clone(), done)));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let max_holders = Arc::new(AtomicU64::new(0));
@@ -214,9 +225,8 @@ async fn eight_contenders_in_one_process_never_hold_the_lease_at_once() {
             }
         })
     };
-    let mut terms = 0;
     for t in tasks {
-        terms += t.await.unwrap();
+        t.await.unwrap();
     }
     stop.store(true, Ordering::Relaxed);
     sampler.await.unwrap();
@@ -225,12 +235,22 @@ async fn eight_contenders_in_one_process_never_hold_the_lease_at_once() {
         1,
         "never two holders, and one at times"
     );
-    assert!(terms >= 6, "the lease changed hands only {terms} times");
+    let terms = terms.load(Ordering::Relaxed);
+    assert!(
+        terms >= TERMS as u64,
+        "the lease changed hands only {terms} times"
+    );
 }
 
 const CHILD_URL: &str = "SLIPSTREAM_LEASE_CHILD_URL";
 const CHILD_OUT: &str = "SLIPSTREAM_LEASE_CHILD_OUT";
 const CHILD_ID: &str = "SLIPSTREAM_LEASE_CHILD_ID";
+const CHILD_STOP: &str = "SLIPSTREAM_LEASE_CHILD_STOP";
+
+/// Terms the contention tests wait for, whatever the machine's load.
+const TERMS: usize = 8;
+/// A child gives up on its own past this, should the parent be gone.
+const CHILD_CAP: Duration = Duration::from_secs(120);
 
 fn wall_micros() -> u64 {
     SystemTime::now()
@@ -239,13 +259,39 @@ fn wall_micros() -> u64 {
         .as_micros() as u64
 }
 
+/// Appends one held interval as `id start end` and flushes it, so the
+/// parent can count terms while the children still run.
+fn record_interval(out: &std::path::Path, id: &str, (start, end): (u64, u64)) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .unwrap();
+    writeln!(file, "{id} {start} {end}").unwrap();
+}
+
+fn read_intervals(out: &std::path::Path) -> Vec<(String, u64, u64)> {
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            let mut parts = line.split(' ');
+            let id = parts.next().unwrap().to_owned();
+            let s: u64 = parts.next().unwrap().parse().unwrap();
+            let e: u64 = parts.next().unwrap().parse().unwrap();
+            (id, s, e)
+        })
+        .collect()
+}
+
 /// Child-process entry of the multi-process test; a no-op unless spawned by it.
 #[tokio::test]
 async fn lease_contender_child_process() {
-    let (Ok(url), Ok(out), Ok(id)) = (
+    let (Ok(url), Ok(out), Ok(id), Ok(stop_file)) = (
         std::env::var(CHILD_URL),
         std::env::var(CHILD_OUT),
         std::env::var(CHILD_ID),
+        std::env::var(CHILD_STOP),
     ) else {
         return;
     };
@@ -266,12 +312,12 @@ async fn lease_contender_child_process() {
         move || Lease::new(s.clone(), "leader", id.clone(), fast()).unwrap()
     };
     let slot = Arc::new(Mutex::new(Arc::new(make())));
+    let out = std::path::PathBuf::from(out);
     let stop = Arc::new(AtomicBool::new(false));
     // Held intervals as seen by `is_held()`, the check before each write.
     let sampler = {
-        let (slot, stop) = (slot.clone(), stop.clone());
+        let (slot, stop, out, id) = (slot.clone(), stop.clone(), out.clone(), id.clone());
         tokio::spawn(async move {
-            let mut intervals = Vec::new();
             let mut open: Option<(u64, u64)> = None;
             while !stop.load(Ordering::Relaxed) {
                 let held = slot.lock().unwrap().is_held();
@@ -280,26 +326,26 @@ async fn lease_contender_child_process() {
                     (None, true) => Some((now, now)),
                     (Some((s, _)), true) => Some((s, now)),
                     (Some(iv), false) => {
-                        intervals.push(iv);
+                        record_interval(&out, &id, iv);
                         None
                     }
                     (None, false) => None,
                 };
                 tokio::time::sleep(Duration::from_micros(500)).await;
             }
-            intervals.extend(open);
-            intervals
+            if let Some(iv) = open {
+                record_interval(&out, &id, iv);
+            }
         })
     };
-    let until = Instant::now() + Duration::from_secs(6);
-    contend(slot, make, until).await;
+    let started = Instant::now();
+    let stop_file = std::path::PathBuf::from(stop_file);
+    contend(slot, make, Arc::new(AtomicU64::new(0)), move || {
+        stop_file.exists() || started.elapsed() > CHILD_CAP
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
-    let intervals = sampler.await.unwrap();
-    let text: String = intervals
-        .iter()
-        .map(|(s, e)| format!("{id} {s} {e}\n"))
-        .collect();
-    std::fs::write(out, text).unwrap();
+    sampler.await.unwrap();
 }
 
 #[tokio::test]
@@ -308,6 +354,7 @@ async fn eight_contender_processes_never_hold_the_lease_at_once() {
     // The bucket exists before the children race to open it.
     bucket(&server, "leases").await;
     let dir = tempfile::tempdir().unwrap();
+    let stop_file = dir.path().join("stop");
     let exe = std::env::current_exe().unwrap();
     let mut children = Vec::new();
     for i in 0..8 {
@@ -321,11 +368,21 @@ async fn eight_contender_processes_never_hold_the_lease_at_once() {
             .env(CHILD_URL, server.url())
             .env(CHILD_OUT, &out)
             .env(CHILD_ID, format!("p{i}"))
+            .env(CHILD_STOP, &stop_file)
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
         children.push((child, out));
     }
+    // Run until enough terms have ended rather than for a fixed time: a
+    // loaded CI machine hands the lease over more slowly, not wrongly.
+    let outs: Vec<_> = children.iter().map(|(_, out)| out.clone()).collect();
+    let ended = || outs.iter().map(|o| read_intervals(o).len()).sum::<usize>();
+    let deadline = Instant::now() + CHILD_CAP - Duration::from_secs(10);
+    while ended() < TERMS && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(&stop_file, b"").unwrap();
     let mut intervals: Vec<(String, u64, u64)> = Vec::new();
     for (mut child, out) in children {
         let status = tokio::task::spawn_blocking(move || child.wait())
@@ -333,13 +390,7 @@ async fn eight_contender_processes_never_hold_the_lease_at_once() {
             .unwrap()
             .unwrap();
         assert!(status.success(), "a contender process failed: {status}");
-        for line in std::fs::read_to_string(&out).unwrap().lines() {
-            let mut parts = line.split(' ');
-            let id = parts.next().unwrap().to_owned();
-            let s: u64 = parts.next().unwrap().parse().unwrap();
-            let e: u64 = parts.next().unwrap().parse().unwrap();
-            intervals.push((id, s, e));
-        }
+        intervals.extend(read_intervals(&out));
     }
     intervals.sort_by_key(|(_, s, _)| *s);
     for pair in intervals.windows(2) {
@@ -351,7 +402,7 @@ async fn eight_contender_processes_never_hold_the_lease_at_once() {
     }
     let holders: std::collections::BTreeSet<&str> =
         intervals.iter().map(|(id, _, _)| id.as_str()).collect();
-    assert!(intervals.len() >= 6, "only {} terms", intervals.len());
+    assert!(intervals.len() >= TERMS, "only {} terms", intervals.len());
     assert!(holders.len() >= 2, "only {holders:?} ever held the lease");
 }
 
