@@ -106,6 +106,15 @@ pub fn normalize_prefixes(prefixes: &[String]) -> Vec<String> {
     kept
 }
 
+/// Each prefix validated, then [`normalize_prefixes`]: what a read or watch
+/// over several prefixes works with.
+pub fn checked_prefixes(prefixes: &[String]) -> Result<Vec<String>> {
+    for p in prefixes {
+        validate_prefix(p)?;
+    }
+    Ok(normalize_prefixes(prefixes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

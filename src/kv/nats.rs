@@ -759,10 +759,7 @@ impl KvReader for NatsBucket {
         if !self.inner.allow_direct || prefixes.is_empty() {
             return Ok(None);
         }
-        for p in prefixes {
-            validate_prefix(p)?;
-        }
-        let prefixes = filter::normalize_prefixes(prefixes);
+        let prefixes = filter::checked_prefixes(prefixes)?;
         let subject_prefix = &self.inner.subject_prefix;
         let t = self.inner.timeout;
         let mut out = Vec::new();

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use super::{
     KvError, KvUpdate, Result, VersionToken, WatchCursor, WatchEvent, WatchStream,
-    filter::{matches_any, normalize_prefixes, subject_filters, validate_prefix},
+    filter::{checked_prefixes, matches_any, subject_filters},
     nats::{BucketInner, ConnectionState, operation_from_headers, timed, to_update},
 };
 
@@ -177,10 +177,7 @@ impl Watcher {
                 "a watch needs at least one prefix (\"\" = all keys)".to_owned(),
             ));
         }
-        for p in prefixes {
-            validate_prefix(p)?;
-        }
-        let prefixes = normalize_prefixes(prefixes);
+        let prefixes = checked_prefixes(prefixes)?;
         let filters = subject_filters(&inner.subject_prefix, &prefixes);
         let position = match cursor.version() {
             None => 0,
