@@ -48,7 +48,7 @@ fn deployment(docs: &[Value]) -> Deployment {
 }
 
 fn operator_container(d: &Deployment) -> Container {
-    let spec = d.spec.template.spec.as_ref().unwrap();
+    let spec = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(spec.containers.len(), 1);
     spec.containers[0].clone()
 }
@@ -83,7 +83,7 @@ fn env_value(c: &Container, name: &str) -> Option<String> {
 
 /// mountPath -> secret name, for every Secret volume mounted into the container.
 fn secret_mounts(d: &Deployment) -> Vec<(String, String)> {
-    let spec = d.spec.template.spec.as_ref().unwrap();
+    let spec = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     let volumes = spec.volumes.clone().unwrap_or_default();
     operator_container(d)
         .volume_mounts
@@ -223,7 +223,7 @@ fn rbac_grants_exactly_the_operator_verbs_and_no_wildcard() {
 fn every_container_runs_non_root_read_only_without_capabilities() {
     for sets in [&[][..], EVERYTHING_ON] {
         let d = deployment(&render_ok(sets));
-        let pod = d.spec.template.spec.clone().unwrap();
+        let pod = d.spec.as_ref().unwrap().template.spec.clone().unwrap();
         let psc = pod.security_context.clone().expect("pod securityContext");
         assert_eq!(psc.run_as_non_root, Some(true));
         assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
@@ -294,7 +294,7 @@ fn probes_point_at_healthz_and_readyz_on_the_metrics_port() {
 fn default_install_runs_two_replicas_with_leader_election_and_pod_name_identity() {
     let docs = render_ok(&[]);
     let d = deployment(&docs);
-    assert_eq!(d.spec.replicas, Some(2));
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(2));
     let c = operator_container(&d);
     assert_eq!(c.args, Some(vec!["run".to_owned()]));
     assert_eq!(env_value(&c, "POD_NAME").unwrap(), "field:metadata.name");
@@ -320,7 +320,7 @@ fn default_install_runs_two_replicas_with_leader_election_and_pod_name_identity(
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     assert_eq!(
         pdb["spec"]["selector"]["matchLabels"],
-        serde_json::to_value(&d.spec.selector.match_labels).unwrap()
+        serde_json::to_value(&d.spec.as_ref().unwrap().selector.match_labels).unwrap()
     );
 
     let single = deployment(&render_ok(&[
@@ -496,7 +496,7 @@ fn access_policy_is_rendered_into_a_mounted_configmap() {
         env_value(&c, "SLIPSTREAM_POLICY_FILE").unwrap(),
         "/etc/slipstream/policy/policy.yaml"
     );
-    let pod = d.spec.template;
+    let pod = d.spec.unwrap().template;
     let vol = pod
         .spec
         .unwrap()
@@ -530,7 +530,7 @@ fn access_policy_is_rendered_into_a_mounted_configmap() {
 fn metrics_service_and_service_monitor_select_the_operator_pods() {
     let docs = render_ok(EVERYTHING_ON);
     let d = deployment(&docs);
-    let labels = serde_json::to_value(d.spec.selector.match_labels.unwrap()).unwrap();
+    let labels = serde_json::to_value(d.spec.unwrap().selector.match_labels.unwrap()).unwrap();
     let svc = one(&docs, "Service");
     assert_eq!(svc["spec"]["selector"], labels);
     assert_eq!(svc["spec"]["ports"][0]["targetPort"], "metrics");

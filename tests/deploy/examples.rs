@@ -53,7 +53,7 @@ fn every_example_parses_into_its_kubernetes_type() {
                 "Deployment" => {
                     let d: Deployment = serde_json::from_value(doc)
                         .unwrap_or_else(|e| panic!("{file}: not a Deployment: {e}"));
-                    let spec = d.spec;
+                    let spec = d.spec.unwrap();
                     assert_eq!(
                         Some(spec.selector.match_labels.unwrap()),
                         spec.template.metadata.unwrap().labels,
