@@ -288,7 +288,12 @@ pub async fn handle(
     } else {
         String::new()
     };
-    let injected = shared.take_fault(&target.verb, &target.resource, &target.namespace, &target.name);
+    let injected = shared.take_fault(
+        &target.verb,
+        &target.resource,
+        &target.namespace,
+        &target.name,
+    );
     let resp = match injected {
         Some(code) => ApiError::injected(code).into_response(),
         None => {

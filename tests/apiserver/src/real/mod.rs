@@ -308,7 +308,10 @@ impl ControlPlane {
     /// Creates a namespace `<prefix>-<random>` and returns its name.
     pub async fn create_namespace(&self, prefix: &str) -> String {
         use k8s_openapi::api::core::v1::Namespace;
-        let name = format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let name = format!(
+            "{prefix}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
         let api: kube::Api<Namespace> = kube::Api::all(self.client().await);
         let ns = Namespace {
             metadata: kube::api::ObjectMeta {

@@ -117,9 +117,8 @@ impl Process {
     /// Resident memory of the binary (the guard's child), in bytes.
     pub(crate) fn rss_bytes(&self) -> u64 {
         let guard = self.child.id();
-        let children =
-            std::fs::read_to_string(format!("/proc/{guard}/task/{guard}/children"))
-                .unwrap_or_default();
+        let children = std::fs::read_to_string(format!("/proc/{guard}/task/{guard}/children"))
+            .unwrap_or_default();
         children
             .split_whitespace()
             .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())

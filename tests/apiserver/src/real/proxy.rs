@@ -86,7 +86,11 @@ impl ProxyFaults {
 
     /// A copy of the request log, oldest first.
     pub fn requests(&self) -> Vec<RequestRecord> {
-        self.shared.log.lock().map(|l| l.clone()).unwrap_or_default()
+        self.shared
+            .log
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
     }
 
     pub fn clear_requests(&self) {
@@ -121,10 +125,7 @@ pub(crate) fn target(method: &Method, path: &str, query: &str) -> Target {
     let (group, rest) = match segs.as_slice() {
         ["api", _v, rest @ ..] => ("", rest),
         ["apis", g, _v, rest @ ..] => (*g, rest),
-        _ => (
-            "",
-            &[][..],
-        ),
+        _ => ("", &[][..]),
     };
     if rest.is_empty() {
         return Target {
@@ -283,7 +284,9 @@ async fn send(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    let mut up = http::Request::builder().method(parts.method.clone()).uri(uri);
+    let mut up = http::Request::builder()
+        .method(parts.method.clone())
+        .uri(uri);
     if let Some(h) = up.headers_mut() {
         copy_headers(&parts.headers, h);
     }
@@ -335,7 +338,9 @@ pub(crate) struct Proxy {
 
 impl Proxy {
     /// `upstream` builds the admin client inside the proxy's runtime.
-    pub(crate) fn start(upstream: kube::Config) -> Result<Proxy, Error> {
+    pub(crate) fn start(mut upstream: kube::Config) -> Result<Proxy, Error> {
+        // Transparent: the real server's 429s reach the client, which retries.
+        upstream.default_retry = false;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -410,19 +415,75 @@ mod tests {
     #[test]
     fn paths_are_parsed_like_the_real_request_info() {
         let cases = [
-            ("GET", "/api/v1/namespaces/a/configmaps/x", "", ("get", "", "configmaps", "", "a", "x")),
-            ("GET", "/api/v1/namespaces/a/configmaps", "watch=true", ("watch", "", "configmaps", "", "a", "")),
-            ("GET", "/api/v1/namespaces/a", "", ("get", "", "namespaces", "", "", "a")),
-            ("DELETE", "/api/v1/namespaces/a/configmaps", "", ("deletecollection", "", "configmaps", "", "a", "")),
-            ("PATCH", "/apis/slipstream.io/v1alpha1/namespaces/a/configbindings/b/status", "", ("patch", "slipstream.io", "configbindings", "status", "a", "b")),
-            ("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", "", ("create", "apiextensions.k8s.io", "customresourcedefinitions", "", "", "")),
-            ("GET", "/apis/apps/v1", "", ("discovery", "", "", "", "", "")),
+            (
+                "GET",
+                "/api/v1/namespaces/a/configmaps/x",
+                "",
+                ("get", "", "configmaps", "", "a", "x"),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/configmaps",
+                "watch=true",
+                ("watch", "", "configmaps", "", "a", ""),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a",
+                "",
+                ("get", "", "namespaces", "", "", "a"),
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/a/configmaps",
+                "",
+                ("deletecollection", "", "configmaps", "", "a", ""),
+            ),
+            (
+                "PATCH",
+                "/apis/slipstream.io/v1alpha1/namespaces/a/configbindings/b/status",
+                "",
+                (
+                    "patch",
+                    "slipstream.io",
+                    "configbindings",
+                    "status",
+                    "a",
+                    "b",
+                ),
+            ),
+            (
+                "POST",
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                "",
+                (
+                    "create",
+                    "apiextensions.k8s.io",
+                    "customresourcedefinitions",
+                    "",
+                    "",
+                    "",
+                ),
+            ),
+            (
+                "GET",
+                "/apis/apps/v1",
+                "",
+                ("discovery", "", "", "", "", ""),
+            ),
             ("GET", "/version", "", ("discovery", "", "", "", "", "")),
         ];
         for (m, path, q, (verb, group, res, sub, ns, name)) in cases {
             let t = target(&Method::from_bytes(m.as_bytes()).unwrap(), path, q);
             assert_eq!(
-                (t.verb.as_str(), t.group.as_str(), t.resource.as_str(), t.subresource.as_str(), t.namespace.as_str(), t.name.as_str()),
+                (
+                    t.verb.as_str(),
+                    t.group.as_str(),
+                    t.resource.as_str(),
+                    t.subresource.as_str(),
+                    t.namespace.as_str(),
+                    t.name.as_str()
+                ),
                 (verb, group, res, sub, ns, name),
                 "{m} {path}?{q}"
             );
