@@ -20,10 +20,14 @@ mkdir -p "$bin"
 
 say() { echo "build-controlplane: $*" >&2; }
 
+# Go's own install location, for shells whose PATH does not name it.
+if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
+  PATH="/usr/local/go/bin:$PATH"
+fi
 if ! command -v go >/dev/null 2>&1; then
   say "Go is not installed (needed: go >= 1.25 and its module proxy)."
   say "The tests run against a real kube-apiserver $K8S_VERSION, kube-controller-manager and etcd $ETCD_VERSION built from source."
-  say "Install Go (https://go.dev/doc/install, or the Debian package golang-go >= 1.25) and run 'make tools' again."
+  say "Install Go >= 1.25 (its official release, or a distribution package of that version) and run 'make tools' again."
   exit 1
 fi
 
@@ -32,7 +36,12 @@ grep -q "k8s.io/kubernetes $K8S_VERSION" "$src/go.mod" && grep -q "go.etcd.io/et
   exit 1
 }
 
-digest="$(cat "$src/go.mod" "$src/go.sum" "$src/cmd/etcd/main.go" "$0" | sha256sum | cut -c1-12)"
+
+pkg=k8s.io/component-base/version
+minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+# The cache key: the versions, the pinned module files and how they are built.
+digest="$(cat "$src/go.mod" "$src/go.sum" "$src/cmd/etcd/main.go" <(echo "$ldflags CGO_ENABLED=0 -trimpath") | sha256sum | cut -c1-12)"
 cache="${SLIPSTREAM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/slipstream}/controlplane/k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_${digest}"
 
 linked() {
@@ -55,9 +64,6 @@ if ! built; then
     (cd "$src" && go mod download)
     say "building kube-apiserver, kube-controller-manager and etcd into $cache"
     say "(about 8 minutes on 2 cores the first time; later clones on this machine reuse it)"
-    pkg=k8s.io/component-base/version
-    minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
-    ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
     tmp="$(mktemp -d "$cache.tmp.XXXXXX")"
     (cd "$src" && go build -trimpath -ldflags "$ldflags" -o "$tmp/" \
       k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager ./cmd/etcd)
