@@ -1,4 +1,4 @@
-//! The real `slipstream` binary against the emulator and NATS: SIGKILL
+//! The real `slipstream` binary against the API server and NATS: SIGKILL
 //! mid-burst, restart, and check the three promises of a crash.
 
 use std::{
@@ -44,6 +44,8 @@ fn spawn_operator(env: &Env, kubeconfig: &std::path::Path, metrics_port: u16) ->
             "20ms",
             "--metrics-addr",
             &format!("127.0.0.1:{metrics_port}"),
+            "--namespace",
+            env.ns(),
         ])
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "warn")

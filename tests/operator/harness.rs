@@ -1,13 +1,16 @@
-//! Shared setup: NATS + emulator + controller, and polling helpers.
+//! Shared setup: a scenario (NATS + a Kubernetes API + the CRD), operators
+//! started from it, and polling helpers.
+//!
+//! The API is the emulator or a fresh namespace on the real control plane
+//! (`SLIPSTREAM_TEST_APISERVER=emulator|real`, see [`TestApi`]). Every
+//! operator a test starts watches the test's namespace only: on the real
+//! server the tests of the binary share one control plane.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use apiserver::ApiServer;
+use apiserver::backend::{Kind, TestApi};
 use bytes::Bytes;
-use k8s_openapi::{
-    api::core::v1::ConfigMap,
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::{
     Api, Client, CustomResourceExt,
     api::{DeleteParams, PostParams},
@@ -27,15 +30,69 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::common::NatsServer;
 
-pub const NS: &str = "default";
-
+/// What a test starts with: a nats-server, the API server with the CRD
+/// installed, and a NATS connection for the test's own writes.
 pub struct Env {
     pub nats: NatsServer,
-    pub api: ApiServer,
+    pub api: TestApi,
     pub client: Client,
     pub kv: NatsKv,
 }
 
+/// Builds an [`Env`]: `Scenario::new().nats(server).token("t").start()`.
+#[derive(Default)]
+pub struct Scenario {
+    nats: Option<NatsServer>,
+    token: Option<String>,
+    nats_down: bool,
+}
+
+impl Scenario {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// This nats-server instead of a default one.
+    pub fn nats(mut self, nats: NatsServer) -> Self {
+        self.nats = Some(nats);
+        self
+    }
+
+    /// The test's own NATS connection authenticates with this token.
+    pub fn token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
+    }
+
+    /// NATS is stopped before any operator can connect (`env.nats.restart()`
+    /// brings it back, [`Env::reconnect`] gives a fresh connection).
+    pub fn nats_down(mut self) -> Self {
+        self.nats_down = true;
+        self
+    }
+
+    pub async fn start(self) -> Env {
+        init_tracing();
+        let mut nats = self.nats.unwrap_or_else(NatsServer::start);
+        let api = TestApi::start().await;
+        api.install_crd(&ConfigBinding::crd()).await;
+        let client = api.client();
+        let mut opts = ConnectOptions::new(nats.url());
+        opts.token = self.token;
+        let kv = NatsKv::connect(&opts).await.unwrap();
+        if self.nats_down {
+            nats.stop();
+        }
+        Env {
+            nats,
+            api,
+            client,
+            kv,
+        }
+    }
+}
+
+/// An in-process operator; stopped on drop.
 pub struct Operator {
     pub ctx: Arc<Context>,
     pub metrics: Metrics,
@@ -58,6 +115,93 @@ impl Drop for Operator {
     }
 }
 
+/// Builds an [`Operator`]: `env.operator_builder().coalesce(..).start()`.
+pub struct OperatorBuilder<'a> {
+    env: &'a Env,
+    nats_url: String,
+    policy: AccessPolicy,
+    may_write: bool,
+    namespace: Option<String>,
+    config: Config,
+}
+
+impl OperatorBuilder<'_> {
+    pub fn policy(mut self, policy: AccessPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    pub fn coalesce(mut self, coalesce: Duration) -> Self {
+        self.config.coalesce = coalesce;
+        self
+    }
+
+    pub fn status_interval(mut self, interval: Duration) -> Self {
+        self.config.status_interval = interval;
+        self
+    }
+
+    pub fn api_concurrency(mut self, permits: usize) -> Self {
+        self.config.api_concurrency = permits;
+        self
+    }
+
+    /// Connects to NATS at this URL instead of the scenario's server.
+    pub fn nats_url(mut self, url: &str) -> Self {
+        self.nats_url = url.to_owned();
+        self
+    }
+
+    /// The "may write" gate starts at `may_write` (a standby when false).
+    pub fn may_write(mut self, may_write: bool) -> Self {
+        self.may_write = may_write;
+        self
+    }
+
+    /// Watches `namespace` instead of the test's own.
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.to_owned());
+        self
+    }
+
+    /// Watches every namespace: only on the emulator, which no other test
+    /// shares.
+    pub fn all_namespaces(mut self) -> Self {
+        assert!(
+            !self.env.api.is_real(),
+            "an operator on the shared real control plane must watch one namespace"
+        );
+        self.namespace = None;
+        self
+    }
+
+    pub fn start(self) -> Operator {
+        let metrics = Metrics::new();
+        let (gate_tx, gate) = watch::channel(self.may_write);
+        let config = Config {
+            namespace: self.namespace,
+            ..self.config
+        };
+        let kv: Arc<dyn KvConnector> =
+            Arc::new(NatsConnector::new(ConnectOptions::new(self.nats_url)));
+        let ctx = Context::new(
+            self.env.client.clone(),
+            kv,
+            self.policy,
+            metrics.clone(),
+            gate,
+            config,
+        );
+        let task = tokio::spawn(controller::run(ctx.clone()));
+        Operator {
+            ctx,
+            metrics,
+            gate: gate_tx,
+            task,
+        }
+    }
+}
+
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -68,103 +212,70 @@ pub fn init_tracing() {
 }
 
 impl Env {
+    /// A default scenario.
     pub async fn start() -> Env {
-        Self::start_with_nats(NatsServer::start()).await
+        Scenario::new().start().await
     }
 
-    pub async fn start_with_nats(nats: NatsServer) -> Env {
-        init_tracing();
-        let api = ApiServer::start().await.unwrap();
-        let client = api.client();
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        crds.create(&PostParams::default(), &ConfigBinding::crd())
-            .await
-            .unwrap();
-        let kv = NatsKv::connect(&ConnectOptions::new(nats.url()))
-            .await
-            .unwrap();
-        Env {
-            nats,
-            api,
-            client,
-            kv,
-        }
+    /// The namespace this test owns (`default` on the emulator).
+    pub fn ns(&self) -> &str {
+        self.api.namespace()
     }
 
-    /// Like `start_with_nats`, but NATS is stopped before anyone connects.
-    pub async fn start_with_nats_stopped(nats: &mut NatsServer) -> Env2 {
-        init_tracing();
-        let url = nats.url();
-        nats.stop();
-        let api = ApiServer::start().await.unwrap();
-        let client = api.client();
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        crds.create(&PostParams::default(), &ConfigBinding::crd())
-            .await
-            .unwrap();
-        Env2 { url, api, client }
-    }
-
-    pub async fn start_with_token(nats: NatsServer, token: &str) -> Env {
-        init_tracing();
-        let api = ApiServer::start().await.unwrap();
-        let client = api.client();
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        crds.create(&PostParams::default(), &ConfigBinding::crd())
-            .await
-            .unwrap();
-        let mut opts = ConnectOptions::new(nats.url());
-        opts.token = Some(token.to_owned());
-        let kv = NatsKv::connect(&opts).await.unwrap();
-        Env {
-            nats,
-            api,
-            client,
-            kv,
-        }
-    }
-
-    pub fn connector(&self) -> Arc<dyn KvConnector> {
-        Arc::new(NatsConnector::new(ConnectOptions::new(self.nats.url())))
-    }
-
+    /// An operator with the test defaults (allow all, coalesce 20 ms,
+    /// writing, watching [`Env::ns`]).
     pub fn operator(&self) -> Operator {
-        self.operator_with(AccessPolicy::allow_all(), Duration::from_millis(20))
+        self.operator_builder().start()
     }
 
-    /// An operator whose "may write" gate starts at `may_write`.
-    pub fn operator_gated(&self, may_write: bool) -> Operator {
-        let op = self.operator();
-        op.gate.send(may_write).unwrap();
-        op
+    pub fn operator_builder(&self) -> OperatorBuilder<'_> {
+        OperatorBuilder {
+            env: self,
+            nats_url: self.nats.url(),
+            policy: AccessPolicy::allow_all(),
+            may_write: true,
+            namespace: Some(self.ns().to_owned()),
+            config: Config {
+                coalesce: Duration::from_millis(20),
+                ..Config::default()
+            },
+        }
     }
 
-    pub fn operator_with_url(&self, url: &str) -> Operator {
-        start_operator(
-            &self.client,
-            Arc::new(NatsConnector::new(ConnectOptions::new(url))),
-            AccessPolicy::allow_all(),
-            Duration::from_millis(20),
-        )
+    /// A second namespace for this test: `name` on the emulator, a fresh
+    /// `name-<random>` on the real server.
+    pub async fn other_namespace(&self, name: &str) -> String {
+        match &self.api {
+            TestApi::Real { cp, .. } => cp.create_namespace(name).await,
+            TestApi::Emulator(_) => {
+                let mut ns = Namespace::default();
+                ns.metadata.name = Some(name.to_owned());
+                Api::<Namespace>::all(self.client.clone())
+                    .create(&PostParams::default(), &ns)
+                    .await
+                    .unwrap();
+                name.to_owned()
+            }
+        }
     }
 
-    pub fn operator_with(&self, policy: AccessPolicy, coalesce: Duration) -> Operator {
-        start_operator(&self.client, self.connector(), policy, coalesce)
-    }
-
-    pub async fn bucket(&self, name: &str) -> NatsBucket {
-        self.kv
-            .create_or_open(&BucketConfig::new(name))
+    /// A fresh connection to the scenario's NATS (after a restart).
+    pub async fn reconnect(&self) -> NatsKv {
+        NatsKv::connect(&ConnectOptions::new(self.nats.url()))
             .await
             .unwrap()
     }
 
+    pub async fn bucket(&self, name: &str) -> NatsBucket {
+        self.kv.bucket(name).await
+    }
+
     pub fn bindings(&self) -> Api<ConfigBinding> {
-        Api::namespaced(self.client.clone(), NS)
+        Api::namespaced(self.client.clone(), self.ns())
     }
 
     pub fn configmaps(&self) -> Api<ConfigMap> {
-        Api::namespaced(self.client.clone(), NS)
+        Api::namespaced(self.client.clone(), self.ns())
     }
 
     pub async fn create_binding(&self, name: &str, yaml: &str) -> ConfigBinding {
@@ -189,70 +300,6 @@ impl Env {
 
     pub async fn cm(&self, name: &str) -> Option<ConfigMap> {
         self.configmaps().get_opt(name).await.unwrap()
-    }
-}
-
-pub fn start_operator(
-    client: &Client,
-    kv: Arc<dyn KvConnector>,
-    policy: AccessPolicy,
-    coalesce: Duration,
-) -> Operator {
-    let metrics = Metrics::new();
-    let (gate_tx, gate) = watch::channel(true);
-    let config = Config {
-        coalesce,
-        ..Config::default()
-    };
-    let ctx = Context::new(client.clone(), kv, policy, metrics.clone(), gate, config);
-    let task = tokio::spawn(controller::run(ctx.clone()));
-    Operator {
-        ctx,
-        metrics,
-        gate: gate_tx,
-        task,
-    }
-}
-
-/// An environment whose NATS was down at start.
-pub struct Env2 {
-    pub url: String,
-    pub api: ApiServer,
-    pub client: Client,
-}
-
-impl Env2 {
-    pub fn operator(&self) -> Operator {
-        start_operator(
-            &self.client,
-            Arc::new(NatsConnector::new(ConnectOptions::new(self.url.clone()))),
-            AccessPolicy::allow_all(),
-            Duration::from_millis(20),
-        )
-    }
-
-    pub async fn create_binding(&self, name: &str, yaml: &str) -> ConfigBinding {
-        let spec: ConfigBindingSpec = serde_yaml::from_str(yaml).unwrap();
-        let api: Api<ConfigBinding> = Api::namespaced(self.client.clone(), NS);
-        api.create(&PostParams::default(), &ConfigBinding::new(name, spec))
-            .await
-            .unwrap()
-    }
-
-    pub async fn binding(&self, name: &str) -> ConfigBinding {
-        let api: Api<ConfigBinding> = Api::namespaced(self.client.clone(), NS);
-        api.get(name).await.unwrap()
-    }
-
-    pub async fn cm(&self, name: &str) -> Option<ConfigMap> {
-        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), NS);
-        api.get_opt(name).await.unwrap()
-    }
-
-    pub async fn reconnect(&self, _nats: &NatsServer) -> NatsKv {
-        NatsKv::connect(&ConnectOptions::new(self.url.clone()))
-            .await
-            .unwrap()
     }
 }
 
@@ -296,13 +343,21 @@ pub async fn put(store: &NatsBucket, key: &str, value: &str) -> u64 {
         .unwrap()
 }
 
-/// Polls `f` until it returns `Some`, for up to 20 s.
+/// How long [`eventually`] polls: the real server is slower per write.
+pub fn patience() -> Duration {
+    match Kind::from_env() {
+        Kind::Emulator => Duration::from_secs(20),
+        Kind::Real => Duration::from_secs(60),
+    }
+}
+
+/// Polls `f` until it returns `Some`, for up to [`patience`].
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + patience();
     loop {
         if let Some(v) = f().await {
             return v;
@@ -315,42 +370,17 @@ where
 }
 
 /// Waits until the ConfigMap's data equals `want`.
-pub trait HasClient {
-    fn kube(&self) -> &Client;
-}
-
-impl HasClient for Env {
-    fn kube(&self) -> &Client {
-        &self.client
-    }
-}
-
-impl HasClient for Env2 {
-    fn kube(&self) -> &Client {
-        &self.client
-    }
-}
-
-pub async fn wait_data(
-    env: &impl HasClient,
-    name: &str,
-    want: &BTreeMap<String, String>,
-) -> ConfigMap {
-    let api: Api<ConfigMap> = Api::namespaced(env.kube().clone(), NS);
+pub async fn wait_data(env: &Env, name: &str, want: &BTreeMap<String, String>) -> ConfigMap {
     eventually(&format!("ConfigMap {name} == {want:?}"), || async {
-        api.get_opt(name)
-            .await
-            .unwrap()
-            .filter(|cm| &data(cm) == want)
+        env.cm(name).await.filter(|cm| &data(cm) == want)
     })
     .await
 }
 
 /// Waits until the binding's Ready condition has `reason`.
-pub async fn wait_reason(env: &impl HasClient, name: &str, reason: &str) -> ConfigBinding {
-    let api: Api<ConfigBinding> = Api::namespaced(env.kube().clone(), NS);
+pub async fn wait_reason(env: &Env, name: &str, reason: &str) -> ConfigBinding {
     eventually(&format!("binding {name} reason {reason}"), || async {
-        let b = api.get(name).await.unwrap();
+        let b = env.binding(name).await;
         let r = b.status.as_ref()?.condition("Ready")?.reason.clone();
         (r == reason).then_some(b)
     })
@@ -367,7 +397,8 @@ pub fn ready_reason(b: &ConfigBinding) -> String {
 
 /// Events recorded for a binding (reasons).
 pub async fn event_reasons(env: &Env, binding: &str) -> Vec<String> {
-    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), NS);
+    let api: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), env.ns());
     api.list(&Default::default())
         .await
         .map(|l| {

@@ -9,7 +9,7 @@ use std::{
 use apiserver::FaultRule;
 use bytes::Bytes;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api,
     api::{Patch, PatchParams, PostParams},
@@ -51,7 +51,10 @@ fn record_versions(env: &Env, name: &str) -> Versions {
 async fn invariant_1_every_written_cursor_matches_the_kv_state_at_that_revision() {
     let env = Env::start().await;
     let kv = env.bucket("app").await;
-    let _op = env.operator_with(AccessPolicy::allow_all(), Duration::from_millis(5));
+    let _op = env
+        .operator_builder()
+        .coalesce(Duration::from_millis(5))
+        .start();
     env.create_binding("b", "bucket: app\nprefixes: [k.]").await;
     eventually("empty ConfigMap", || async { env.cm("b").await }).await;
     let versions = record_versions(&env, "b");
@@ -336,17 +339,23 @@ async fn invariant_5_reputting_the_same_value_costs_no_api_write() {
     wait_reason(&env, "b", "Synced").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let writes_before = env.api.counters().writes;
-    let cm_writes_before = op.metrics.write_count(NS, "b");
+    let cm_writes_before = op.metrics.write_count(env.ns(), "b");
+    let version_before = env.cm("b").await.unwrap().metadata.resource_version;
     for _ in 0..20 {
         put(&kv, "k.a", "same").await;
     }
     put(&kv, "z.not-mine", "x").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(op.metrics.write_count(NS, "b"), cm_writes_before);
+    assert_eq!(op.metrics.write_count(env.ns(), "b"), cm_writes_before);
     assert_eq!(
         env.api.counters().writes,
         writes_before,
         "no API write at all"
+    );
+    assert_eq!(
+        env.cm("b").await.unwrap().metadata.resource_version,
+        version_before,
+        "the ConfigMap was not stored again"
     );
     // a real change is still written
     put(&kv, "k.a", "changed").await;
@@ -391,12 +400,32 @@ async fn invariant_7_access_denied_reads_nothing_and_writes_only_in_own_namespac
     let kv = env.bucket("app").await;
     put(&kv, "secret.k", "s").await;
     put(&kv, "web.k", "w").await;
-    let policy = AccessPolicy::from_yaml(
-        "namespaces:\n  default:\n    - bucket: app\n      prefixes: [web.]\n  team:\n    - bucket: app\n      prefixes: [web.]\n",
-        "test",
-    )
-    .unwrap();
-    let op = env.operator_with(policy, Duration::from_millis(20));
+    let team = env.other_namespace("team").await;
+    let policy = format!(
+        "namespaces:\n  {}:\n    - bucket: app\n      prefixes: [web.]\n  {team}:\n    - bucket: app\n      prefixes: [web.]\n",
+        env.ns()
+    );
+    let policy = || AccessPolicy::from_yaml(&policy, "test").unwrap();
+    // One operator for both namespaces on the emulator; on the shared real
+    // control plane an operator watches one namespace, so each gets its own.
+    let (op, _team_op) = if env.api.is_real() {
+        let team_op = env
+            .operator_builder()
+            .policy(policy())
+            .namespace(&team)
+            .start();
+        (
+            env.operator_builder().policy(policy()).start(),
+            Some(team_op),
+        )
+    } else {
+        let op = env
+            .operator_builder()
+            .policy(policy())
+            .all_namespaces()
+            .start();
+        (op, None)
+    };
     env.create_binding("denied", "bucket: app\nprefixes: [web., secret.]")
         .await;
     env.create_binding("allowed", "bucket: app\nprefixes: [web.]")
@@ -410,20 +439,16 @@ async fn invariant_7_access_denied_reads_nothing_and_writes_only_in_own_namespac
     assert!(env.cm("denied").await.is_none());
     assert_eq!(op.ctx.worker_count(), 1, "a denied binding runs no watch");
     // a binding in namespace `team` writes its ConfigMap in `team` only
-    let ns: Api<Namespace> = Api::all(env.client.clone());
-    let mut team = Namespace::default();
-    team.metadata.name = Some("team".into());
-    ns.create(&PostParams::default(), &team).await.unwrap();
     let spec =
         serde_yaml::from_str("bucket: app\nprefixes: [web.]\ntarget: {name: allowed}").unwrap();
     let tb = slipstream::crd::ConfigBinding::new("t", spec);
     let team_bindings: Api<slipstream::crd::ConfigBinding> =
-        Api::namespaced(env.client.clone(), "team");
+        Api::namespaced(env.client.clone(), &team);
     team_bindings
         .create(&PostParams::default(), &tb)
         .await
         .unwrap();
-    let team_cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), "team");
+    let team_cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &team);
     eventually("team ConfigMap", || async {
         team_cms
             .get_opt("allowed")
@@ -432,10 +457,10 @@ async fn invariant_7_access_denied_reads_nothing_and_writes_only_in_own_namespac
             .filter(|c| data(c) == map(&[("web.k", "w")]))
     })
     .await;
-    let default_cm = env.cm("allowed").await.unwrap();
+    let own_cm = env.cm("allowed").await.unwrap();
     assert_eq!(
-        default_cm.metadata.annotations.unwrap()["slipstream.io/binding"],
+        own_cm.metadata.annotations.unwrap()["slipstream.io/binding"],
         "allowed",
-        "the team binding never touched default/allowed"
+        "the team binding never touched the test namespace's ConfigMap"
     );
 }

@@ -1,5 +1,6 @@
-//! Operator integration tests: a real nats-server, the Kubernetes API
-//! emulator, and the controller running in-process.
+//! Operator integration tests: a real nats-server, a Kubernetes API server
+//! (the emulator, or the real control plane with
+//! `SLIPSTREAM_TEST_APISERVER=real`) and the controller running in-process.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../common/mod.rs"]

@@ -1,60 +1,15 @@
 //! Status writes: cursor-only changes wait for `status_interval`, condition
 //! changes go out at once, and the last change is always written.
 
-use std::{sync::Arc, time::Duration};
-
-use slipstream::{
-    controller::{self, Config, Context},
-    metrics::Metrics,
-    policy::AccessPolicy,
-};
-use tokio::{sync::watch, task::JoinHandle};
+use std::time::Duration;
 
 use crate::*;
 
-/// An in-process operator with its own status interval; stopped on drop.
-struct Op {
-    ctx: Arc<Context>,
-    metrics: Metrics,
-    task: JoinHandle<()>,
-    _gate: watch::Sender<bool>,
-}
-
-impl Drop for Op {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.ctx.shutdown();
-    }
-}
-
-fn operator(env: &Env, status_interval: Duration) -> Op {
-    operator_with(env, status_interval, Config::default().api_concurrency)
-}
-
-fn operator_with(env: &Env, status_interval: Duration, api_concurrency: usize) -> Op {
-    let metrics = Metrics::new();
-    let (gate_tx, gate) = watch::channel(true);
-    let config = Config {
-        coalesce: Duration::from_millis(20),
-        status_interval,
-        api_concurrency,
-        ..Config::default()
-    };
-    let ctx = Context::new(
-        env.client.clone(),
-        env.connector(),
-        AccessPolicy::allow_all(),
-        metrics.clone(),
-        gate,
-        config,
-    );
-    let task = tokio::spawn(controller::run(ctx.clone()));
-    Op {
-        ctx,
-        metrics,
-        task,
-        _gate: gate_tx,
-    }
+/// An in-process operator with its own status interval.
+fn operator(env: &Env, status_interval: Duration) -> Operator {
+    env.operator_builder()
+        .status_interval(status_interval)
+        .start()
 }
 
 /// Successful status patches of binding `name` so far.
@@ -89,7 +44,7 @@ async fn busy_binding_writes_status_at_most_once_per_interval_and_the_last_curso
     // let any trailing write of the start go out
     tokio::time::sleep(interval * 2).await;
     let status_before = status_writes(&env, "b");
-    let cm_before = op.metrics.write_count(NS, "b");
+    let cm_before = op.metrics.write_count(env.ns(), "b");
     let started = std::time::Instant::now();
     for i in 1..=20 {
         put(&kv, "k.a", &i.to_string()).await;
@@ -104,7 +59,7 @@ async fn busy_binding_writes_status_at_most_once_per_interval_and_the_last_curso
     .await;
     let elapsed = started.elapsed();
     let status = status_writes(&env, "b") - status_before;
-    let cm_writes = op.metrics.write_count(NS, "b") - cm_before;
+    let cm_writes = op.metrics.write_count(env.ns(), "b") - cm_before;
     let allowed = (elapsed.as_secs_f64() / interval.as_secs_f64()).floor() as usize + 1;
     assert!(
         status <= allowed,
@@ -163,7 +118,11 @@ async fn status_waits_while_configmap_writes_fill_the_api_then_mirrors_every_cur
         put(&kv, &format!("p{i}.k"), "0").await;
     }
     // one API permit: any ConfigMap write in flight fills the API
-    let op = operator_with(&env, Duration::from_millis(200), 1);
+    let op = env
+        .operator_builder()
+        .status_interval(Duration::from_millis(200))
+        .api_concurrency(1)
+        .start();
     for i in 0..n {
         env.create_binding(&format!("b{i}"), &format!("bucket: app\nprefixes: [p{i}.]"))
             .await;

@@ -207,7 +207,7 @@ async fn standby_writes_nothing_and_writes_pending_content_when_it_becomes_leade
     let env = Env::start().await;
     let kv = env.bucket("app").await;
     put(&kv, "g.a", "1").await;
-    let op = env.operator_gated(false);
+    let op = env.operator_builder().may_write(false).start();
     env.create_binding("g", "bucket: app\nprefixes: [g.]").await;
     put(&kv, "g.b", "2").await;
     eventually("standby dropped a write", || async {
@@ -235,17 +235,19 @@ async fn namespace_deleted_removes_its_bindings_and_others_keep_syncing() {
     let env = Env::start().await;
     let kv = env.bucket("app").await;
     put(&kv, "n.a", "1").await;
-    let namespaces: Api<Namespace> = Api::all(env.client.clone());
-    let mut ns = Namespace::default();
-    ns.metadata.name = Some("doomed".into());
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-    let _op = env.operator();
+    let doomed = env.other_namespace("doomed").await;
+    // One operator for both namespaces on the emulator; on the shared real
+    // control plane an operator watches one namespace, so each gets its own.
+    let (_op, _doomed_op) = if env.api.is_real() {
+        let doomed_op = env.operator_builder().namespace(&doomed).start();
+        (env.operator(), Some(doomed_op))
+    } else {
+        (env.operator_builder().all_namespaces().start(), None)
+    };
     let spec = serde_yaml::from_str("bucket: app\nprefixes: [n.]").unwrap();
-    let doomed: Api<slipstream::crd::ConfigBinding> = Api::namespaced(env.client.clone(), "doomed");
-    doomed
+    let doomed_bindings: Api<slipstream::crd::ConfigBinding> =
+        Api::namespaced(env.client.clone(), &doomed);
+    doomed_bindings
         .create(
             &PostParams::default(),
             &slipstream::crd::ConfigBinding::new("b", spec),
@@ -254,18 +256,20 @@ async fn namespace_deleted_removes_its_bindings_and_others_keep_syncing() {
         .unwrap();
     env.create_binding("keep", "bucket: app\nprefixes: [n.]")
         .await;
-    let doomed_cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), "doomed");
+    let doomed_cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &doomed);
     eventually("doomed ConfigMap written", || async {
         doomed_cms.get_opt("b").await.unwrap()
     })
     .await;
+    let namespaces: Api<Namespace> = Api::all(env.client.clone());
     namespaces
-        .delete("doomed", &DeleteParams::default())
+        .delete(&doomed, &DeleteParams::default())
         .await
         .unwrap();
+    // gone only once the operator let go of its binding's finalizer
     eventually("namespace gone", || async {
         namespaces
-            .get_opt("doomed")
+            .get_opt(&doomed)
             .await
             .unwrap()
             .is_none()
