@@ -4,9 +4,12 @@
 pub mod cmd;
 pub mod controller;
 pub mod crd;
+pub mod digest;
 pub mod kv;
 pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod projection;
+pub mod reason;
 pub mod sink;
+pub mod util;

@@ -8,6 +8,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use crate::reason::Reason;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BindingLabels {
     pub namespace: String,
@@ -129,10 +131,11 @@ impl Metrics {
         }
     }
 
-    pub fn error(&self, reason: &str) {
+    /// Counts an error under its reason word.
+    pub fn error(&self, reason: Reason) {
         self.errors
             .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
+                reason: reason.as_str().to_owned(),
             })
             .inc();
     }
@@ -185,7 +188,7 @@ mod tests {
     #[test]
     fn exposition_names_every_metric() {
         let m = Metrics::new();
-        m.error("TooLarge");
+        m.error(Reason::TooLarge);
         m.delivered("app", "shared", 3);
         let text = m.encode();
         for name in [

@@ -21,6 +21,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use serde::Deserialize;
 
+use crate::reason::Reason;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("cannot read policy file {path}: {source}")]
@@ -40,10 +42,10 @@ pub enum PolicyError {
 }
 
 impl PolicyError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            PolicyError::Read { .. } | PolicyError::Parse { .. } => "InvalidPolicy",
-            PolicyError::Denied { .. } => "AccessDenied",
+            PolicyError::Read { .. } | PolicyError::Parse { .. } => Reason::InvalidPolicy,
+            PolicyError::Denied { .. } => Reason::AccessDenied,
         }
     }
 }

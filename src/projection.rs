@@ -28,7 +28,10 @@
 
 use std::{borrow::Cow, collections::BTreeMap};
 
-use crate::crd::{ConfigBindingSpec, KeyPolicy, MAX_BUCKET_LEN, MAX_PREFIX_LEN, MAX_PREFIXES};
+use crate::{
+    crd::{ConfigBindingSpec, KeyPolicy, MAX_BUCKET_LEN, MAX_PREFIX_LEN, MAX_PREFIXES},
+    reason::Reason,
+};
 
 /// The most bytes of values a ConfigMap may hold; the API server rejects more.
 pub const MAX_CONFIGMAP_BYTES: usize = 1024 * 1024;
@@ -56,14 +59,14 @@ pub enum SpecError {
 }
 
 impl SpecError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            SpecError::InvalidBucketName(_) => "InvalidBucketName",
+            SpecError::InvalidBucketName(_) => Reason::InvalidBucketName,
             SpecError::NoPrefixes
             | SpecError::TooManyPrefixes(_)
             | SpecError::InvalidPrefix(_)
-            | SpecError::DuplicatePrefix(_) => "InvalidPrefixes",
-            SpecError::InvalidTargetName(_) => "InvalidTargetName",
+            | SpecError::DuplicatePrefix(_) => Reason::InvalidPrefixes,
+            SpecError::InvalidTargetName(_) => Reason::InvalidTargetName,
         }
     }
 }
@@ -90,11 +93,11 @@ pub enum ProjectionError {
 }
 
 impl ProjectionError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            ProjectionError::TooLarge { .. } => "TooLarge",
-            ProjectionError::KeyCollision { .. } => "KeyCollision",
-            ProjectionError::InvalidKey { .. } => "InvalidKey",
+            ProjectionError::TooLarge { .. } => Reason::TooLarge,
+            ProjectionError::KeyCollision { .. } => Reason::KeyCollision,
+            ProjectionError::InvalidKey { .. } => Reason::InvalidKey,
         }
     }
 }
@@ -812,7 +815,9 @@ mod tests {
         assert!(ProjectionRules::from_spec(&ok).is_ok());
         for (yaml, want) in cases {
             let spec: ConfigBindingSpec = serde_yaml::from_str(yaml).unwrap();
-            let got = ProjectionRules::from_spec(&spec).err().map(|e| e.reason());
+            let got = ProjectionRules::from_spec(&spec)
+                .err()
+                .map(|e| e.reason().as_str());
             assert_eq!(got, *want, "{yaml}");
         }
         let many: Vec<String> = (0..33).map(|i| format!("p{i}.")).collect();

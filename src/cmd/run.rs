@@ -7,12 +7,14 @@ use clap::{Args, ValueEnum};
 use tokio::sync::watch;
 use tracing::info;
 
-use super::{NatsArgs, parse_duration};
+use super::{NatsArgs, leader::LeaderArgs, parse_duration};
 use crate::{
-    controller::{self, Config, Context, NatsConnector},
-    leader::{LeaderArgs, LeaderElection, LeaderStatus},
+    controller::{self, Config, Context},
+    kv::nats::NatsConnector,
+    leader::LeaderStatus,
     metrics::Metrics,
     policy::AccessPolicy,
+    util::shutdown::shutdown_signal,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -78,7 +80,7 @@ async fn serve_metrics(
         async move {
             match ready {
                 Ok(()) => (StatusCode::OK, "ok".to_owned()),
-                Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
             }
         }
     };
@@ -99,8 +101,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         None => AccessPolicy::allow_all(),
     };
     let metrics = Metrics::new();
-    let leader = LeaderElection::start(
-        &args.leader,
+    let leader = args.leader.start(
         args.nats.connect_options("slipstream-leader"),
         metrics.leader.clone(),
     )?;
@@ -143,20 +144,4 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     leader.stop_writing();
     leader.shutdown().await;
     Ok(())
-}
-
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -25,9 +25,15 @@ use tracing::{info, warn};
 use super::{NatsArgs, parse_duration};
 use crate::{
     crd::KeyPolicy,
-    kv::{KvError, KvUpdate, KvWatcher, WatchCursor, WatchEvent, nats::NatsKv},
+    digest::Fnv1a,
+    kv::{
+        KvError, KvUpdate, KvWatcher, WatchCursor, WatchEvent,
+        mirror::{Merge, Mirror},
+        nats::NatsConnector,
+    },
     projection::{KeyDecision, Projected, ProjectionRules},
     sink::dir::{DirSink, Written},
+    util::{backoff::Backoff, shutdown::shutdown_signal, time::sleep_until},
 };
 
 #[derive(Args, Debug)]
@@ -159,20 +165,13 @@ impl FileRef {
         Self {
             file,
             len: bytes.len(),
-            fnv1a: format!("{:016x}", fnv1a(bytes)),
+            fnv1a: format!("{:016x}", Fnv1a::of(bytes)),
         }
     }
 
     fn matches(&self, bytes: &[u8]) -> bool {
         *self == Self::new(self.file.clone(), bytes)
     }
-}
-
-/// FNV-1a, 64 bit: stable across builds and platforms, unlike std's hasher.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 const STATE_FORMAT: u32 = 1;
@@ -183,9 +182,8 @@ struct Syncer {
     config: SyncConfig,
     rules: ProjectionRules,
     sink: DirSink,
-    entries: BTreeMap<String, Bytes>,
-    /// Everything received so far (entries reflect it).
-    seen: WatchCursor,
+    /// Everything received so far, and its cursor ("seen").
+    mirror: Mirror,
     /// Everything in the directory.
     written: WatchCursor,
     /// A flush happened in this run (until then, write even when the
@@ -202,8 +200,7 @@ impl Syncer {
             config,
             rules,
             sink,
-            entries: BTreeMap::new(),
-            seen: WatchCursor::none(),
+            mirror: Mirror::default(),
             written: WatchCursor::none(),
             flushed: false,
             report: SyncReport::default(),
@@ -257,35 +254,23 @@ impl Syncer {
             files = content.files.len(),
             "resuming from the cursor stored in the directory"
         );
-        self.entries = entries;
-        self.seen = cursor;
+        self.mirror = Mirror::restored(entries, cursor);
         self.written = cursor;
         self.report.resumed_from = cursor;
         Ok(())
     }
 
     fn forget(&mut self) {
-        self.entries.clear();
-        self.seen = WatchCursor::none();
+        self.mirror.clear();
         self.written = WatchCursor::none();
     }
 
     /// Applies one update; false when the cursor already covers it
     /// (re-delivered history must not move content backward).
     fn apply(&mut self, update: KvUpdate) -> bool {
-        let version = update.version();
-        if self.seen.covers(&version) {
+        if self.mirror.apply(update) == Merge::Old {
             return false;
         }
-        match update {
-            KvUpdate::Put(e) => {
-                self.entries.insert(e.key, e.value);
-            }
-            KvUpdate::Delete { key, .. } | KvUpdate::Purge { key, .. } => {
-                self.entries.remove(&key);
-            }
-        }
-        self.seen.advance(version);
         self.report.updates += 1;
         true
     }
@@ -294,18 +279,20 @@ impl Syncer {
     /// projection that must not be written keeps the last good content and
     /// cursor (a restart replays from there).
     fn flush(&mut self) -> anyhow::Result<()> {
-        if self.written == self.seen && self.flushed {
+        if self.written == self.mirror.cursor() && self.flushed {
             return Ok(());
         }
         self.flushed = true;
-        let projected = match self
-            .rules
-            .project(self.entries.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
-        {
+        let projected = match self.rules.project(
+            self.mirror
+                .entries()
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_ref())),
+        ) {
             Ok(p) => p,
             Err(e) => {
                 self.report.refused += 1;
-                warn!(reason = e.reason(), error = %e, "not writing: the last good content stays");
+                warn!(reason = e.reason().as_str(), error = %e, "not writing: the last good content stays");
                 return Ok(());
             }
         };
@@ -316,9 +303,10 @@ impl Syncer {
             prefixes: self.config.prefixes.clone(),
             strip_prefix: self.config.strip_prefix,
             key_policy: self.config.key_policy,
-            cursor: self.seen.to_string(),
+            cursor: self.mirror.cursor().to_string(),
             keys: self
-                .entries
+                .mirror
+                .entries()
                 .keys()
                 .filter_map(|k| match self.rules.map_key(k) {
                     KeyDecision::Mapped(file) => {
@@ -337,13 +325,13 @@ impl Syncer {
             info!(
                 %version,
                 files = files.len(),
-                cursor = %self.seen,
+                cursor = %self.mirror.cursor(),
                 skipped = projected.skipped.len(),
                 micros = started.elapsed().as_micros() as u64,
                 "wrote a new version"
             );
         }
-        self.written = self.seen;
+        self.written = self.mirror.cursor();
         self.report.files = files.len();
         Ok(())
     }
@@ -378,13 +366,16 @@ where
     let coalesce = syncer.config.coalesce;
     let prefixes = syncer.config.prefixes.clone();
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut synced = false;
     // When the first unwritten update arrived after the initial sync.
     let mut pending_since: Option<tokio::time::Instant> = None;
 
     'watch: loop {
-        let mut stream = match store.watch_prefixes_from(&prefixes, syncer.seen).await {
+        let mut stream = match store
+            .watch_prefixes_from(&prefixes, syncer.mirror.cursor())
+            .await
+        {
             Ok(s) => s,
             Err(KvError::CursorExpired {
                 cursor,
@@ -397,12 +388,12 @@ where
             }
             Err(e) if once => return Err(e).context("watch failed"),
             Err(e) => {
-                warn!(reason = e.reason(), error = %e, retry_in = ?backoff, "watch failed");
+                let delay = backoff.next_delay();
+                warn!(reason = e.reason(), error = %e, retry_in = ?delay, "watch failed");
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(delay) => {}
                     () = &mut shutdown => break 'watch,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
                 continue 'watch;
             }
         };
@@ -424,7 +415,7 @@ where
                     }
                 }
                 Some(Ok(WatchEvent::Synced { .. })) => {
-                    backoff = Duration::from_millis(200);
+                    backoff.reset();
                     synced = true;
                     syncer.flush()?;
                     info!(
@@ -467,29 +458,6 @@ where
     Ok(syncer.report)
 }
 
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-}
-
 pub async fn main(args: SyncArgs) -> anyhow::Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -512,12 +480,14 @@ pub async fn main(args: SyncArgs) -> anyhow::Result<()> {
     config.rules()?;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let nats = NatsConnector::new(args.nats.connect_options("slipstream-sync"));
     // `--once` fails at once; a long-running sync waits for NATS and the
     // bucket to appear (a sidecar may start before either).
     let bucket = loop {
         let opened = async {
-            let kv = NatsKv::connect(&args.nats.connect_options("slipstream-sync"))
+            let kv = nats
+                .connection()
                 .await
                 .with_context(|| format!("connecting to NATS at {}", args.nats.url))?;
             kv.open(&config.bucket)
@@ -528,12 +498,12 @@ pub async fn main(args: SyncArgs) -> anyhow::Result<()> {
             Ok(bucket) => break bucket,
             Err(e) if args.once => return Err(e),
             Err(e) => {
-                warn!(error = format!("{e:#}"), retry_in = ?backoff, "not syncing yet");
+                let delay = backoff.next_delay();
+                warn!(error = format!("{e:#}"), retry_in = ?delay, "not syncing yet");
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(delay) => {}
                     () = &mut shutdown => return Ok(()),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     };
@@ -565,8 +535,6 @@ mod tests {
 
     #[test]
     fn file_checksums_are_stable_and_catch_changes() {
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         let r = FileRef::new("f".into(), b"hello");
         assert!(r.matches(b"hello"));
         assert!(!r.matches(b"hellO"));

@@ -22,11 +22,12 @@ use futures::StreamExt;
 use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{debug, info, warn};
 
-use super::KvConnector;
 use crate::{
-    kv::{KvError, KvStore, KvUpdate, VersionToken, WatchCursor, WatchEvent, filter},
+    kv::{KvConnector, KvError, KvStore, KvUpdate, VersionToken, WatchCursor, WatchEvent, filter},
     metrics::Metrics,
     projection::ProjectionRules,
+    reason::Reason,
+    util::{backoff::Backoff, lock},
 };
 
 /// What a bucket watch tells its bindings.
@@ -147,10 +148,6 @@ impl Drop for Subscription {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl Hub {
     pub fn new(kv: Arc<dyn KvConnector>, metrics: Metrics, gather: Duration) -> Self {
         Self {
@@ -266,14 +263,14 @@ async fn run_bucket(
     metrics: Metrics,
     health_interval: Duration,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let err = watch_once(&bucket, &kv, &shared, &head, &metrics, health_interval).await;
-        metrics.error(err.reason());
-        warn!(bucket, reason = err.reason(), error = %err, "bucket watch down; retrying in {backoff:?}");
+        metrics.error(Reason::from(&err));
+        let delay = backoff.next_delay();
+        warn!(bucket, reason = err.reason(), error = %err, "bucket watch down; retrying in {delay:?}");
         broadcast(&shared, &HubEvent::Lost(err));
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -7,7 +7,9 @@
 //! Everything that talks to KV or writes ConfigMaps lives in the worker, so a
 //! reconcile never blocks on NATS.
 
+pub mod decide;
 pub mod hub;
+pub mod status;
 pub mod worker;
 
 use std::{
@@ -19,7 +21,6 @@ use std::{
     time::Duration,
 };
 
-use async_trait::async_trait;
 use futures::StreamExt;
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -27,7 +28,7 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::Action,
-        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        events::{Recorder, Reporter},
         reflector, watcher,
     },
 };
@@ -35,21 +36,20 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
-    crd::{Condition, ConfigBinding, ConfigBindingStatus, DeletionPolicy},
-    kv::{
-        KvError, KvStore,
-        nats::{ConnectOptions, NatsKv},
-    },
+    crd::{ConfigBinding, DeletionPolicy},
     metrics::Metrics,
-    policy::AccessPolicy,
-    projection::ProjectionRules,
+    policy::{AccessPolicy, PolicyError},
+    projection::{ProjectionRules, SpecError},
+    reason::Reason,
     sink::configmap::{
         BINDING_ANNOTATION, ConfigMapHead, ConfigMapSink, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
         Observed, SinkError, TargetRef,
     },
+    util::lock,
 };
 use hub::Hub;
-use worker::{Worker, WorkerMsg, write_status};
+use status::{ConditionType, Health, publish_event, set_conditions, write_status};
+use worker::{Worker, WorkerMsg};
 
 pub const FINALIZER: &str = "slipstream.io/cleanup";
 
@@ -62,9 +62,9 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Error::Kube(_) => "KubernetesError",
+            Error::Kube(_) => Reason::KubernetesError,
             Error::Sink(e) => e.reason(),
         }
     }
@@ -72,44 +72,8 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Opens buckets. The NATS implementation reconnects lazily, so the
-/// operator starts (and reports NotConnected) while NATS is down.
-#[async_trait]
-pub trait KvConnector: Send + Sync + 'static {
-    async fn open(&self, bucket: &str) -> Result<Arc<dyn KvStore>, KvError>;
-}
-
-/// [`KvConnector`] over one NATS connection, made on first use.
-pub struct NatsConnector {
-    opts: ConnectOptions,
-    conn: tokio::sync::Mutex<Option<NatsKv>>,
-}
-
-impl NatsConnector {
-    pub fn new(opts: ConnectOptions) -> Self {
-        Self {
-            opts,
-            conn: tokio::sync::Mutex::new(None),
-        }
-    }
-}
-
-#[async_trait]
-impl KvConnector for NatsConnector {
-    async fn open(&self, bucket: &str) -> Result<Arc<dyn KvStore>, KvError> {
-        let mut conn = self.conn.lock().await;
-        let kv = match conn.as_ref() {
-            Some(kv) => kv.clone(),
-            None => {
-                let kv = NatsKv::connect(&self.opts).await?;
-                *conn = Some(kv.clone());
-                kv
-            }
-        };
-        drop(conn);
-        Ok(Arc::new(kv.open(bucket).await?))
-    }
-}
+// Kept for compatibility: tests and examples name these through `controller`.
+pub use crate::kv::{KvConnector, nats::NatsConnector};
 
 /// Tunables of the controller.
 #[derive(Debug, Clone)]
@@ -166,10 +130,6 @@ pub struct Context {
     api_permits: Arc<Semaphore>,
     workers: Mutex<HashMap<(String, String), WorkerHandle>>,
     ids: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Context {
@@ -235,48 +195,6 @@ impl Context {
     }
 }
 
-/// Sets Ready (and Stalled) the way `kubectl wait --for=condition=Ready` expects.
-pub fn set_conditions(
-    status: &mut ConfigBindingStatus,
-    reason: &str,
-    message: &str,
-    ready: bool,
-    stalled: bool,
-    generation: Option<i64>,
-) {
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let mut set = |type_: &str, on: bool, reason: &str, message: &str| {
-        let value = if on { "True" } else { "False" };
-        match status.conditions.iter_mut().find(|c| c.type_ == type_) {
-            Some(c) => {
-                if c.status != value {
-                    c.last_transition_time = Some(now.clone());
-                }
-                c.status = value.into();
-                c.reason = reason.into();
-                c.message = message.into();
-                c.observed_generation = generation;
-            }
-            None => status.conditions.push(Condition {
-                type_: type_.into(),
-                status: value.into(),
-                reason: reason.into(),
-                message: message.into(),
-                last_transition_time: Some(now.clone()),
-                observed_generation: generation,
-            }),
-        }
-    };
-    set("Ready", ready, reason, message);
-    if stalled {
-        set("Stalled", true, reason, message);
-    } else {
-        set("Stalled", false, "Progressing", "");
-    }
-}
-
 fn binding_key(b: &ConfigBinding) -> (String, String) {
     (b.namespace().unwrap_or_default(), b.name_any())
 }
@@ -294,57 +212,56 @@ fn target_of(b: &ConfigBinding) -> TargetRef {
     }
 }
 
-/// Spec and access policy; the error carries its reason word.
-fn validate(b: &ConfigBinding, policy: &AccessPolicy) -> Result<ProjectionRules, (String, String)> {
-    let rules =
-        ProjectionRules::from_spec(&b.spec).map_err(|e| (e.reason().to_owned(), e.to_string()))?;
-    policy
-        .check(
-            &b.namespace().unwrap_or_default(),
-            &b.spec.bucket,
-            &b.spec.prefixes,
-        )
-        .map_err(|e| (e.reason().to_owned(), format!("{e}; nothing is read")))?;
+/// Why a binding is not served at all (it never reads, never writes).
+#[derive(Debug, thiserror::Error)]
+enum Invalid {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{0}; nothing is read")]
+    Denied(#[from] PolicyError),
+}
+
+impl Invalid {
+    fn reason(&self) -> Reason {
+        match self {
+            Invalid::Spec(e) => e.reason(),
+            Invalid::Denied(e) => e.reason(),
+        }
+    }
+}
+
+/// Spec and access policy.
+fn validate(b: &ConfigBinding, policy: &AccessPolicy) -> Result<ProjectionRules, Invalid> {
+    let rules = ProjectionRules::from_spec(&b.spec)?;
+    policy.check(
+        &b.namespace().unwrap_or_default(),
+        &b.spec.bucket,
+        &b.spec.prefixes,
+    )?;
     Ok(rules)
 }
 
-async fn report_invalid(
-    b: &ConfigBinding,
-    ctx: &Context,
-    reason: &str,
-    message: &str,
-) -> Result<()> {
+/// Reports a binding that is not served: Ready False and Stalled, with an
+/// Event when that is news.
+async fn report_invalid(b: &ConfigBinding, ctx: &Context, invalid: &Invalid) -> Result<()> {
+    let (reason, message) = (invalid.reason(), invalid.to_string());
     ctx.metrics.error(reason);
-    warn!(binding = %b.name_any(), namespace = ?b.namespace(), reason, message, "binding not served");
+    warn!(binding = %b.name_any(), namespace = ?b.namespace(), reason = reason.as_str(), message, "binding not served");
     let mut status = b.status.clone().unwrap_or_default();
-    let before = status.condition("Ready").cloned();
-    set_conditions(
-        &mut status,
-        reason,
-        message,
-        false,
-        true,
-        b.metadata.generation,
-    );
+    let ready = ConditionType::Ready.as_str();
+    let before = status.condition(ready).cloned();
+    let health = Health::err(reason, message, true);
+    set_conditions(&mut status, &health, b.metadata.generation);
     status.observed_generation = b.metadata.generation;
     let changed = before.as_ref().map(|c| (&c.reason, &c.message, &c.status))
         != status
-            .condition("Ready")
+            .condition(ready)
             .map(|c| (&c.reason, &c.message, &c.status));
     if !changed || !*ctx.gate.borrow() {
         return Ok(());
     }
     write_status(&ctx.client, b, &status).await?;
-    let event = KubeEvent {
-        type_: EventType::Warning,
-        reason: reason.into(),
-        note: Some(message.chars().take(1000).collect()),
-        action: "Validate".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &b.object_ref(&())).await {
-        debug!(error = %e, "event not recorded");
-    }
+    publish_event(&ctx.recorder, b, &health, status::Action::Validate).await;
     Ok(())
 }
 
@@ -365,8 +282,8 @@ async fn apply(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
     ctx.stop_worker(&key);
     let rules = match validate(&b, &ctx.policy) {
         Ok(r) => r,
-        Err((reason, message)) => {
-            report_invalid(&b, &ctx, &reason, &message).await?;
+        Err(invalid) => {
+            report_invalid(&b, &ctx, &invalid).await?;
             return Ok(Action::await_change());
         }
     };
@@ -473,7 +390,7 @@ async fn set_finalizers(
 
 fn error_policy(b: Arc<ConfigBinding>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(err.reason());
-    warn!(binding = %b.name_any(), reason = err.reason(), error = %err, "reconcile failed; retrying");
+    warn!(binding = %b.name_any(), reason = err.reason().as_str(), error = %err, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))
 }
 

@@ -16,26 +16,29 @@ use std::{
 
 use bytes::Bytes;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::{
-    Api, Resource, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
-    runtime::events::{Event as KubeEvent, EventType},
-};
+use kube::{Api, Resource, ResourceExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{
     Context,
+    decide::{Decision, Lookup, Observation, Refusal, TargetState, Write, content_keys, decide},
     hub::{HubEvent, Subscription},
+    status::{Action, Health, publish_event, set_conditions, write_status},
 };
 use crate::{
     crd::{ConfigBinding, ConfigBindingStatus, CreationPolicy, MAX_SKIPPED_LISTED},
-    kv::{KvError, KvStore, KvUpdate, WatchCursor},
+    kv::{
+        KvError, KvStore, KvUpdate, WatchCursor,
+        mirror::{Merge, Mirror},
+    },
     metrics::BindingLabels,
-    projection::{Projected, ProjectionRules},
-    sink::configmap::{
-        BINDING_ANNOTATION, ConfigMapSink, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Observed, SinkError,
-        TargetRef, check_ownership, content_digest, foreign_keys,
+    projection::{Projected, ProjectionError, ProjectionRules},
+    reason::Reason,
+    sink::configmap::{Observed, SinkError, TargetRef, content_digest, foreign_keys},
+    util::{
+        backoff::Backoff,
+        time::{instant_of, now_rfc3339, sleep_until},
     },
 };
 
@@ -44,14 +47,6 @@ use crate::{
 pub enum WorkerMsg {
     /// The target ConfigMap as the watch last saw it (`None`: deleted).
     Target(Option<Box<Observed>>),
-}
-
-/// What the worker knows about its ConfigMap.
-#[derive(Debug, Clone)]
-enum TargetState {
-    Unknown,
-    Absent,
-    Present(Box<Observed>),
 }
 
 enum CatchupMode {
@@ -84,51 +79,6 @@ impl Catchup {
     }
 }
 
-/// A condition the worker wants in status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Health {
-    ready: bool,
-    reason: String,
-    message: String,
-    stalled: bool,
-}
-
-impl Health {
-    fn ok(reason: &str, message: impl Into<String>) -> Self {
-        Self {
-            ready: true,
-            reason: reason.into(),
-            message: message.into(),
-            stalled: false,
-        }
-    }
-
-    /// What the stored status already says (a restarted worker does not
-    /// re-announce it); `Syncing` for a new binding.
-    fn from_status(status: &ConfigBindingStatus) -> Self {
-        match status.condition("Ready") {
-            Some(c) => Self {
-                ready: c.status == "True",
-                reason: c.reason.clone(),
-                message: c.message.clone(),
-                stalled: status
-                    .condition("Stalled")
-                    .is_some_and(|s| s.status == "True"),
-            },
-            None => Self::err("Syncing", "waiting for the bucket watch", false),
-        }
-    }
-
-    fn err(reason: &str, message: impl Into<String>, stalled: bool) -> Self {
-        Self {
-            ready: false,
-            reason: reason.into(),
-            message: message.into(),
-            stalled,
-        }
-    }
-}
-
 pub struct Worker {
     ctx: Arc<Context>,
     binding: Arc<ConfigBinding>,
@@ -143,8 +93,9 @@ pub struct Worker {
     /// Membership in the bucket's watch; catch-ups are asked through it.
     sub: Option<Subscription>,
     buffered: Vec<(Arc<KvUpdate>, Instant)>,
-    entries: BTreeMap<String, Bytes>,
-    seen: WatchCursor,
+    /// The entries of the binding's prefixes and the cursor they are
+    /// complete through ("seen"; it reaches the ConfigMap only with them).
+    mirror: Mirror,
     /// `entries` are complete through `seen` and may be written.
     synced: bool,
     target_state: TargetState,
@@ -155,12 +106,11 @@ pub struct Worker {
     /// window is written at once, later ones wait for the window to end.
     last_write: Option<Instant>,
     retry_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     conflicts: u32,
     health: Health,
     /// A resync could not tell deleted keys from aged-out ones.
     lingering: bool,
-    skipped: Vec<String>,
     /// The status we want in the API (written, or waiting for `status_due`).
     status: ConfigBindingStatus,
     /// Since when `status` holds changes not written yet (`None`: all
@@ -194,34 +144,6 @@ fn min_deadline(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// `t` on this process's monotonic clock; `None` when `t` is in the future
-/// (the NATS server's clock runs ahead of ours).
-fn instant_of(t: std::time::SystemTime) -> Option<Instant> {
-    let age = std::time::SystemTime::now().duration_since(t).ok()?;
-    Instant::now().checked_sub(age)
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
-fn content_keys(p: &Projected<'_>) -> Vec<String> {
-    p.data
-        .keys()
-        .chain(p.binary_data.keys())
-        .map(|k| k.to_string())
-        .collect()
 }
 
 fn rv_number(rv: Option<&str>) -> Option<u64> {
@@ -264,19 +186,17 @@ impl Worker {
             catchup: None,
             sub: None,
             buffered: Vec::new(),
-            entries: BTreeMap::new(),
-            seen: WatchCursor::none(),
+            mirror: Mirror::default(),
             synced: false,
             target_state: TargetState::Unknown,
             dirty_since: None,
             flush_at: None,
             last_write: None,
             retry_at: None,
-            backoff: Duration::from_millis(200),
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
             conflicts: 0,
             health: Health::from_status(&status),
             lingering: false,
-            skipped: status.skipped_keys.clone(),
             status_dirty_since: None,
             status_written_at: None,
             status_due: None,
@@ -291,8 +211,7 @@ impl Worker {
     }
 
     fn retry_later(&mut self) {
-        self.retry_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+        self.retry_at = Some(Instant::now() + self.backoff.next_delay());
     }
 
     fn schedule_flush(&mut self, after: Duration) {
@@ -320,10 +239,9 @@ impl Worker {
                 Ok(Some(cm)) => {
                     let obs = Observed::from_configmap(&cm);
                     if let Some(entries) = self.resumable_entries(&cm, &obs) {
-                        self.entries = entries;
-                        self.seen = obs.cursor;
+                        self.mirror = Mirror::restored(entries, obs.cursor);
                         self.incarnation = obs.incarnation;
-                        info!(binding = %self.labels.binding, cursor = %self.seen, keys = self.entries.len(),
+                        info!(binding = %self.labels.binding, cursor = %self.mirror.cursor(), keys = self.mirror.entries().len(),
                               "resuming from the ConfigMap's cursor");
                     }
                     self.target_state = TargetState::Present(Box::new(obs));
@@ -332,8 +250,7 @@ impl Worker {
                 Err(e) => {
                     self.set_health(Health::err(e.reason(), e.to_string(), false))
                         .await;
-                    tokio::time::sleep(self.backoff).await;
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+                    tokio::time::sleep(self.backoff.next_delay()).await;
                 }
             }
         }
@@ -396,7 +313,7 @@ impl Worker {
     pub async fn run(mut self) {
         // boxed: its API read would otherwise stay in the task's size forever
         Box::pin(self.load_target()).await;
-        self.backoff = Duration::from_millis(200);
+        self.backoff.reset();
         let (tx, mut hub_rx) = mpsc::unbounded_channel();
         let sub = self.ctx.hub.subscribe(
             &self.binding.spec.bucket,
@@ -475,7 +392,7 @@ impl Worker {
                 self.synced = false;
                 self.catching_up = false;
                 self.buffered.clear();
-                self.set_health(Health::err(err.reason(), err.to_string(), false))
+                self.set_health(Health::err(Reason::from(&err), err.to_string(), false))
                     .await;
             }
         }
@@ -508,7 +425,7 @@ impl Worker {
     /// Asks the bucket's catch-up runner for the delta after `seen`, or the
     /// full state when there is no cursor; the answer comes as hub events.
     async fn start_catchup(&mut self) {
-        let mode = if self.seen.is_none() {
+        let mode = if self.mirror.cursor().is_none() {
             CatchupMode::Full { prune: true }
         } else {
             CatchupMode::Delta
@@ -519,7 +436,7 @@ impl Worker {
     async fn request_catchup(&mut self, mode: CatchupMode) {
         let from = match mode {
             CatchupMode::Full { .. } => WatchCursor::none(),
-            CatchupMode::Delta => self.seen,
+            CatchupMode::Delta => self.mirror.cursor(),
         };
         let asked = match &self.sub {
             Some(sub) => sub.request_catchup(from),
@@ -529,8 +446,8 @@ impl Worker {
             Ok(ticket) => self.catchup = Some(Catchup::new(ticket, mode)),
             Err(e) => {
                 self.catchup = None;
-                self.ctx.metrics.error(e.reason());
-                self.set_health(Health::err(e.reason(), e.to_string(), false))
+                self.ctx.metrics.error(Reason::from(&e));
+                self.set_health(Health::err(Reason::from(&e), e.to_string(), false))
                     .await;
                 self.retry_later();
             }
@@ -542,7 +459,7 @@ impl Worker {
     async fn repair_mode(&mut self, store: &Arc<dyn KvStore>) -> CatchupMode {
         let prune = matches!(store.info().await, Ok(info) if info.keeps_current_values);
         warn!(binding = %self.labels.binding, prune, "cursor expired; resyncing");
-        self.ctx.metrics.error("CursorExpired");
+        self.ctx.metrics.error(Reason::CursorExpired);
         if !prune {
             self.lingering = true;
         }
@@ -594,20 +511,11 @@ impl Worker {
                 };
                 if let CatchupMode::Full { prune } = c.mode {
                     let changed = if prune {
-                        self.entries != c.fresh
-                    } else {
-                        c.fresh.iter().any(|(k, v)| self.entries.get(k) != Some(v))
-                            || c.removed.iter().any(|k| self.entries.contains_key(k))
-                    };
-                    if prune {
-                        self.entries = c.fresh;
+                        self.mirror.replace_entries(c.fresh)
                     } else {
                         // keep keys we cannot prove deleted, drop those with a tombstone
-                        for k in &c.removed {
-                            self.entries.remove(k);
-                        }
-                        self.entries.extend(c.fresh);
-                    }
+                        self.mirror.merge_entries(c.fresh, &c.removed)
+                    };
                     if changed {
                         self.dirty_since.get_or_insert_with(Instant::now);
                     }
@@ -616,22 +524,22 @@ impl Worker {
                         && !self.other_incarnation(obs)
                         && let Some(v) = obs.cursor.version()
                     {
-                        self.seen.advance(v);
+                        self.mirror.advance(v);
                     }
                 }
                 if let Some(v) = c.max_version.version() {
-                    self.seen.advance(v);
+                    self.mirror.advance(v);
                 }
                 if let Some(v) = cursor.version() {
-                    self.seen.advance(v);
+                    self.mirror.advance(v);
                 }
                 self.catching_up = false;
                 self.synced = true;
-                self.backoff = Duration::from_millis(200);
+                self.backoff.reset();
                 for (update, at) in std::mem::take(&mut self.buffered) {
                     self.apply_shared(update, at);
                 }
-                debug!(binding = %self.labels.binding, cursor = %self.seen, received = self.received, "caught up");
+                debug!(binding = %self.labels.binding, cursor = %self.mirror.cursor(), received = self.received, "caught up");
                 self.schedule_flush(Duration::ZERO);
             }
             HubEvent::CatchupFailed {
@@ -646,8 +554,8 @@ impl Worker {
             }
             HubEvent::CatchupFailed { error, .. } => {
                 self.catchup = None;
-                self.ctx.metrics.error(error.reason());
-                self.set_health(Health::err(error.reason(), error.to_string(), false))
+                self.ctx.metrics.error(Reason::from(&error));
+                self.set_health(Health::err(Reason::from(&error), error.to_string(), false))
                     .await;
                 self.retry_later();
             }
@@ -664,8 +572,8 @@ impl Worker {
             && old != new
         {
             warn!(binding = %self.labels.binding, "the bucket was deleted and created again; resyncing from its new content");
-            self.ctx.metrics.error("BucketRecreated");
-            self.seen = WatchCursor::none();
+            self.ctx.metrics.error(Reason::BucketRecreated);
+            self.mirror.forget_cursor();
         }
         if now.is_some() {
             self.incarnation = now;
@@ -680,7 +588,7 @@ impl Worker {
     /// [`Self::apply_live`] for an update the hub shares between bindings:
     /// copied only when another binding still holds it and it is news here.
     fn apply_shared(&mut self, update: Arc<KvUpdate>, at: Instant) {
-        if self.seen.covers(&update.version()) {
+        if self.mirror.covers(&update.version()) {
             return;
         }
         self.apply_live(Arc::unwrap_or_clone(update), at);
@@ -688,8 +596,7 @@ impl Worker {
 
     /// Merges one update in order. Old history (<= seen) is ignored.
     fn apply_live(&mut self, update: KvUpdate, at: Instant) {
-        let version = update.version();
-        if self.seen.covers(&version) {
+        if self.mirror.covers(&update.version()) {
             return;
         }
         // a live change counts from when NATS stored it (receipt can lag
@@ -703,20 +610,7 @@ impl Worker {
         if !self.catching_up {
             self.received += 1;
         }
-        self.seen.advance(version);
-        let changed = match update {
-            KvUpdate::Put(e) => {
-                if self.entries.get(&e.key) == Some(&e.value) {
-                    false
-                } else {
-                    self.entries.insert(e.key, e.value);
-                    true
-                }
-            }
-            KvUpdate::Delete { key, .. } | KvUpdate::Purge { key, .. } => {
-                self.entries.remove(&key).is_some()
-            }
-        };
+        let changed = self.mirror.apply(update) == Merge::Changed;
         self.update_lag(self.status_cursor());
         if changed {
             self.dirty_since.get_or_insert(at);
@@ -770,115 +664,101 @@ impl Worker {
         }
         // the projection borrows the entries while the write needs `&mut
         // self`; nothing else runs on this worker until the flush returns
-        let entries = std::mem::take(&mut self.entries);
+        let entries = self.mirror.take_entries();
         self.flush_entries(&entries).await;
-        self.entries = entries;
+        self.mirror.put_back(entries);
     }
 
-    async fn flush_entries(&mut self, entries: &BTreeMap<String, Bytes>) {
-        // held through the write and its status write (bounded API concurrency)
-        let _permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
-        if self.binding.spec.suspend {
-            self.set_health(Health::err(
-                "Suspended",
-                "spec.suspend is true: watching, not writing",
-                false,
-            ))
-            .await;
-            return;
-        }
-        let mut projected = match self
+    /// The content to write: the projection of `entries`, stamped with what
+    /// a restart needs to trust it (the pure "build" step).
+    fn build<'a>(
+        &self,
+        entries: &'a BTreeMap<String, Bytes>,
+    ) -> Result<Projected<'a>, ProjectionError> {
+        let mut projected = self
             .rules
-            .project(entries.iter().map(|(k, v)| (k.as_str(), v.as_ref())))
-        {
-            Ok(p) => p,
-            Err(e) => {
-                self.ctx.metrics.error(e.reason());
-                warn!(binding = %self.labels.binding, reason = e.reason(), error = %e, "not writing");
-                self.set_health(Health::err(
-                    e.reason(),
-                    format!("{e}; the ConfigMap keeps its last good content"),
-                    false,
-                ))
-                .await;
-                return;
-            }
-        };
+            .project(entries.iter().map(|(k, v)| (k.as_str(), v.as_ref())))?;
         projected.incarnation = self.incarnation;
         if self.target.policy == CreationPolicy::Merge || !self.rules.is_invertible() {
             // a restart needs this to map our keys back to KV keys
             projected.sources = self.rules.sources(entries.keys().map(String::as_str));
         }
-        self.skipped = projected.skipped.clone();
-        if matches!(self.target_state, TargetState::Unknown) {
-            match self
-                .ctx
-                .sink
-                .read(&self.target.namespace, &self.target.name)
-                .await
-            {
-                Ok(None) => self.target_state = TargetState::Absent,
-                Ok(Some(cm)) => {
-                    self.target_state =
-                        TargetState::Present(Box::new(Observed::from_configmap(&cm)))
-                }
-                Err(e) => return self.write_failed(e).await,
-            }
-        }
-        let mut resource_version = None;
-        if let TargetState::Present(obs) = &self.target_state {
-            let other_exists = match obs.binding.as_deref() {
-                Some(other) if other != self.target.binding => {
-                    self.other_binding_exists(other).await
-                }
-                _ => false,
-            };
-            if let Err(e) = check_ownership(&self.target, obs, other_exists) {
-                return self.write_failed(e).await;
-            }
-            if let (Some(theirs), Some(ours)) = (obs.cursor.version(), self.seen.version())
-                && theirs > ours
-                && !self.other_incarnation(obs)
-            {
-                let e = SinkError::StaleWriter {
-                    ours: ours.to_string(),
-                    theirs: theirs.to_string(),
-                };
-                return self.write_failed(e).await;
-            }
-            let same = obs.holds(&projected, self.target.policy)
-                && obs.stamped(&projected)
-                && obs.binding.as_deref() == Some(self.target.binding.as_str())
-                && obs.generation == Some(self.target.generation)
-                && match self.target.policy {
-                    CreationPolicy::Owner => !obs.has_foreign_keys(&projected),
-                    CreationPolicy::Merge => {
-                        self.applied_keys.as_ref() == Some(&content_keys(&projected))
+        Ok(projected)
+    }
+
+    /// The write path: build the content, [`decide`] what to do with it,
+    /// do it, report it. Reads the ConfigMap (or the binding named in its
+    /// claim) only when the decision asks for it.
+    async fn flush_entries(&mut self, entries: &BTreeMap<String, Bytes>) {
+        // held through the write and its status write (bounded API concurrency)
+        let _permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
+        let content = self.build(entries);
+        let mut other_binding_exists = None;
+        let decision = loop {
+            let decision = decide(&Observation {
+                suspend: self.binding.spec.suspend,
+                content: content.as_ref(),
+                target: &self.target,
+                configmap: &self.target_state,
+                other_binding_exists,
+                cursor: self.mirror.cursor(),
+                incarnation: self.incarnation,
+                applied_keys: self.applied_keys.as_deref(),
+                leader: *self.ctx.gate.borrow(),
+            });
+            match decision {
+                Decision::Observe(Lookup::Target) => {
+                    match self
+                        .ctx
+                        .sink
+                        .read(&self.target.namespace, &self.target.name)
+                        .await
+                    {
+                        Ok(None) => self.target_state = TargetState::Absent,
+                        Ok(Some(cm)) => {
+                            self.target_state =
+                                TargetState::Present(Box::new(Observed::from_configmap(&cm)))
+                        }
+                        Err(e) => return self.write_failed(e).await,
                     }
-                };
-            if same {
+                }
+                Decision::Observe(Lookup::OtherBinding(name)) => {
+                    other_binding_exists = Some(self.other_binding_exists(&name).await);
+                }
+                decision => break decision,
+            }
+        };
+        let write = match decision {
+            Decision::Observe(_) => return,
+            Decision::Refuse(refusal) => return self.refused(refusal).await,
+            Decision::SkipUnchanged { cursor } => {
                 // invariant 5: nothing changed, nothing written
                 self.dirty_since = None;
-                self.after_write(&projected, obs.cursor).await;
+                if let Ok(content) = &content {
+                    self.after_write(content, cursor).await;
+                }
                 return;
             }
-            resource_version = obs.resource_version.clone();
-        }
-        if !self.may_write() {
-            debug!(binding = %self.labels.binding, "standby: write dropped");
+            Decision::Standby => {
+                self.ctx.metrics.dropped_writes.inc();
+                debug!(binding = %self.labels.binding, "standby: write dropped");
+                return;
+            }
+            Decision::Write(write) => write,
+        };
+        let Ok(content) = &content else {
             return;
-        }
-        let result = self.write(&projected, resource_version).await;
-        match result {
+        };
+        match self.write(write, content).await {
             Ok(obs) => {
                 self.last_write = Some(Instant::now());
                 self.conflicts = 0;
-                self.backoff = Duration::from_millis(200);
+                self.backoff.reset();
                 let cursor = obs.cursor;
                 self.target_state = TargetState::Present(Box::new(obs));
                 self.ctx.metrics.writes.get_or_create(&self.labels).inc();
                 if self.target.policy == CreationPolicy::Merge {
-                    self.applied_keys = Some(content_keys(&projected));
+                    self.applied_keys = Some(content_keys(content));
                 }
                 if let Some(since) = self.dirty_since.take() {
                     self.ctx
@@ -886,7 +766,7 @@ impl Worker {
                         .propagation_seconds
                         .observe(since.elapsed().as_secs_f64());
                 }
-                self.after_write(&projected, cursor).await;
+                self.after_write(content, cursor).await;
             }
             Err(SinkError::Conflict) if self.conflicts < 5 => {
                 // someone wrote since our read: re-read, compare, retry
@@ -902,74 +782,76 @@ impl Worker {
         }
     }
 
-    /// Creates the ConfigMap empty (create-only, so two bindings cannot both
-    /// take it) then applies the content guarded by its resourceVersion.
+    /// Reports why the content was not written; the ConfigMap keeps its
+    /// last good content.
+    async fn refused(&mut self, refusal: Refusal) {
+        match refusal {
+            Refusal::Suspended => {
+                let message = "spec.suspend is true: watching, not writing";
+                self.set_health(Health::err(Reason::Suspended, message, false))
+                    .await;
+            }
+            Refusal::Projection(e) => {
+                self.ctx.metrics.error(e.reason());
+                warn!(binding = %self.labels.binding, reason = e.reason().as_str(), error = %e, "not writing");
+                self.set_health(Health::err(
+                    e.reason(),
+                    format!("{e}; the ConfigMap keeps its last good content"),
+                    false,
+                ))
+                .await;
+            }
+            sink @ (Refusal::TargetConflict(_) | Refusal::StaleWriter { .. }) => {
+                if let Some(e) = sink.into_sink_error() {
+                    self.write_failed(e).await;
+                }
+            }
+        }
+    }
+
+    /// Carries out `write` (the sink guards it with the resourceVersion it
+    /// was decided on).
     async fn write(
         &mut self,
+        write: Write,
         content: &Projected<'_>,
-        mut resource_version: Option<String>,
     ) -> Result<Observed, SinkError> {
-        if matches!(self.target_state, TargetState::Absent) {
-            let mut skeleton = ConfigMapSink::desired(
-                &self.target,
-                &Projected::default(),
-                WatchCursor::none(),
-                None,
-            );
-            if let Some(a) = skeleton.metadata.annotations.as_mut() {
-                a.retain(|k, _| k == BINDING_ANNOTATION);
-            }
-            skeleton.metadata.labels = Some(BTreeMap::from([(
-                MANAGED_BY_LABEL.to_owned(),
-                MANAGED_BY_VALUE.to_owned(),
-            )]));
-            let api: Api<ConfigMap> =
-                Api::namespaced(self.ctx.client.clone(), &self.target.namespace);
-            let pp = PostParams {
-                field_manager: Some("slipstream-create".into()),
-                ..PostParams::default()
-            };
-            let created = api.create(&pp, &skeleton).await?;
-            resource_version = created.metadata.resource_version.clone();
-        } else if let TargetState::Present(obs) = &self.target_state
-            && self.target.policy == CreationPolicy::Owner
-        {
-            // hand-added keys are not ours to keep; remove them in the same
-            // write (their names come from a fresh read: only hashes are kept)
-            if obs.has_foreign_keys(content)
-                && let Some(rv) = &resource_version
-            {
-                let cm = self
-                    .ctx
-                    .sink
-                    .read(&self.target.namespace, &self.target.name)
-                    .await?;
-                let Some(cm) = cm.filter(|cm| cm.metadata.resource_version.as_ref() == Some(rv))
+        let sink = &self.ctx.sink;
+        let resource_version = match write {
+            Write::Create => sink.create_empty(&self.target).await?,
+            Write::Apply { resource_version } => resource_version,
+            Write::ReplaceForeign { resource_version } => {
+                // their names come from a fresh read: only hashes are kept
+                let cm = sink.read(&self.target.namespace, &self.target.name).await?;
+                let Some(cm) = cm
+                    .filter(|cm| cm.metadata.resource_version.as_ref() == Some(&resource_version))
                 else {
                     return Err(SinkError::Conflict);
                 };
                 let foreign = foreign_keys(&cm, content);
-                return self
-                    .ctx
-                    .sink
-                    .replace_content(&self.target, content, self.seen, &foreign, rv)
+                return sink
+                    .replace_content(
+                        &self.target,
+                        content,
+                        self.mirror.cursor(),
+                        &foreign,
+                        &resource_version,
+                    )
                     .await;
             }
-        }
-        self.ctx
-            .sink
-            .apply(
-                &self.target,
-                content,
-                self.seen,
-                resource_version.as_deref(),
-            )
-            .await
+        };
+        sink.apply(
+            &self.target,
+            content,
+            self.mirror.cursor(),
+            resource_version.as_deref(),
+        )
+        .await
     }
 
     async fn write_failed(&mut self, e: SinkError) {
         self.ctx.metrics.error(e.reason());
-        warn!(binding = %self.labels.binding, reason = e.reason(), error = %e, "ConfigMap write failed");
+        warn!(binding = %self.labels.binding, reason = e.reason().as_str(), error = %e, "ConfigMap write failed");
         let stalled = matches!(e, SinkError::TargetConflict(_));
         self.set_health(Health::err(e.reason(), e.to_string(), stalled))
             .await;
@@ -1008,7 +890,7 @@ impl Worker {
         }
         let health = if self.lingering {
             Health::ok(
-                "ResyncedWithoutPrune",
+                Reason::ResyncedWithoutPrune,
                 "the cursor expired on a bucket that ages out values: keys deleted while the \
                  operator was away may linger in the ConfigMap",
             )
@@ -1022,7 +904,7 @@ impl Worker {
                     content.keys
                 )
             };
-            Health::ok("Synced", message)
+            Health::ok(Reason::Synced, message)
         };
         self.set_health(health).await;
     }
@@ -1033,20 +915,12 @@ impl Worker {
     /// restates the cursor waits for the status interval (trailing write).
     async fn set_health(&mut self, health: Health) {
         // an Event per state change, not per new cursor in the message
-        let announce = (health.ready, &health.reason, health.stalled)
-            != (self.health.ready, &self.health.reason, self.health.stalled);
+        let announce = !health.same_state(&self.health);
         let urgent = announce
             || (!health.ready && health.message != self.health.message)
             || self.binding.metadata.generation != self.status_written_generation;
         let mut status = self.status.clone();
-        super::set_conditions(
-            &mut status,
-            &health.reason,
-            &health.message,
-            health.ready,
-            health.stalled,
-            self.binding.metadata.generation,
-        );
+        set_conditions(&mut status, &health, self.binding.metadata.generation);
         status.observed_generation = self.binding.metadata.generation;
         if health != self.health {
             self.health = health;
@@ -1116,61 +990,20 @@ impl Worker {
                 self.status_written_generation = self.status.observed_generation;
             }
             Err(e) => {
-                self.ctx.metrics.error("StatusWriteFailed");
+                self.ctx.metrics.error(Reason::StatusWriteFailed);
                 warn!(binding = %self.labels.binding, error = %e, "status write failed");
                 self.retry_later();
                 self.status_due = self.retry_at;
             }
         }
         if announce {
-            let health = &self.health;
-            let event = KubeEvent {
-                type_: if health.ready {
-                    EventType::Normal
-                } else {
-                    EventType::Warning
-                },
-                reason: health.reason.clone(),
-                note: Some(health.message.chars().take(1000).collect()),
-                action: "Sync".into(),
-                secondary: None,
-            };
-            let reference = self.binding.object_ref(&());
-            if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
-                debug!(error = %e, "event not recorded");
-            }
+            publish_event(
+                &self.ctx.recorder,
+                &self.binding,
+                &self.health,
+                Action::Sync,
+            )
+            .await;
         }
     }
-}
-
-/// Writes status with a merge patch; absent fields are cleared explicitly.
-pub async fn write_status(
-    client: &kube::Client,
-    binding: &ConfigBinding,
-    status: &ConfigBindingStatus,
-) -> Result<(), kube::Error> {
-    let mut value = serde_json::to_value(status).unwrap_or_default();
-    if let Some(map) = value.as_object_mut() {
-        for field in [
-            "observedGeneration",
-            "cursor",
-            "keys",
-            "bytes",
-            "lastSyncTime",
-            "skippedCount",
-            "skippedKeys",
-            "conditions",
-        ] {
-            map.entry(field).or_insert(serde_json::Value::Null);
-        }
-    }
-    let api: Api<ConfigBinding> =
-        Api::namespaced(client.clone(), &binding.namespace().unwrap_or_default());
-    api.patch_status(
-        &binding.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({ "status": value })),
-    )
-    .await
-    .map(|_| ())
 }

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 
 use super::{KvError, KvStore, KvUpdate, VersionToken};
+use crate::util::time::sleep_until;
 
 /// Timing of a lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -423,7 +424,7 @@ impl Lease {
                 tokio::select! {
                     r = &mut attempt => break Some(r),
                     () = &mut shutdown => break None,
-                    () = sleep_until_opt(deadline) => {
+                    () = sleep_until(deadline) => {
                         self.is_held();
                     }
                 }
@@ -460,13 +461,6 @@ impl Lease {
             stop: stop_tx,
             handle: Some(handle),
         }
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

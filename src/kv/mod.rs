@@ -11,10 +11,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 
+use crate::reason::Reason;
+
 pub mod filter;
 pub mod lease;
+pub mod mirror;
 pub mod nats;
-mod nats_watch;
 
 /// Errors of the KV layer. `Clone` so one failure can be fanned out to every
 /// binding that shares a watch.
@@ -57,20 +59,26 @@ pub enum KvError {
 impl KvError {
     /// A short reason word for conditions, events and metric labels.
     pub fn reason(&self) -> &'static str {
-        match self {
-            KvError::NotConnected => "NotConnected",
-            KvError::ConnectionFailed(_) => "ConnectionFailed",
-            KvError::BucketNotFound(_) => "BucketNotFound",
-            KvError::KeyNotFound(_) => "KeyNotFound",
-            KvError::InvalidKey(_) => "InvalidKey",
-            KvError::AlreadyExists(_) => "AlreadyExists",
-            KvError::RevisionMismatch { .. } => "RevisionMismatch",
-            KvError::SerializationError(_) => "SerializationError",
-            KvError::DeserializationError(_) => "DeserializationError",
-            KvError::WatchError(_) => "WatchError",
-            KvError::OperationFailed(_) => "OperationFailed",
-            KvError::Timeout(_) => "Timeout",
-            KvError::CursorExpired { .. } => "CursorExpired",
+        Reason::from(self).as_str()
+    }
+}
+
+impl From<&KvError> for Reason {
+    fn from(e: &KvError) -> Self {
+        match e {
+            KvError::NotConnected => Reason::NotConnected,
+            KvError::ConnectionFailed(_) => Reason::ConnectionFailed,
+            KvError::BucketNotFound(_) => Reason::BucketNotFound,
+            KvError::KeyNotFound(_) => Reason::KeyNotFound,
+            KvError::InvalidKey(_) => Reason::InvalidKey,
+            KvError::AlreadyExists(_) => Reason::AlreadyExists,
+            KvError::RevisionMismatch { .. } => Reason::RevisionMismatch,
+            KvError::SerializationError(_) => Reason::SerializationError,
+            KvError::DeserializationError(_) => Reason::DeserializationError,
+            KvError::WatchError(_) => Reason::WatchError,
+            KvError::OperationFailed(_) => Reason::OperationFailed,
+            KvError::Timeout(_) => Reason::Timeout,
+            KvError::CursorExpired { .. } => Reason::CursorExpired,
         }
     }
 }
@@ -446,6 +454,13 @@ pub trait KvPurge: Send + Sync {
 pub trait KvStore: KvReader + KvWatcher + KvWriter + KvTtl + KvPurge {}
 
 impl<T: KvReader + KvWatcher + KvWriter + KvTtl + KvPurge> KvStore for T {}
+
+/// Opens buckets by name. Implementations connect lazily, so the operator
+/// starts (and reports `NotConnected`) while the backend is down.
+#[async_trait]
+pub trait KvConnector: Send + Sync + 'static {
+    async fn open(&self, bucket: &str) -> Result<std::sync::Arc<dyn KvStore>>;
+}
 
 #[cfg(test)]
 mod tests {

@@ -30,9 +30,15 @@ use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
 use super::{
-    KvError, KvUpdate, Result, VersionToken, WatchCursor, WatchEvent, WatchStream,
-    filter::{checked_prefixes, matches_any, subject_filters},
-    nats::{BucketInner, ConnectionState, operation_from_headers, timed, to_update},
+    codec::{incarnation_of, operation_from_headers, parse_ack_subject, to_update},
+    handle::{BucketInner, ConnectionState, ConnectionStatus, timed},
+};
+use crate::{
+    kv::{
+        KvError, KvUpdate, Result, VersionToken, WatchCursor, WatchEvent, WatchStream,
+        filter::{checked_prefixes, matches_any, subject_filters},
+    },
+    util::backoff::Backoff,
 };
 
 /// How often an idle consumer sends a heartbeat.
@@ -46,44 +52,6 @@ const INACTIVE_THRESHOLD: Duration = Duration::from_secs(60);
 const RECREATE_BUDGET: Duration = Duration::from_secs(30);
 
 const CONSUMER_STALLED: &str = "Nats-Consumer-Stalled";
-
-/// Where the numbers of a delivered message are: its ack reply subject.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Delivery {
-    pub stream_seq: u64,
-    pub consumer_seq: u64,
-    pub pending: u64,
-    /// When the server stored the message (Unix ns).
-    pub published_ns: u64,
-}
-
-/// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`
-/// (v1) and `$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]` (v2).
-pub(crate) fn parse_ack_subject(subject: &str) -> Option<Delivery> {
-    // No allocation: this runs once per delivered message.
-    let mut tokens = [""; 12];
-    let mut n = 0;
-    for t in subject.split('.') {
-        if n < tokens.len() {
-            tokens[n] = t;
-        }
-        n += 1;
-    }
-    if n < 9 || tokens[0] != "$JS" || tokens[1] != "ACK" {
-        return None;
-    }
-    let base = match n {
-        9 => 5,
-        n if n >= 11 => 7,
-        _ => return None,
-    };
-    Some(Delivery {
-        stream_seq: tokens[base].parse().ok()?,
-        consumer_seq: tokens[base + 1].parse().ok()?,
-        pending: tokens[base + 3].parse().ok()?,
-        published_ns: tokens[base + 2].parse().ok()?,
-    })
-}
 
 /// A watch over `prefixes` starting at `cursor`; the consumer exists when this returns.
 pub(crate) async fn watch(
@@ -159,7 +127,7 @@ struct Watcher {
     last_yielded: u64,
     synced: bool,
     consumer: Option<Incarnation>,
-    status: tokio::sync::watch::Receiver<super::nats::ConnectionStatus>,
+    status: tokio::sync::watch::Receiver<ConnectionStatus>,
     out: VecDeque<WatchEvent>,
     done: bool,
 }
@@ -223,9 +191,7 @@ impl Watcher {
         let reconnects = self.status.borrow().reconnects;
         let info = self.inner.stream_info().await?;
         let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-        if self.inner.incarnation.is_some()
-            && crate::kv::nats::incarnation_of(&info) != self.inner.incarnation
-        {
+        if self.inner.incarnation.is_some() && incarnation_of(&info) != self.inner.incarnation {
             // deleted and created again: our position means nothing here
             return Err(KvError::CursorExpired {
                 cursor: VersionToken::from_u64(self.position),
@@ -326,7 +292,7 @@ impl Watcher {
         }
         tracing::debug!(bucket = %self.inner.name, reason, position = self.position, "recreating watch consumer");
         let mut deadline: Option<Instant> = None;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let state = self.status.borrow().state;
             match state {
@@ -353,8 +319,7 @@ impl Watcher {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "watch consumer recreation failed, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
@@ -548,35 +513,5 @@ fn delete_in_background(inner: &Arc<BucketInner>, name: String) {
 impl Drop for Watcher {
     fn drop(&mut self) {
         self.abandon_consumer();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ack_subjects_of_both_formats_parse() {
-        assert_eq!(
-            parse_ack_subject("$JS.ACK.KV_b.cons.1.42.7.1700000000000000000.3"),
-            Some(Delivery {
-                stream_seq: 42,
-                consumer_seq: 7,
-                pending: 3,
-                published_ns: 1_700_000_000_000_000_000,
-            })
-        );
-        assert_eq!(
-            parse_ack_subject("$JS.ACK.dom.hash.KV_b.cons.1.42.7.1700000000000000000.0.rnd"),
-            Some(Delivery {
-                stream_seq: 42,
-                consumer_seq: 7,
-                pending: 0,
-                published_ns: 1_700_000_000_000_000_000,
-            })
-        );
-        assert_eq!(parse_ack_subject("$JS.ACK.a.b"), None);
-        assert_eq!(parse_ack_subject("_INBOX.x.y.z.a.b.c.d.e"), None);
-        assert_eq!(parse_ack_subject("$JS.ACK.KV_b.c.1.x.7.1.3"), None);
     }
 }

@@ -1,0 +1,275 @@
+//! What a binding tells its user: the `Ready` and `Stalled` conditions in
+//! `status`, the status write, and the Events that announce a change.
+//!
+//! Condition types are [`ConditionType`]; reason words are
+//! [`Reason`](crate::reason::Reason), the same word in the condition, the
+//! Event and the `reason` label of `slipstream_errors_total`.
+
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::events::{Event as KubeEvent, EventType, Recorder},
+};
+use tracing::debug;
+
+use crate::{
+    crd::{Condition, ConfigBinding, ConfigBindingStatus},
+    reason::Reason,
+    util::time::now_rfc3339,
+};
+
+/// The condition types a binding's status carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionType {
+    /// The ConfigMap holds the KV content (what `kubectl wait
+    /// --for=condition=Ready` waits for).
+    Ready,
+    /// Retrying will not help: a human must change something.
+    Stalled,
+}
+
+impl ConditionType {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ConditionType::Ready => "Ready",
+            ConditionType::Stalled => "Stalled",
+        }
+    }
+}
+
+/// A condition's `status` word.
+const fn status_word(on: bool) -> &'static str {
+    if on { "True" } else { "False" }
+}
+
+/// The state a binding reports: Ready or not, why, and whether it is stalled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub ready: bool,
+    pub reason: Reason,
+    pub message: String,
+    pub stalled: bool,
+}
+
+impl Health {
+    pub fn ok(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            ready: true,
+            reason,
+            message: message.into(),
+            stalled: false,
+        }
+    }
+
+    pub fn err(reason: Reason, message: impl Into<String>, stalled: bool) -> Self {
+        Self {
+            ready: false,
+            reason,
+            message: message.into(),
+            stalled,
+        }
+    }
+
+    /// What the stored status already says (a restarted worker does not
+    /// re-announce it); `Syncing` for a new binding, or one whose reason
+    /// word this version does not know.
+    pub fn from_status(status: &ConfigBindingStatus) -> Self {
+        let ready = status.condition(ConditionType::Ready.as_str());
+        match ready.and_then(|c| Some((c, Reason::from_word(&c.reason)?))) {
+            Some((c, reason)) => Self {
+                ready: c.status == status_word(true),
+                reason,
+                message: c.message.clone(),
+                stalled: status
+                    .condition(ConditionType::Stalled.as_str())
+                    .is_some_and(|s| s.status == status_word(true)),
+            },
+            None => Self::err(Reason::Syncing, "waiting for the bucket watch", false),
+        }
+    }
+
+    /// Same Ready state, reason and stalled flag (an Event is due otherwise).
+    pub fn same_state(&self, other: &Health) -> bool {
+        (self.ready, self.reason, self.stalled) == (other.ready, other.reason, other.stalled)
+    }
+}
+
+/// Sets Ready (and Stalled) the way `kubectl wait --for=condition=Ready` expects.
+pub fn set_conditions(status: &mut ConfigBindingStatus, health: &Health, generation: Option<i64>) {
+    let now = now_rfc3339();
+    let mut set = |type_: ConditionType, on: bool, reason: Reason, message: &str| {
+        let value = status_word(on);
+        match status
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == type_.as_str())
+        {
+            Some(c) => {
+                if c.status != value {
+                    c.last_transition_time = Some(now.clone());
+                }
+                c.status = value.into();
+                c.reason = reason.as_str().into();
+                c.message = message.into();
+                c.observed_generation = generation;
+            }
+            None => status.conditions.push(Condition {
+                type_: type_.as_str().into(),
+                status: value.into(),
+                reason: reason.as_str().into(),
+                message: message.into(),
+                last_transition_time: Some(now.clone()),
+                observed_generation: generation,
+            }),
+        }
+    };
+    set(
+        ConditionType::Ready,
+        health.ready,
+        health.reason,
+        &health.message,
+    );
+    if health.stalled {
+        set(ConditionType::Stalled, true, health.reason, &health.message);
+    } else {
+        set(ConditionType::Stalled, false, Reason::Progressing, "");
+    }
+}
+
+/// Writes status with a merge patch; absent fields are cleared explicitly.
+pub async fn write_status(
+    client: &kube::Client,
+    binding: &ConfigBinding,
+    status: &ConfigBindingStatus,
+) -> Result<(), kube::Error> {
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        for field in [
+            "observedGeneration",
+            "cursor",
+            "keys",
+            "bytes",
+            "lastSyncTime",
+            "skippedCount",
+            "skippedKeys",
+            "conditions",
+        ] {
+            map.entry(field).or_insert(serde_json::Value::Null);
+        }
+    }
+    let api: Api<ConfigBinding> =
+        Api::namespaced(client.clone(), &binding.namespace().unwrap_or_default());
+    api.patch_status(
+        &binding.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": value })),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// What the operator was doing when it published an Event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Checking the spec and the access policy.
+    Validate,
+    /// Syncing content.
+    Sync,
+}
+
+impl Action {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Action::Validate => "Validate",
+            Action::Sync => "Sync",
+        }
+    }
+}
+
+/// Announces `health` as an Event on the binding: Normal when Ready,
+/// Warning otherwise. A failure to record it is logged, not returned.
+pub async fn publish_event(
+    recorder: &Recorder,
+    binding: &ConfigBinding,
+    health: &Health,
+    action: Action,
+) {
+    let event = KubeEvent {
+        type_: if health.ready {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: health.reason.as_str().into(),
+        note: Some(health.message.chars().take(1000).collect()),
+        action: action.as_str().into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &binding.object_ref(&())).await {
+        debug!(error = %e, "event not recorded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_follow_health_and_transition_times_move_only_on_a_flip() {
+        let mut status = ConfigBindingStatus::default();
+        set_conditions(
+            &mut status,
+            &Health::err(Reason::TargetConflict, "not ours", true),
+            Some(2),
+        );
+        let ready = status.condition("Ready").unwrap().clone();
+        let stalled = status.condition("Stalled").unwrap().clone();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "TargetConflict")
+        );
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", "TargetConflict")
+        );
+        assert_eq!(ready.observed_generation, Some(2));
+
+        let mut flipped = status.clone();
+        flipped.conditions[0].last_transition_time = Some("before".into());
+        set_conditions(&mut flipped, &Health::ok(Reason::Synced, "3 keys"), Some(2));
+        let ready = flipped.condition("Ready").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "Synced")
+        );
+        assert_ne!(ready.last_transition_time.as_deref(), Some("before"));
+        let stalled = flipped.condition("Stalled").unwrap();
+        assert_eq!(
+            (
+                stalled.status.as_str(),
+                stalled.reason.as_str(),
+                stalled.message.as_str()
+            ),
+            ("False", "Progressing", "")
+        );
+
+        let mut same = flipped.clone();
+        same.conditions[0].last_transition_time = Some("kept".into());
+        set_conditions(&mut same, &Health::ok(Reason::Synced, "4 keys"), Some(2));
+        let ready = same.condition("Ready").unwrap();
+        assert_eq!(ready.last_transition_time.as_deref(), Some("kept"));
+        assert_eq!(ready.message, "4 keys");
+    }
+
+    #[test]
+    fn stored_health_reads_back_and_unknown_words_mean_syncing() {
+        let mut status = ConfigBindingStatus::default();
+        let health = Health::err(Reason::TooLarge, "big", false);
+        set_conditions(&mut status, &health, None);
+        assert_eq!(Health::from_status(&status), health);
+        status.conditions[0].reason = "SomethingOld".into();
+        assert_eq!(Health::from_status(&status).reason, Reason::Syncing);
+        let fresh = Health::from_status(&ConfigBindingStatus::default());
+        assert!(!fresh.ready && fresh.reason == Reason::Syncing);
+    }
+}

@@ -1,0 +1,27 @@
+//! NATS JetStream implementation of the KV traits.
+//!
+//! A bucket is the JetStream stream `KV_<bucket>` with subjects
+//! `$KV.<bucket>.<key>`; a version is the stream sequence of the write.
+//! Every call to the server runs under [`ConnectOptions::request_timeout`]
+//! and fails with [`KvError::Timeout`](crate::kv::KvError::Timeout) instead
+//! of hanging, also when the server is alive on TCP but does not answer.
+//!
+//! The parts, each depending only on the ones above it:
+//! - [`codec`]: what records and deliveries mean (headers, ack subjects);
+//! - [`handle`]: what a bucket handle shares (stream, client, deadline);
+//! - [`watch`]: the ordered push consumer behind every watch and scan;
+//! - [`bucket`]: [`NatsBucket`], the KV traits over JetStream;
+//! - [`connect`]: [`NatsKv`], connecting and opening buckets;
+//! - [`connector`]: [`NatsConnector`], one lazy connection for the operator.
+
+mod bucket;
+mod codec;
+mod connect;
+mod connector;
+mod handle;
+mod watch;
+
+pub use bucket::NatsBucket;
+pub use connect::{BucketConfig, ConnectOptions, NatsKv, Storage};
+pub use connector::NatsConnector;
+pub use handle::{ConnectionState, ConnectionStatus, WatchStats};
