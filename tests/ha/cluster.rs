@@ -1,13 +1,17 @@
 //! The multi-process HA fixture, shared by the `ha` tests and the chaos
-//! runner (`examples/chaos.rs`): one real nats-server, the Kubernetes API
-//! emulator in-process, N replicas of the real `slipstream` binary with
+//! runner (`examples/chaos.rs`): one real nats-server, a Kubernetes API
+//! server ([`TestApi`]: the emulator in-process, or a namespace of the real
+//! control plane reached through the fault proxy, as
+//! `SLIPSTREAM_TEST_APISERVER` says), N replicas of the real `slipstream`
+//! binary (each with `--namespace`) with
 //! leader election on, a writer that streams updates into several bindings,
 //! a watcher that records every ConfigMap version the API server serves, and
 //! the checks run on what was recorded.
 //!
 //! Every replica logs JSON; its "leadership acquired" / "leadership lost"
 //! lines give the time its write gate opened and closed, which the
-//! single-writer check compares with the emulator's request log.
+//! single-writer check compares with the API request log (the emulator's,
+//! or the proxy's).
 #![allow(dead_code)]
 
 use std::{
@@ -23,13 +27,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use apiserver::ApiServer;
+use apiserver::backend::TestApi;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::{
-    api::core::v1::ConfigMap,
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, CustomResourceExt,
     api::PostParams,
@@ -49,7 +50,6 @@ use tokio::task::JoinHandle;
 
 use crate::common::{NatsServer, free_port};
 
-pub const NS: &str = "default";
 pub const BUCKET: &str = "app";
 pub const LEASE_BUCKET: &str = "slipstream-leases";
 pub const LEASE_KEY: &str = "slipstream.leader";
@@ -367,12 +367,14 @@ impl Writer {
 pub struct Cluster {
     pub settings: Settings,
     pub nats: NatsServer,
-    pub api: ApiServer,
+    pub api: TestApi,
     pub kv: NatsKv,
     pub data: NatsBucket,
     pub leases: NatsBucket,
     pub replicas: Vec<Replica>,
     pub observed: Arc<Mutex<Vec<Observed>>>,
+    /// Errors the recorder's watch met (each may have hidden some versions).
+    pub recorder_errors: Arc<Mutex<Vec<String>>>,
     recorder: JoinHandle<()>,
     dir: tempfile::TempDir,
     seq: AtomicU64,
@@ -406,12 +408,10 @@ impl Cluster {
             .tempdir()
             .expect("temp dir");
         let nats = NatsServer::start();
-        let api = ApiServer::start().await.expect("emulator");
+        let api = TestApi::start().await;
+        api.install_crd(&ConfigBinding::crd()).await;
         let client = api.client();
-        Api::<CustomResourceDefinition>::all(client.clone())
-            .create(&PostParams::default(), &ConfigBinding::crd())
-            .await
-            .expect("install CRD");
+        let ns = api.namespace().to_owned();
         let kv = NatsKv::connect(&ConnectOptions {
             request_timeout: Duration::from_secs(2),
             ..ConnectOptions::new(nats.url())
@@ -435,9 +435,11 @@ impl Cluster {
         api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
 
         let observed = Arc::new(Mutex::new(Vec::new()));
+        let recorder_errors = Arc::new(Mutex::new(Vec::new()));
         let recorder = tokio::spawn(record_configmaps(
-            Api::namespaced(client.clone(), NS),
+            Api::namespaced(client.clone(), &ns),
             observed.clone(),
+            recorder_errors.clone(),
         ));
         let mut cluster = Cluster {
             settings: settings.clone(),
@@ -448,6 +450,7 @@ impl Cluster {
             leases,
             replicas: Vec::new(),
             observed,
+            recorder_errors,
             recorder,
             dir,
             seq: AtomicU64::new(0),
@@ -465,7 +468,7 @@ impl Cluster {
                 prefix(b)
             ))
             .expect("binding spec");
-            Api::<ConfigBinding>::namespaced(client.clone(), NS)
+            Api::<ConfigBinding>::namespaced(client.clone(), &ns)
                 .create(
                     &PostParams::default(),
                     &ConfigBinding::new(&binding_name(b), spec),
@@ -494,6 +497,8 @@ impl Cluster {
                 "20ms".into(),
                 "--log-format".into(),
                 "json".into(),
+                "--namespace".into(),
+                ns.clone(),
             ];
             let mut r = Replica {
                 log_path: cluster.dir.path().join(format!("{name}.log")),
@@ -518,6 +523,28 @@ impl Cluster {
 
     pub fn client(&self) -> kube::Client {
         self.api.client()
+    }
+
+    /// The namespace of the bindings and ConfigMaps (the replicas watch only it).
+    pub fn ns(&self) -> &str {
+        self.api.namespace()
+    }
+
+    /// Closes the API's watch streams; on the emulator, compacts first, so
+    /// every re-watch gets 410 Gone and re-lists. The real server cannot be
+    /// compacted on demand: there the watches are only closed. Returns
+    /// whether it compacted.
+    pub fn compact_and_close_watches(&self) -> bool {
+        let faults = self.api.faults();
+        let compacted = match &faults {
+            apiserver::backend::TestFaults::Emulator(f) => {
+                f.compact();
+                true
+            }
+            apiserver::backend::TestFaults::Real(..) => false,
+        };
+        faults.close_watches();
+        compacted
     }
 
     pub fn replica(&mut self, name: &str) -> &mut Replica {
@@ -630,7 +657,7 @@ impl Cluster {
     }
 
     pub async fn configmap(&self, b: usize) -> Option<ConfigMap> {
-        Api::<ConfigMap>::namespaced(self.client(), NS)
+        Api::<ConfigMap>::namespaced(self.client(), self.ns())
             .get_opt(&binding_name(b))
             .await
             .ok()
@@ -842,10 +869,60 @@ impl Cluster {
     pub async fn check(&self) -> Report {
         let end = SystemTime::now();
         let mut report = Report::default();
-        // The recorder may lag the API server by a few ms.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The recorder may lag the API server: wait until it has seen the
+        // version each ConfigMap holds now, so the checks below cover the
+        // whole run.
+        let mut finals = BTreeMap::new();
+        for b in 0..self.settings.bindings {
+            if let Some(rv) = self
+                .configmap(b)
+                .await
+                .and_then(|c| c.metadata.resource_version)
+                .and_then(|rv| rv.parse::<u64>().ok())
+            {
+                finals.insert(binding_name(b), rv);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let missing = loop {
+            let missing: Vec<String> = {
+                let observed = self.observed.lock().map(|o| o.clone()).unwrap_or_default();
+                finals
+                    .iter()
+                    .filter(|(name, rv)| {
+                        !observed
+                            .iter()
+                            .any(|o| &&o.name == name && o.resource_version == **rv)
+                    })
+                    .map(|(name, rv)| format!("{name}@{rv}"))
+                    .collect()
+            };
+            if missing.is_empty() || tokio::time::Instant::now() > deadline {
+                break missing;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if finals.len() < self.settings.bindings {
+            report.failures.push(format!(
+                "only {} of {} ConfigMaps exist at the end",
+                finals.len(),
+                self.settings.bindings
+            ));
+        }
+        if !missing.is_empty() {
+            report.failures.push(format!(
+                "the recorder never saw the final versions {}: the recording is incomplete",
+                missing.join(", ")
+            ));
+        }
+        report.recorder_errors = self.recorder_errors.lock().map(|e| e.len()).unwrap_or(0);
         let observed = self.observed.lock().map(|o| o.clone()).unwrap_or_default();
         report.versions = observed.len();
+        if report.versions == 0 {
+            report
+                .failures
+                .push("no ConfigMap version was recorded: nothing was checked".to_owned());
+        }
 
         // 1. Never backward: per ConfigMap, the cursor never decreases.
         report.failures.extend(backward_moves(&observed));
@@ -873,6 +950,12 @@ impl Cluster {
                     }
                 }
             }
+        }
+
+        if report.content_checks == 0 {
+            report
+                .failures
+                .push("no recorded version carried a cursor: no content was checked".to_owned());
         }
 
         // 3. Final state equals the KV truth.
@@ -1070,6 +1153,8 @@ pub struct GateInterval {
 #[derive(Debug, Default)]
 pub struct Report {
     pub versions: usize,
+    /// Errors the recorder's watch met (it re-watches after each).
+    pub recorder_errors: usize,
     pub content_checks: usize,
     pub kv_ops: usize,
     pub writes: usize,
@@ -1083,8 +1168,9 @@ pub struct Report {
 impl Report {
     pub fn summary(&self) -> String {
         format!(
-            "{} ConfigMap versions observed, all checked for a monotone cursor; {} checked to hold every KV update their cursor covers ({} KV operations); {} successful replica writes by {} replicas over {} leader terms, each inside its writer's gate-open interval; {} gate overlaps only while the old leader was SIGSTOPped, {} writes landing in such an overlap (fenced); failures: {}",
+            "{} ConfigMap versions observed ({} recorder watch errors), all checked for a monotone cursor; {} checked to hold every KV update their cursor covers ({} KV operations); {} successful replica writes by {} replicas over {} leader terms, each inside its writer's gate-open interval; {} gate overlaps only while the old leader was SIGSTOPped, {} writes landing in such an overlap (fenced); failures: {}",
             self.versions,
+            self.recorder_errors,
             self.content_checks,
             self.kv_ops,
             self.writes,
@@ -1107,8 +1193,14 @@ impl Report {
     }
 }
 
-/// Records every ConfigMap version the emulator serves to a watch.
-async fn record_configmaps(api: Api<ConfigMap>, out: Arc<Mutex<Vec<Observed>>>) {
+/// Records every ConfigMap version the API server serves to a watch, and
+/// every error the watch met ([`Cluster::check`] shows them and requires
+/// that the recording reached each ConfigMap's final version).
+async fn record_configmaps(
+    api: Api<ConfigMap>,
+    out: Arc<Mutex<Vec<Observed>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+) {
     let stream = watcher(api, watcher::Config::default()).touched_objects();
     futures::pin_mut!(stream);
     loop {
@@ -1131,8 +1223,18 @@ async fn record_configmaps(api: Api<ConfigMap>, out: Arc<Mutex<Vec<Observed>>>) 
                     v.push(o);
                 }
             }
-            Some(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
-            None => return,
+            Some(Err(e)) => {
+                if let Ok(mut v) = errors.lock() {
+                    v.push(e.to_string());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            None => {
+                if let Ok(mut v) = errors.lock() {
+                    v.push("the watch stream ended".to_owned());
+                }
+                return;
+            }
         }
     }
 }
@@ -1201,6 +1303,17 @@ pub async fn fail_over(cluster: &mut Cluster, how: Takedown) -> Result<Failover,
             _ => break,
         }
     }
+    // The old leader's lease record as it stands: a standby that waits for
+    // the TTL cannot write before this expiry.
+    let lease_expires = cluster
+        .leases
+        .get(LEASE_KEY)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|e| LeaseRecord::parse(&e.value).ok())
+        .filter(|r| r.holder == leader)
+        .map(|r| SystemTime::UNIX_EPOCH + Duration::from_millis(r.expires_at_ms));
     let t0 = SystemTime::now();
     match how {
         Takedown::Kill9 => cluster.replica(&leader).kill9(),
@@ -1244,6 +1357,8 @@ pub async fn fail_over(cluster: &mut Cluster, how: Takedown) -> Result<Failover,
         old: leader,
         new: w.replica,
         took,
+        new_write_at: w.end,
+        lease_expires,
         relists,
     })
 }
@@ -1255,6 +1370,11 @@ pub struct Failover {
     pub new: String,
     /// From the signal to the new leader's first ConfigMap write.
     pub took: Duration,
+    /// When that write completed.
+    pub new_write_at: SystemTime,
+    /// Expiry of the old leader's lease record read just before the signal
+    /// (`None` when it could not be read).
+    pub lease_expires: Option<SystemTime>,
     /// List requests the new leader made before that write (a warm standby makes none).
     pub relists: usize,
 }

@@ -1,6 +1,8 @@
 //! High availability with real processes: three replicas of the
-//! `slipstream` binary with leader election on, one nats-server, and the
-//! Kubernetes API emulator. Leaders are killed, terminated and paused, NATS
+//! `slipstream` binary with leader election on, one nats-server, and a
+//! Kubernetes API server: the emulator, or the real control plane with
+//! `SLIPSTREAM_TEST_APISERVER=real` (tests in `emulator_only` need the
+//! emulator's on-demand compaction). Leaders are killed, terminated and paused, NATS
 //! is restarted and the API fails, while a writer streams updates; the
 //! checks of [`cluster::Cluster::check`] then prove nothing was lost, no
 //! ConfigMap moved backward and one replica wrote at a time. Failover
@@ -77,6 +79,14 @@ async fn sigterm_releases_the_lease_and_a_standby_writes_without_waiting_for_the
         assert!(
             c.replica(&old).log().contains("lease released"),
             "{old} released its lease on SIGTERM"
+        );
+        let expires = f
+            .lease_expires
+            .unwrap_or_else(|| panic!("{old}'s lease record was not readable before SIGTERM"));
+        assert!(
+            f.new_write_at < expires,
+            "{new} wrote only after {old}'s lease record expired: it waited for the TTL\n{}",
+            c.logs_tail()
         );
         times.push(took);
     }
@@ -193,73 +203,78 @@ async fn nats_kill_9_and_restart_mid_stream_settles_on_one_leader_and_converges(
     report.assert_ok();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_write_errors_closed_watches_and_410_on_rewatch_lose_nothing() {
-    let _serial = serial().await;
-    let c = Cluster::start(&bin(), Settings::default()).await;
-    let writer = c.start_writer();
-    let faults = c.api.faults();
-    for round in 0..3 {
-        for code in [409u16, 500, 429] {
-            faults.add(FaultRule::new(code, 3).verb("patch").resource("configmaps"));
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        faults.add(
-            FaultRule::new(500, 2)
-                .verb("patch")
-                .resource("configbindings"),
-        );
-        faults.close_watches();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        faults.compact();
-        faults.close_watches();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        println!("fault round {round} done");
-    }
-    writer.stop().await;
-    faults.clear();
-    c.converge(Duration::from_secs(60))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs_tail()));
-    let failed = c
-        .api
-        .requests()
-        .into_iter()
-        .filter(|r| r.is_write() && r.resource == "configmaps" && r.status >= 400)
-        .count();
-    assert!(failed > 0, "the injected write faults reached the operator");
-    let report = c.check().await;
-    println!(
-        "{failed} ConfigMap writes failed on purpose; {}",
-        report.summary()
-    );
-    report.assert_ok();
-}
+/// Tests the real server cannot run: they compact the API's history on
+/// demand, so every re-watch gets 410 Gone, which only the emulator offers.
+mod emulator_only {
+    use super::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn short_chaos_run_loses_nothing_and_never_moves_backward() {
-    let _serial = serial().await;
-    let secs = std::env::var("HA_CHAOS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(25);
-    let duration = Duration::from_secs(secs);
-    let outcome = chaos::run(
-        &bin(),
-        chaos::ChaosOptions {
-            duration,
-            seed: 7,
-            settings: Settings::default(),
-        },
-    )
-    .await;
-    outcome.print(duration);
-    assert!(
-        outcome.faults.values().sum::<u32>() >= 5,
-        "chaos injected faults"
-    );
-    assert!(outcome.puts > 0);
-    outcome.report.assert_ok();
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_write_errors_closed_watches_and_410_on_rewatch_lose_nothing() {
+        let _serial = serial().await;
+        let c = Cluster::start(&bin(), Settings::default()).await;
+        let writer = c.start_writer();
+        let faults = c.api.faults();
+        for round in 0..3 {
+            for code in [409u16, 500, 429] {
+                faults.add(FaultRule::new(code, 3).verb("patch").resource("configmaps"));
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            faults.add(
+                FaultRule::new(500, 2)
+                    .verb("patch")
+                    .resource("configbindings"),
+            );
+            faults.close_watches();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(c.compact_and_close_watches(), "compacted");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            println!("fault round {round} done");
+        }
+        writer.stop().await;
+        faults.clear();
+        c.converge(Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.logs_tail()));
+        let failed = c
+            .api
+            .requests()
+            .into_iter()
+            .filter(|r| r.is_write() && r.resource == "configmaps" && r.status >= 400)
+            .count();
+        assert!(failed > 0, "the injected write faults reached the operator");
+        let report = c.check().await;
+        println!(
+            "{failed} ConfigMap writes failed on purpose; {}",
+            report.summary()
+        );
+        report.assert_ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_chaos_run_loses_nothing_and_never_moves_backward() {
+        let _serial = serial().await;
+        let secs = std::env::var("HA_CHAOS_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(25);
+        let duration = Duration::from_secs(secs);
+        let outcome = chaos::run(
+            &bin(),
+            chaos::ChaosOptions {
+                duration,
+                seed: 7,
+                settings: Settings::default(),
+            },
+        )
+        .await;
+        outcome.print(duration);
+        assert!(
+            outcome.faults.values().sum::<u32>() >= 5,
+            "chaos injected faults"
+        );
+        assert!(outcome.puts > 0);
+        outcome.report.assert_ok();
+    }
 }
 
 /// The checks themselves must be able to fail.

@@ -263,6 +263,9 @@ async fn forward(State(shared): State<Arc<ProxyShared>>, req: Request) -> Respon
     };
     record.status = resp.status().as_u16();
     record.duration = started.elapsed();
+    // Like the emulator's log: the time the answer was ready, so
+    // `timestamp - duration` is when the request arrived.
+    record.timestamp = SystemTime::now();
     if let Ok(mut log) = shared.log.lock() {
         log.push(record);
     }
