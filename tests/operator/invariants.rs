@@ -18,7 +18,7 @@ use kube::{
 use slipstream::{
     crd::ConfigBinding,
     kv::{
-        KvWriter,
+        KvReader, KvWriter,
         nats::{BucketConfig, NatsBucket},
     },
     policy::AccessPolicy,
@@ -140,10 +140,7 @@ async fn invariant_2_a_configmap_holding_a_newer_cursor_is_never_overwritten() {
     assert_eq!(data(&cm), map(&[("k.a", "from-the-future")]));
 }
 
-async fn expire_cursor_scenario(
-    config: BucketConfig,
-    age_out: Option<Duration>,
-) -> (Env, ConfigBinding) {
+async fn expire_cursor_scenario(config: BucketConfig, age_out: bool) -> (Env, ConfigBinding) {
     let env = Env::start().await;
     let kv: NatsBucket = env.kv.create_or_open(&config).await.unwrap();
     put(&kv, "k.a", "1").await;
@@ -152,20 +149,23 @@ async fn expire_cursor_scenario(
     env.create_binding("b", "bucket: app\nprefixes: [k.]").await;
     wait_data(&env, "b", &map(&[("k.a", "1"), ("k.b", "1")])).await;
     op.kill();
-    match age_out {
-        None => {
-            // history 1: rewriting k.a drops the revision right after the cursor
-            put(&kv, "k.a", "x").await;
-            put(&kv, "k.a", "2").await;
-            kv.delete("k.b").await.unwrap();
-        }
-        Some(wait) => {
-            kv.delete("k.b").await.unwrap();
-            // everything written so far, the tombstone included, ages out
-            tokio::time::sleep(wait).await;
-            put(&kv, "k.a", "x").await;
-            put(&kv, "k.a", "2").await;
-        }
+    if age_out {
+        let tombstone = kv.delete("k.b").await.unwrap().as_u64().unwrap();
+        // everything written so far, the tombstone included, ages out:
+        // wait for the stream to say so, not for the clock
+        eventually("the tombstone aged out of the stream", || async {
+            let info = kv.info().await.unwrap();
+            let first = info.first_revision.map(|r| r.as_u64().unwrap());
+            first.is_none_or(|f| f > tombstone).then_some(())
+        })
+        .await;
+        put(&kv, "k.a", "x").await;
+        put(&kv, "k.a", "2").await;
+    } else {
+        // history 1: rewriting k.a drops the revision right after the cursor
+        put(&kv, "k.a", "x").await;
+        put(&kv, "k.a", "2").await;
+        kv.delete("k.b").await.unwrap();
     }
     put(&kv, "k.c", "3").await;
     let op = env.operator();
@@ -197,7 +197,7 @@ async fn wait_reason_any(env: &Env, name: &str, reasons: &[&str]) -> ConfigBindi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invariant_3_expired_cursor_on_a_bucket_keeping_values_resyncs_and_prunes() {
-    let (env, b) = expire_cursor_scenario(BucketConfig::new("app"), None).await;
+    let (env, b) = expire_cursor_scenario(BucketConfig::new("app"), false).await;
     assert_eq!(ready_reason(&b), "Synced");
     let cm = env.cm("b").await.unwrap();
     assert_eq!(
@@ -211,7 +211,7 @@ async fn invariant_3_expired_cursor_on_a_bucket_keeping_values_resyncs_and_prune
 async fn invariant_3_expired_cursor_on_an_aging_bucket_does_not_prune_and_says_so() {
     let mut config = BucketConfig::new("app");
     config.max_age = Some(Duration::from_secs(2));
-    let (env, b) = expire_cursor_scenario(config, Some(Duration::from_millis(2500))).await;
+    let (env, b) = expire_cursor_scenario(config, true).await;
     assert_eq!(ready_reason(&b), "ResyncedWithoutPrune");
     let message = b
         .status
@@ -245,7 +245,7 @@ async fn invariant_3_delete_purge_ttl_and_cas_tombstones_remove_keys() {
         env.cm("b").await.filter(|c| data(c).len() == 5)
     })
     .await;
-    use slipstream::kv::{KvPurge, KvReader, KvTtl};
+    use slipstream::kv::{KvPurge, KvTtl};
     kv.delete("k.del").await.unwrap();
     kv.purge("k.purge").await.unwrap();
     let cas = kv.get("k.cas").await.unwrap().unwrap().version;
