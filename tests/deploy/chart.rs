@@ -187,22 +187,15 @@ fn rbac_grants_exactly_the_operator_verbs_and_no_wildcard() {
         allow(
             "slipstream.io",
             "configbindings",
-            &["get", "list", "watch", "patch", "update"],
+            &["get", "list", "watch", "patch"],
         );
-        allow(
-            "slipstream.io",
-            "configbindings/status",
-            &["get", "patch", "update"],
-        );
+        allow("slipstream.io", "configbindings/status", &["patch"]);
         allow("slipstream.io", "configbindings/finalizers", &["update"]);
         allow(
             "",
             "configmaps",
-            &[
-                "get", "list", "watch", "create", "update", "patch", "delete",
-            ],
+            &["get", "list", "watch", "create", "patch", "delete"],
         );
-        allow("", "events", &["create", "patch"]);
         allow("events.k8s.io", "events", &["create", "patch"]);
         assert_eq!(granted, expected);
 

@@ -1,0 +1,199 @@
+//! `helm install` of charts/slipstream into the real API server, and the
+//! operator binary running with exactly what the chart gives it: its flags,
+//! its ServiceAccount, its RBAC.
+
+use std::collections::BTreeSet;
+
+use apiserver::real::ControlPlane;
+use k8s_openapi::api::{core::v1::ConfigMap, events::v1::Event};
+use kube::{Api, api::DeleteParams};
+use slipstream::crd::ConfigBinding;
+
+use crate::support::*;
+
+/// The value sets of tests/deploy/chart.rs `EVERYTHING_ON`: every optional
+/// part of the chart switched on.
+const EVERYTHING_ON: &[&str] = &[
+    "nats.auth.mode=creds",
+    "nats.auth.existingSecret=nats-creds",
+    "nats.tls.caSecret=nats-ca",
+    "nats.tls.clientCertSecret=nats-client",
+    "networkPolicy.enabled=true",
+    "metrics.serviceMonitor.enabled=true",
+    "policy.namespaces.shop[0].bucket=app-config",
+    "policy.namespaces.shop[0].prefixes[0]=web.",
+];
+
+/// The Prometheus Operator's CRD reduced to what lets the API server store a
+/// ServiceMonitor: its group, kind and scope, with the schema left open (the
+/// real one is 1,000 lines of someone else's API; this does not check our
+/// fields against it).
+const SERVICE_MONITOR_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: servicemonitors.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"#;
+
+fn kinds(release: &Release) -> BTreeSet<String> {
+    release
+        .manifest
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Asserts that the server holds every object of the release.
+fn assert_all_stored(cp: &ControlPlane, release: &Release) {
+    let yaml: Vec<String> = release
+        .manifest
+        .iter()
+        .map(|d| serde_yaml::to_string(d).unwrap())
+        .collect();
+    let names = KubeconfigFile::admin(cp, &release.namespace)
+        .kubectl_stdin(&["get", "-f", "-", "-o", "name"], &yaml.join("---\n"))
+        .unwrap_or_else(|e| panic!("the release's objects are stored: {e}"));
+    assert_eq!(
+        names.lines().count(),
+        release.manifest.len(),
+        "one stored object per manifest object:\n{names}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_chart_installs_on_the_real_server_with_its_crd() {
+    let cp = ControlPlane::shared().await;
+    let release = default_release().await;
+    let expected: BTreeSet<String> = [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(kinds(release), expected);
+    assert_all_stored(cp, release);
+
+    // the CRD came from the chart's crds/ and is served
+    let admin = KubeconfigFile::admin(cp, &release.namespace);
+    let served = admin
+        .kubectl(&[
+            "get",
+            "crd",
+            "configbindings.slipstream.io",
+            "-o",
+            "jsonpath={.status.acceptedNames.shortNames}",
+        ])
+        .unwrap();
+    assert!(served.contains("cb"), "{served}");
+    admin.kubectl(&["get", "cb"]).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_with_every_option_on_installs_on_the_real_server() {
+    let cp = ControlPlane::shared().await;
+    default_release().await; // the CRD exists; this install skips it
+    let admin = KubeconfigFile::admin(cp, "default");
+    admin
+        .kubectl_stdin(&["apply", "-f", "-"], SERVICE_MONITOR_CRD)
+        .unwrap();
+    admin
+        .kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=120s",
+            "crd/servicemonitors.monitoring.coreos.com",
+        ])
+        .unwrap();
+
+    let ns = format!("everything-{}", unique());
+    let release =
+        tokio::task::spawn_blocking(move || Release::install(cp, "everything", &ns, EVERYTHING_ON))
+            .await
+            .unwrap();
+    let kinds = kinds(&release);
+    for k in ["ServiceMonitor", "NetworkPolicy", "ConfigMap", "Deployment"] {
+        assert!(kinds.contains(k), "{k} installed: {kinds:?}");
+    }
+    assert_all_stored(cp, &release);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_as_the_charts_service_account_syncs_a_binding_end_to_end_without_a_403() {
+    let cp = ControlPlane::shared().await;
+    let release = default_release().await;
+    let ns = cp.create_namespace("chart-sync").await;
+    let admin = cp.client_in(&ns).await;
+    let (nats, bucket) = nats_with_bucket().await;
+    put(&bucket, "web.greeting", "hello").await;
+
+    let kubeconfig = release.service_account_kubeconfig(cp, &ns).await;
+    let mut operator = Operator::start(release, &kubeconfig, &nats.url(), &ns);
+    create_binding(
+        &admin,
+        &ns,
+        "web",
+        "bucket: app-config\nprefixes: [web.]\nstripPrefix: true",
+    )
+    .await;
+    wait_data(&admin, &ns, "web", &map(&[("greeting", "hello")])).await;
+    wait_synced(&admin, &ns, "web").await;
+    wait_finalizer(&admin, &ns, "web").await;
+
+    // live updates and deletes
+    put(&bucket, "web.greeting", "bonjour").await;
+    put(&bucket, "web.color", "blue").await;
+    wait_data(
+        &admin,
+        &ns,
+        "web",
+        &map(&[("greeting", "bonjour"), ("color", "blue")]),
+    )
+    .await;
+
+    // the Ready condition went out as an Event (events.k8s.io)
+    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
+    eventually("a Synced event for the binding", || async {
+        let list = events.list(&Default::default()).await.unwrap();
+        list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("Synced")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web")
+        })
+    })
+    .await;
+
+    // deleting the binding: the finalizer deletes the ConfigMap, then lets go
+    let bindings: Api<ConfigBinding> = Api::namespaced(admin.clone(), &ns);
+    bindings
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &ns);
+    eventually("binding and ConfigMap gone", || async {
+        let gone = bindings.get_opt("web").await.unwrap().is_none()
+            && cms.get_opt("web").await.unwrap().is_none();
+        gone.then_some(())
+    })
+    .await;
+
+    operator.assert_running();
+    let forbidden = operator.forbidden_lines();
+    assert!(
+        forbidden.is_empty(),
+        "the API server refused the operator:\n{}",
+        forbidden.join("\n")
+    );
+}
