@@ -279,6 +279,12 @@ impl ApiError {
         if let Some(d) = &self.details {
             v["details"] = d.clone();
         }
+        // Like metav1.Status: an empty reason is left out.
+        if self.reason.is_empty()
+            && let Some(m) = v.as_object_mut()
+        {
+            m.remove("reason");
+        }
         v
     }
 }

@@ -5,8 +5,13 @@
 //!
 //! Granularity: every map key is a field; lists are atomic unless the schema
 //! says `x-kubernetes-list-type: map` (keyed by `x-kubernetes-list-map-keys`)
-//! or `set`. `metadata.ownerReferences` is keyed by `uid` and
-//! `metadata.finalizers` is a set, as in the built-in schemas.
+//! or `set`. `metadata.ownerReferences` is keyed by `uid` (each reference is
+//! atomic) and `metadata.finalizers` is a set, as in the built-in schemas.
+//!
+//! An update also owns the maps and non-atomic lists it creates (`.` in
+//! `fieldsV1`); an apply owns only what its configuration sets. At most
+//! [`MAX_UPDATE_MANAGERS`] update entries are kept: the oldest are merged
+//! into `ancient-changes`, like kube-apiserver's `capManagersManager`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -35,7 +40,8 @@ pub enum ListKind {
 
 fn meta_schema() -> Value {
     json!({"type": "object", "properties": {
-        "ownerReferences": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["uid"]},
+        "ownerReferences": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["uid"],
+            "items": {"type": "object", "x-kubernetes-map-type": "atomic"}},
         "finalizers": {"type": "array", "x-kubernetes-list-type": "set"},
         "labels": {"type": "object"},
         "annotations": {"type": "object"},
@@ -174,6 +180,45 @@ impl<'a> Tracker<'a> {
         out
     }
 
+    /// Paths of the maps and non-atomic lists in `obj` below the top level
+    /// (`data`, `metadata.labels`, `spec`, `metadata.finalizers`, ...): an
+    /// update that creates one owns it.
+    pub fn nodes(&self, obj: &Value) -> FieldSet {
+        let mut out = FieldSet::new();
+        let Some(m) = obj.as_object() else { return out };
+        for (k, v) in m {
+            if !self.tracked(k) {
+                continue;
+            }
+            let mut path = vec![Pe::F(k.clone())];
+            if k == "metadata" {
+                for (mk, mv) in v.as_object().into_iter().flatten() {
+                    if SERVER_META.contains(&mk.as_str()) {
+                        continue;
+                    }
+                    path.push(Pe::F(mk.clone()));
+                    collect_nodes(
+                        mv,
+                        self.root_child("metadata").child(mk),
+                        &mut path,
+                        &mut out,
+                    );
+                    path.pop();
+                }
+                continue;
+            }
+            collect_nodes(v, self.root_child(k), &mut path, &mut out);
+        }
+        out
+    }
+
+    fn tracked(&self, k: &str) -> bool {
+        !matches!(
+            (self.scope, k),
+            (_, "apiVersion" | "kind") | (Scope::Main, "status")
+        ) && (self.scope != Scope::Status || k == "status")
+    }
+
     /// Deep-merges an applied configuration into the live object.
     pub fn merge(&self, live: &mut Value, applied: &Value) {
         let (Some(l), Some(a)) = (live.as_object_mut(), applied.as_object()) else {
@@ -220,7 +265,13 @@ fn collect(v: &Value, schema: Schema<'_>, path: &mut Path, out: &mut FieldSet) {
                     };
                     path.push(Pe::K(key));
                     out.insert(path.clone());
-                    if let Some(m) = item.as_object() {
+                    let atomic = schema
+                        .items()
+                        .0
+                        .and_then(|s| s.get("x-kubernetes-map-type"))
+                        .and_then(Value::as_str)
+                        == Some("atomic");
+                    if let Some(m) = item.as_object().filter(|_| !atomic) {
                         for (k, c) in m {
                             path.push(Pe::F(k.clone()));
                             collect(c, schema.items().child(k), path, out);
@@ -244,6 +295,116 @@ fn collect(v: &Value, schema: Schema<'_>, path: &mut Path, out: &mut FieldSet) {
         _ => {
             out.insert(path.clone());
         }
+    }
+}
+
+fn collect_nodes(v: &Value, schema: Schema<'_>, path: &mut Path, out: &mut FieldSet) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            out.insert(path.clone());
+            for (k, c) in m {
+                path.push(Pe::F(k.clone()));
+                collect_nodes(c, schema.child(k), path, out);
+                path.pop();
+            }
+        }
+        Value::Array(items) if !items.is_empty() => match schema.list_kind() {
+            ListKind::Set => {
+                out.insert(path.clone());
+            }
+            ListKind::Map(keys) if !keys.is_empty() => {
+                out.insert(path.clone());
+                for item in items {
+                    if let (Some(key), Some(m)) = (key_of(item, &keys), item.as_object()) {
+                        path.push(Pe::K(key));
+                        for (k, c) in m {
+                            path.push(Pe::F(k.clone()));
+                            collect_nodes(c, schema.items().child(k), path, out);
+                            path.pop();
+                        }
+                        path.pop();
+                    }
+                }
+            }
+            _ => {}
+        },
+        _ => {}
+    }
+}
+
+/// Most update (non-apply) entries an object keeps, as in kube-apiserver.
+pub const MAX_UPDATE_MANAGERS: usize = 10;
+const ANCIENT_CHANGES: &str = "ancient-changes";
+
+/// Merges the oldest update entries (by time, then manager) into one
+/// `ancient-changes` entry per API version until at most `max` update
+/// entries are left; the same steps as kube-apiserver's `capUpdateManagers`.
+pub fn cap_update_managers(entries: &mut Vec<Entry>, max: usize) {
+    let mut updaters: Vec<usize> = (0..entries.len())
+        .filter(|&i| entries[i].operation != "Apply")
+        .collect();
+    if updaters.len() <= max {
+        return;
+    }
+    // kube-apiserver orders equal times by the manager identifier, the JSON
+    // of {manager, operation, apiVersion, subresource}.
+    let ident = |e: &Entry| {
+        let sub = if e.subresource.is_empty() {
+            String::new()
+        } else {
+            format!(",\"subresource\":{}", json!(e.subresource))
+        };
+        format!(
+            "{{\"manager\":{},\"operation\":\"Update\",\"apiVersion\":{}{sub}}}",
+            json!(e.manager),
+            json!(e.api_version)
+        )
+    };
+    updaters.sort_by(|&a, &b| {
+        (&entries[a].time, ident(&entries[a])).cmp(&(&entries[b].time, ident(&entries[b])))
+    });
+    let is_bucket = |e: &Entry, version: &str| {
+        e.manager == ANCIENT_CHANGES
+            && e.operation == "Update"
+            && e.subresource.is_empty()
+            && e.api_version == version
+    };
+    let mut first_of: BTreeMap<String, usize> = BTreeMap::new();
+    let mut merged: Vec<usize> = Vec::new();
+    let mut left = updaters.len();
+    for &i in &updaters {
+        if left <= max {
+            break;
+        }
+        let version = entries[i].api_version.clone();
+        let Some(&first) = first_of.get(&version) else {
+            first_of.insert(version, i);
+            continue;
+        };
+        let bucket = (0..entries.len())
+            .find(|&b| !merged.contains(&b) && is_bucket(&entries[b], &version))
+            .unwrap_or_else(|| {
+                let f = &mut entries[first];
+                f.manager = ANCIENT_CHANGES.into();
+                f.subresource.clear();
+                f.changed();
+                first
+            });
+        if bucket == i {
+            continue;
+        }
+        let set = std::mem::take(&mut entries[i].set);
+        let time = entries[i].time.clone();
+        let b = &mut entries[bucket];
+        b.set.extend(set);
+        b.time = time;
+        b.changed();
+        merged.push(i);
+        left -= 1;
+    }
+    merged.sort_unstable();
+    for i in merged.into_iter().rev() {
+        entries.remove(i);
     }
 }
 
@@ -608,8 +769,9 @@ mod tests {
         let t = Tracker::new(None, Scope::All);
         let set = t.members(&obj);
         let enc = encode(&set);
+        // Owner references are atomic: the item is owned, not its fields.
         assert_eq!(
-            enc["f:metadata"]["f:ownerReferences"]["k:{\"uid\":\"u1\"}"]["."],
+            enc["f:metadata"]["f:ownerReferences"]["k:{\"uid\":\"u1\"}"],
             json!({})
         );
         assert_eq!(enc["f:metadata"]["f:finalizers"]["v:\"x\""], json!({}));

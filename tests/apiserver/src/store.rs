@@ -1321,6 +1321,42 @@ impl View {
         }
         self.check_kind(res, &applied)?;
         State::check_name(res, &applied, name)?;
+        let named = meta_str(&applied, "name").is_some_and(|n| !n.is_empty());
+        if res.namespaced
+            && let (Some(b), Some(p)) = (meta_str(&applied, "namespace"), ns)
+            && !b.is_empty()
+            && b != p
+        {
+            return Err(ApiError::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
+        }
+        if res.custom {
+            // Unlike a create or an update, an apply does not prune: a field the
+            // schema does not declare fails the typed conversion (500, no reason).
+            let undeclared = validation::undeclared_fields(res, &applied);
+            if !undeclared.is_empty() {
+                let errs: Vec<String> = undeclared
+                    .iter()
+                    .map(|p| format!(".{p}: field not declared in schema"))
+                    .collect();
+                let errs = match errs.as_slice() {
+                    [one] => one.clone(),
+                    many => format!("errors:\n  {}", many.join("\n  ")),
+                };
+                return Err(ApiError::new(
+                    500,
+                    "",
+                    format!(
+                        "failed to create typed patch object ({}/{}; {}, Kind={}): {errs}",
+                        meta_str(&applied, "namespace").unwrap_or_default(),
+                        meta_str(&applied, "name").unwrap_or_default(),
+                        res.api_version(),
+                        res.kind
+                    ),
+                ));
+            }
+        }
         let scope = scope_for(res, status);
         // Only the part of the object this endpoint writes counts.
         if let Some(m) = applied.as_object_mut() {
@@ -1360,6 +1396,11 @@ impl View {
             Err(_) => {
                 if status {
                     return Err(ApiError::not_found(res, name));
+                }
+                if !named {
+                    return Err(ApiError::bad_request(format!(
+                        "the name of the object ({name} based on URL) was undeterminable: name must be provided"
+                    )));
                 }
                 if rv_pre.is_some() {
                     return Err(ApiError::conflict(
@@ -1585,6 +1626,7 @@ fn plan_finish(
     // Validation (after pruning and defaulting for custom resources).
     let mut causes = validation::validate_meta(res, &new);
     causes.extend(validation::validate_config(res, &new));
+    causes.extend(validation::validate_event(res, &new));
     if res.custom {
         let mut pruned = Vec::new();
         causes.extend(validation::validate_custom(res, &mut new, &mut pruned));
@@ -1647,12 +1689,17 @@ fn plan_finish(
                 .map(|o| tracker.members(o))
                 .unwrap_or_default();
             let new_members = tracker.members(&new);
-            let changed: FieldSet = new_members
+            let mut changed: FieldSet = new_members
                 .iter()
                 .filter(|p| fields::changed(old.as_deref(), &new, p))
                 .cloned()
                 .collect();
-            let removed: FieldSet = old_members.difference(&new_members).cloned().collect();
+            let mut removed: FieldSet = old_members.difference(&new_members).cloned().collect();
+            // Maps and lists this update creates are its own; those it removes are nobody's.
+            let old_nodes = old.as_deref().map(|o| tracker.nodes(o)).unwrap_or_default();
+            let new_nodes = tracker.nodes(&new);
+            changed.extend(new_nodes.difference(&old_nodes).cloned());
+            removed.extend(old_nodes.difference(&new_nodes).cloned());
             for e in entries.iter_mut() {
                 let before = e.set.len();
                 e.set
@@ -1682,6 +1729,7 @@ fn plan_finish(
                     }),
                 }
             }
+            fields::cap_update_managers(&mut entries, fields::MAX_UPDATE_MANAGERS);
             entries
         }
     };
@@ -1939,16 +1987,26 @@ impl State {
             }
             self.drop_finalizer(key, "orphan");
         } else if fin.iter().any(|f| f == "foregroundDeletion") {
-            let deps = dependents
+            // Every dependent is deleted; the owner waits only for those whose
+            // reference to it says `blockOwnerDeletion: true`.
+            let blocks = |o: &Stored| {
+                o.obj["metadata"]["ownerReferences"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|r| r["uid"] == uid.as_str() && r["blockOwnerDeletion"] == true)
+            };
+            let deps: Vec<(&Key, &Stored)> = dependents
                 .iter()
-                .filter_map(|k| self.objects.get_key_value(k));
-            let (any, doomed) = Self::to_delete(deps, limit);
-            if !any {
+                .filter_map(|k| self.objects.get_key_value(k))
+                .collect();
+            let blocked = deps.iter().any(|(_, o)| blocks(o));
+            let (_, doomed) = Self::to_delete(deps.into_iter(), limit);
+            for k in doomed {
+                self.delete_key(&k);
+            }
+            if !blocked {
                 self.drop_finalizer(key, "foregroundDeletion");
-            } else {
-                for k in doomed {
-                    self.delete_key(&k);
-                }
             }
         }
     }

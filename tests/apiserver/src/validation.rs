@@ -47,6 +47,7 @@ pub fn dns1123_subdomain(field: &str, name: &str) -> Vec<Cause> {
 
 pub fn dns1123_label(field: &str, name: &str) -> Vec<Cause> {
     static R: OnceLock<Option<Regex>> = OnceLock::new();
+    static SUB: OnceLock<Option<Regex>> = OnceLock::new();
     let v = Value::String(name.to_string());
     let mut out = Vec::new();
     if name.len() > 63 {
@@ -56,7 +57,10 @@ pub fn dns1123_label(field: &str, name: &str) -> Vec<Cause> {
             "must be no more than 63 characters",
         ));
     }
-    if !matches(&R, DNS1123_LABEL, name) {
+    if !matches(&R, DNS1123_LABEL, name) && matches(&SUB, DNS1123_SUBDOMAIN, name) {
+        // A valid subdomain that is no label: the length was checked, so it is the dots.
+        out.push(Cause::invalid(field, &v, "must not contain dots"));
+    } else if !matches(&R, DNS1123_LABEL, name) {
         out.push(Cause::invalid(field, &v, "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"));
     }
     out
@@ -168,6 +172,7 @@ fn b64_decoded_len(s: &str) -> Option<usize> {
 }
 
 /// ConfigMap (`data`, `binaryData`) and Secret (`data`, `stringData`) rules.
+/// The 1 MiB limit counts values only, not keys (like kube-apiserver).
 pub fn validate_config(res: &ResourceDef, obj: &Value) -> Vec<Cause> {
     let mut out = Vec::new();
     let mut total = 0usize;
@@ -181,7 +186,7 @@ pub fn validate_config(res: &ResourceDef, obj: &Value) -> Vec<Cause> {
     for (k, v) in text.into_iter().flatten() {
         out.extend(config_key(text_field, k));
         match v.as_str() {
-            Some(s) => total += k.len() + s.len(),
+            Some(s) => total += s.len(),
             None => out.push(Cause::type_invalid(
                 &format!("{text_field}[{k}]"),
                 v,
@@ -199,7 +204,7 @@ pub fn validate_config(res: &ResourceDef, obj: &Value) -> Vec<Cause> {
             ));
         }
         match v.as_str().and_then(b64_decoded_len) {
-            Some(n) => total += k.len() + n,
+            Some(n) => total += n,
             None => out.push(Cause::invalid(
                 &format!("{bin_field}[{k}]"),
                 v,
@@ -208,7 +213,13 @@ pub fn validate_config(res: &ResourceDef, obj: &Value) -> Vec<Cause> {
         }
     }
     if total > MAX_CONFIG_SIZE {
-        out.push(Cause::too_long("", MAX_CONFIG_SIZE, "bytes"));
+        // The real server names the whole ConfigMap `[]`, and a Secret's `data`.
+        let field = if res.kind == "ConfigMap" {
+            "[]"
+        } else {
+            "data"
+        };
+        out.push(Cause::too_long(field, MAX_CONFIG_SIZE, "bytes"));
     }
     out
 }
@@ -512,6 +523,44 @@ fn validate_object(m: &Map<String, Value>, s: &Value, path: &str, out: &mut Vec<
             validate_schema(cv, cs, &join(path, k), out);
         }
     }
+}
+
+/// Fields of a custom resource's `obj` its schema does not declare (what a
+/// create would prune), as `spec.x` paths. `apiVersion`, `kind` and
+/// `metadata` are the server's.
+pub fn undeclared_fields(res: &ResourceDef, obj: &Value) -> Vec<String> {
+    let mut copy = obj.clone();
+    let mut pruned = Vec::new();
+    validate_custom(res, &mut copy, &mut pruned);
+    pruned
+}
+
+/// Events: the namespace of the object an event is about (core/v1
+/// `involvedObject`, events.k8s.io/v1 `regarding`). Without an `eventTime`
+/// (old clients) it must be the event's own, or empty in `default`; with
+/// one, it may be empty only in `default` and `kube-system`.
+pub fn validate_event(res: &ResourceDef, obj: &Value) -> Vec<Cause> {
+    let about = match (res.kind.as_str(), res.group.as_str()) {
+        ("Event", "") => "involvedObject",
+        ("Event", "events.k8s.io") => "regarding",
+        _ => return Vec::new(),
+    };
+    let event_ns = obj["metadata"]["namespace"].as_str().unwrap_or_default();
+    let involved = obj[about]["namespace"].as_str().unwrap_or_default();
+    let ok = match (obj["eventTime"].is_null(), involved.is_empty()) {
+        (true, true) => matches!(event_ns, "" | "default"),
+        (true, false) => involved == event_ns,
+        (false, true) => matches!(event_ns, "" | "default" | "kube-system"),
+        (false, false) => true,
+    };
+    if ok {
+        return Vec::new();
+    }
+    vec![Cause::invalid(
+        "involvedObject.namespace",
+        &Value::String(involved.to_string()),
+        "does not match event.namespace",
+    )]
 }
 
 /// Custom resource: prune, default, then validate against the version's schema.

@@ -127,6 +127,11 @@ pub fn start(
     };
     let mut first: Vec<Bytes> = Vec::new();
     let mut initial_items = Vec::new();
+    // Subscribed before the resourceVersion is checked, so a close requested
+    // after that check (a compaction and a close racing this request, say)
+    // always reaches this watch.
+    let mut closer = shared.close_watches.subscribe();
+    closer.borrow_and_update();
     let (rx, start_rv) = {
         let st = shared
             .state
@@ -159,10 +164,6 @@ pub fn start(
         }
     }
     let (tx, out) = mpsc::channel::<Bytes>(256);
-    // Subscribed before the response goes out, so a close requested after the
-    // client sees the watch open always reaches it.
-    let mut closer = shared.close_watches.subscribe();
-    closer.borrow_and_update();
     let shutdown = shared.shutdown.subscribe();
     let signals = Signals { closer, shutdown };
     tokio::spawn(pump(shared, filter, first, rx, tx, start_rv, p, signals));

@@ -3,6 +3,7 @@
 //! when they are empty; propagationPolicy Background/Foreground/Orphan; the
 //! garbage collector deletes dependents whose owners are all gone.
 
+use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{
     Resource, ResourceExt,
@@ -15,6 +16,18 @@ fn owned_cm(name: &str, owner: &ConfigMap) -> ConfigMap {
     let mut c = cm(name, &[]);
     c.metadata.owner_references = Some(vec![owner.controller_owner_ref(&()).unwrap()]);
     c
+}
+
+/// Runs `f(i)` for every `i`, 16 at a time.
+async fn in_batches<F, Fut>(range: std::ops::Range<usize>, f: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    futures::stream::iter(range.map(f))
+        .buffer_unordered(16)
+        .collect::<()>()
+        .await;
 }
 
 #[tokio::test]
@@ -121,16 +134,21 @@ async fn orphan_propagation_keeps_dependents_and_strips_their_owner_references()
 }
 
 #[tokio::test]
-async fn foreground_deletion_removes_dependents_before_the_owner() {
+async fn foreground_deletion_waits_for_the_dependents_that_block_it() {
     let (_api, client) = start().await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
     let owner = cms
         .create(&PostParams::default(), &cm("owner", &[]))
         .await
         .unwrap();
+    // A dependent whose reference blocks the owner's deletion, and one whose does not.
     let mut dep = owned_cm("dep", &owner);
+    dep.metadata.owner_references.as_mut().unwrap()[0].block_owner_deletion = Some(true);
     dep.metadata.finalizers = Some(vec!["hold/on".into()]);
     cms.create(&PostParams::default(), &dep).await.unwrap();
+    let mut loose = owned_cm("loose", &owner);
+    loose.metadata.finalizers = Some(vec!["hold/on".into()]);
+    cms.create(&PostParams::default(), &loose).await.unwrap();
     let r = cms
         .delete("owner", &DeleteParams::foreground())
         .await
@@ -138,15 +156,17 @@ async fn foreground_deletion_removes_dependents_before_the_owner() {
         .left()
         .unwrap();
     assert!(r.finalizers().contains(&"foregroundDeletion".to_string()));
-    eventually("dependent marked for deletion", || async {
-        cms.get("dep")
-            .await
-            .unwrap()
-            .metadata
-            .deletion_timestamp
-            .map(|_| ())
-    })
-    .await;
+    for name in ["dep", "loose"] {
+        eventually("dependents marked for deletion", || async {
+            cms.get(name)
+                .await
+                .unwrap()
+                .metadata
+                .deletion_timestamp
+                .map(|_| ())
+        })
+        .await;
+    }
     assert!(
         cms.get_opt("owner").await.unwrap().is_some(),
         "owner waits for its dependents"
@@ -162,21 +182,24 @@ async fn foreground_deletion_removes_dependents_before_the_owner() {
         cms.get_opt("owner").await.unwrap().is_none().then_some(())
     })
     .await;
+    assert!(
+        cms.get_opt("loose").await.unwrap().is_some(),
+        "the owner did not wait for a dependent that does not block it"
+    );
 }
 
 #[tokio::test]
 async fn deleting_a_namespace_deletes_its_contents_then_the_namespace() {
     let (_api, client) = start().await;
-    create_namespace(&client, "doomed").await;
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "doomed");
+    let doomed = unique("doomed");
+    create_namespace(&client, &doomed).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &doomed);
     let mut held = cm("a", &[]);
     held.metadata.finalizers = Some(vec!["hold/on".into()]);
     cms.create(&PostParams::default(), &held).await.unwrap();
     let nss: Api<Namespace> = Api::all(client.clone());
-    nss.delete("doomed", &DeleteParams::default())
-        .await
-        .unwrap();
-    let ns = nss.get("doomed").await.unwrap();
+    nss.delete(&doomed, &DeleteParams::default()).await.unwrap();
+    let ns = nss.get(&doomed).await.unwrap();
     assert_eq!(ns.status.unwrap().phase.as_deref(), Some("Terminating"));
     let s = api_err(cms.create(&PostParams::default(), &cm("b", &[])).await);
     assert_eq!(
@@ -194,7 +217,7 @@ async fn deleting_a_namespace_deletes_its_contents_then_the_namespace() {
     })
     .await;
     assert!(
-        nss.get_opt("doomed").await.unwrap().is_some(),
+        nss.get_opt(&doomed).await.unwrap().is_some(),
         "namespace waits for its content"
     );
     cms.patch(
@@ -205,12 +228,12 @@ async fn deleting_a_namespace_deletes_its_contents_then_the_namespace() {
     .await
     .unwrap();
     eventually("namespace gone", || async {
-        nss.get_opt("doomed").await.unwrap().is_none().then_some(())
+        nss.get_opt(&doomed).await.unwrap().is_none().then_some(())
     })
     .await;
     assert!(
         Api::<ConfigMap>::all(client)
-            .list(&ListParams::default().fields("metadata.namespace=doomed"))
+            .list(&ListParams::default().fields(&format!("metadata.namespace={doomed}")))
             .await
             .unwrap()
             .items
@@ -277,36 +300,26 @@ async fn delete_preconditions_on_uid_and_resource_version_are_409() {
 
 #[tokio::test]
 async fn deleting_a_crd_deletes_its_custom_resources_and_stops_serving_them() {
-    let (_api, client) = start_with_crd().await;
-    let widgets: Api<Widget> = Api::default_namespaced(client.clone());
-    widgets
-        .create(&PostParams::default(), &widget("w", 1))
-        .await
-        .unwrap();
+    // A CRD of this test's own: the shared Widget CRD stays for the others.
+    let (api, client) = start().await;
+    let (crd, ar) = gadget_crd_in(&format!("{}.test.slipstream.io", unique("gone")));
+    let crd: CustomResourceDefinition = serde_json::from_value(crd).unwrap();
+    api.install_crd(&crd).await;
+    let widgets: Api<DynamicObject> = Api::default_namespaced_with(client.clone(), &ar);
+    let w = DynamicObject::new("w", &ar).data(json!({"spec": {"size": 1}}));
+    eventually("the new resource served", || async {
+        widgets.create(&PostParams::default(), &w).await.ok()
+    })
+    .await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.delete(&Widget::crd_name(), &DeleteParams::default())
-        .await
-        .unwrap();
+    let name = crd.name_any();
+    crds.delete(&name, &DeleteParams::default()).await.unwrap();
     eventually("crd gone", || async {
-        crds.get_opt(&Widget::crd_name())
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
+        crds.get_opt(&name).await.unwrap().is_none().then_some(())
     })
     .await;
     let s = api_err(widgets.list(&ListParams::default()).await);
     assert_eq!(s.code, 404);
-}
-
-trait CrdName {
-    fn crd_name() -> String;
-}
-
-impl CrdName for Widget {
-    fn crd_name() -> String {
-        format!("{}.{}", Widget::plural(&()), Widget::group(&()))
-    }
 }
 
 #[tokio::test]
@@ -338,39 +351,47 @@ async fn a_dependent_whose_owner_never_existed_is_collected() {
 async fn deleting_many_owners_collects_every_dependent_and_spares_the_others() {
     // More owners than the collector handles in one slice: all their
     // dependents go, dependents of surviving owners stay.
-    let (api, client) = start().await;
+    let (_api, client) = start().await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
     let n = 300;
-    for i in 0..n {
-        let owner = api
-            .create_object(json!({"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": format!("owner-{i}"), "namespace": "default", "finalizers": ["hold/on"]}}))
-            .unwrap();
-        api.create_object(json!({"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": format!("dep-{i}"), "namespace": "default",
-                "labels": {"role": "dep"},
-                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": format!("owner-{i}"),
-                    "uid": owner["metadata"]["uid"], "controller": true}]}}))
-            .unwrap();
-    }
     let deleted = n - 10;
-    for i in 0..deleted {
-        cms.delete(&format!("owner-{i}"), &DeleteParams::default())
-            .await
-            .unwrap();
-    }
+    in_batches(0..n, |i| {
+        let cms = cms.clone();
+        async move {
+            let mut owner = cm(&format!("owner-{i}"), &[]);
+            owner.metadata.finalizers = Some(vec!["hold/on".into()]);
+            let owner = cms.create(&PostParams::default(), &owner).await.unwrap();
+            let mut dep = owned_cm(&format!("dep-{i}"), &owner);
+            dep.metadata.labels = Some([("role".to_string(), "dep".to_string())].into());
+            cms.create(&PostParams::default(), &dep).await.unwrap();
+        }
+    })
+    .await;
+    in_batches(0..deleted, |i| {
+        let cms = cms.clone();
+        async move {
+            cms.delete(&format!("owner-{i}"), &DeleteParams::default())
+                .await
+                .unwrap();
+        }
+    })
+    .await;
     // Owners held by a finalizer keep their dependents.
     let deps = ListParams::default().labels("role=dep");
     assert_eq!(cms.list(&deps).await.unwrap().items.len(), n);
-    for i in 0..deleted {
-        cms.patch(
-            &format!("owner-{i}"),
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-        )
-        .await
-        .unwrap();
-    }
+    in_batches(0..deleted, |i| {
+        let cms = cms.clone();
+        async move {
+            cms.patch(
+                &format!("owner-{i}"),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+            )
+            .await
+            .unwrap();
+        }
+    })
+    .await;
     let left = eventually("dependents of deleted owners collected", || async {
         let items = cms.list(&deps).await.unwrap().items;
         (items.len() == n - deleted).then_some(items)
@@ -385,20 +406,30 @@ async fn deleting_many_owners_collects_every_dependent_and_spares_the_others() {
 
 #[tokio::test]
 async fn deleting_a_namespace_with_many_objects_deletes_all_of_them() {
-    let (api, client) = start().await;
-    create_namespace(&client, "big").await;
-    for i in 0..250 {
-        api.create_object(json!({"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": format!("c-{i}"), "namespace": "big"}}))
-            .unwrap();
-    }
-    let nss: Api<Namespace> = Api::all(client.clone());
-    nss.delete("big", &DeleteParams::default()).await.unwrap();
-    eventually("namespace and its 250 ConfigMaps gone", || async {
-        nss.get_opt("big").await.unwrap().is_none().then_some(())
+    let (_api, client) = start().await;
+    let big = unique("big");
+    create_namespace(&client, &big).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &big);
+    in_batches(0..250, |i| {
+        let cms = cms.clone();
+        async move {
+            cms.create(&PostParams::default(), &cm(&format!("c-{i}"), &[]))
+                .await
+                .unwrap();
+        }
     })
     .await;
-    assert!(api.list("v1", "ConfigMap", Some("big")).is_empty());
+    let nss: Api<Namespace> = Api::all(client.clone());
+    nss.delete(&big, &DeleteParams::default()).await.unwrap();
+    eventually("namespace and its 250 ConfigMaps gone", || async {
+        nss.get_opt(&big).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let left = Api::<ConfigMap>::all(client)
+        .list(&ListParams::default().fields(&format!("metadata.namespace={big}")))
+        .await
+        .unwrap();
+    assert!(left.items.is_empty());
 }
 
 #[tokio::test]

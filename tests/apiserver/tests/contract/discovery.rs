@@ -7,7 +7,7 @@ use super::*;
 
 #[tokio::test]
 async fn discovery_serves_builtin_groups_and_crd_groups_once_created() {
-    let (_api, client) = start().await;
+    let (api, client) = start().await;
     let v = client.apiserver_version().await.unwrap();
     assert_eq!(v.major, "1");
 
@@ -32,33 +32,40 @@ async fn discovery_serves_builtin_groups_and_crd_groups_once_created() {
             "{g}/{v} {k}"
         );
     }
-    assert!(d.get("test.slipstream.io").is_none());
+    // A group of this test's own: the real server's CRDs are shared.
+    let group = format!("{}.test.slipstream.io", unique("d"));
+    assert!(d.get(&group).is_none());
 
-    install_crd(&client).await;
-    let d = Discovery::new(client.clone()).run().await.unwrap();
-    let (ar, caps) = d
-        .resolve_gvk(&kube::api::GroupVersionKind::gvk(
-            "test.slipstream.io",
-            "v1",
-            "Widget",
-        ))
-        .unwrap();
-    assert_eq!(ar.plural, "widgets");
+    let (crd, _) = gadget_crd_in(&group);
+    let crd: CustomResourceDefinition = serde_json::from_value(crd).unwrap();
+    api.install_crd(&crd).await;
+    let gvk = kube::api::GroupVersionKind::gvk(&group, "v1", "Gadget");
+    // Established, then served: the real server's discovery follows shortly after.
+    let (ar, caps) = eventually("the CRD's group in discovery", || async {
+        Discovery::new(client.clone())
+            .filter(&[&group])
+            .run()
+            .await
+            .unwrap()
+            .resolve_gvk(&gvk)
+    })
+    .await;
+    assert_eq!(ar.plural, "gadgets");
     assert_eq!(caps.scope, Scope::Namespaced);
     assert!(
         caps.subresources
             .iter()
-            .any(|(sub, _)| sub.plural == "widgets/status" || sub.plural == "status"),
+            .any(|(sub, _)| sub.plural == "gadgets/status" || sub.plural == "status"),
         "{:?}",
         caps.subresources
     );
 
     // The raw resource list carries short names, like `kubectl api-resources` shows them.
     let list = client
-        .list_api_group_resources("test.slipstream.io/v1")
+        .list_api_group_resources(&format!("{group}/v1"))
         .await
         .unwrap();
-    let w = list.resources.iter().find(|r| r.name == "widgets").unwrap();
-    assert_eq!(w.short_names.as_deref(), Some(&["wd".to_string()][..]));
-    assert_eq!(w.singular_name, "widget");
+    let w = list.resources.iter().find(|r| r.name == "gadgets").unwrap();
+    assert_eq!(w.short_names, crd.spec.names.short_names);
+    assert_eq!(w.singular_name, "gadget");
 }

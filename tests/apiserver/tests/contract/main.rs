@@ -1,6 +1,15 @@
 //! Contract tests: each pins one Kubernetes API rule the emulator reproduces,
 //! exercised through kube-rs (`Api`, the runtime watcher, a reflector, a
-//! `Controller`) and, where available, the real `kubectl`.
+//! `Controller`) and the real `kubectl`.
+//!
+//! The same binary runs against the emulator (the default) or the real
+//! kube-apiserver (`SLIPSTREAM_TEST_APISERVER=real`, one control plane for
+//! the binary, a fresh namespace per test), which is the judge: a test that
+//! passes on one passes on the other. Tests in a module named `emulator_only`
+//! look inside the emulator (storage writes, pause, compaction, its
+//! configuration) or show a difference README lists under "How the real
+//! server differs"; they always start an emulator of their own, and the real
+//! run skips them with `-- --skip emulator_only`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod concurrency;
@@ -17,14 +26,14 @@ mod watch;
 
 use std::time::Duration;
 
-use apiserver::ApiServer;
+use apiserver::{ApiServer, backend::TestApi};
 use k8s_openapi::{
     api::core::v1::{ConfigMap, Namespace},
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
     Api, Client, CustomResource,
-    api::{ObjectMeta, PostParams},
+    api::{ApiResource, DynamicObject, ObjectMeta, PostParams},
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -112,24 +121,65 @@ pub fn widget_crd() -> Value {
     })
 }
 
-/// A started emulator and its client.
-pub async fn start() -> (ApiServer, Client) {
+/// A test's server, chosen by `SLIPSTREAM_TEST_APISERVER` (`emulator`, the
+/// default, or `real`), and a client whose default namespace is the test's own
+/// (`default` on the emulator, a fresh one on the real control plane).
+pub async fn start() -> (TestApi, Client) {
+    let api = TestApi::start().await;
+    let client = api.client();
+    (api, client)
+}
+
+/// [`start`] with the Widget CRD installed (through the API, like `kubectl
+/// apply`; on the real server once per test binary, shared by its tests).
+pub async fn start_with_crd() -> (TestApi, Client) {
+    let (api, client) = start().await;
+    api.install_crd(&serde_json::from_value(widget_crd()).unwrap())
+        .await;
+    (api, client)
+}
+
+/// An emulator of the test's own, whatever `SLIPSTREAM_TEST_APISERVER` says:
+/// for the `emulator_only` tests, which look inside it.
+pub async fn start_emulator() -> (ApiServer, Client) {
     let api = ApiServer::start().await.expect("emulator starts");
     let client = api.client();
     (api, client)
 }
 
-/// A started emulator with the Widget CRD installed (through the API, like `kubectl apply`).
-pub async fn start_with_crd() -> (ApiServer, Client) {
-    let (api, client) = start().await;
-    install_crd(&client).await;
-    (api, client)
+/// `base` plus a random suffix: a name for a cluster-scoped object (a
+/// namespace, a CRD group) that no other test of the binary uses, since the
+/// real server's tests share one cluster.
+pub fn unique(base: &str) -> String {
+    format!("{base}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
-pub async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd: CustomResourceDefinition = serde_json::from_value(widget_crd()).unwrap();
-    crds.create(&PostParams::default(), &crd).await.unwrap();
+/// The Widget CRD's schema as kind `Gadget` in a group of its own
+/// (`gadgets.<group>`, short name `gd<first label of the group>`), for
+/// tests that watch a CRD appear or go without touching the shared one (or
+/// making `kubectl get widget` or `wd` ambiguous).
+pub fn gadget_crd_in(group: &str) -> (Value, ApiResource) {
+    let mut crd = widget_crd();
+    crd["metadata"]["name"] = json!(format!("gadgets.{group}"));
+    crd["spec"]["group"] = json!(group);
+    let short = format!("gd{}", group.split('.').next().unwrap().replace('-', ""));
+    crd["spec"]["names"] = json!({"plural": "gadgets", "singular": "gadget", "kind": "Gadget",
+        "listKind": "GadgetList", "shortNames": [short]});
+    let ar = ApiResource {
+        group: group.into(),
+        version: "v1".into(),
+        api_version: format!("{group}/v1"),
+        kind: "Gadget".into(),
+        plural: "gadgets".into(),
+    };
+    (crd, ar)
+}
+
+/// An object as the server stores it (unknown fields, managed fields and
+/// all), as JSON.
+pub async fn get_json(client: &Client, ar: &ApiResource, name: &str) -> Value {
+    let api: Api<DynamicObject> = Api::default_namespaced_with(client.clone(), ar);
+    serde_json::to_value(api.get(name).await.unwrap()).unwrap()
 }
 
 pub fn cm(name: &str, data: &[(&str, &str)]) -> ConfigMap {
@@ -185,17 +235,22 @@ pub fn rv_of(meta: &ObjectMeta) -> u64 {
     meta.resource_version.as_deref().unwrap().parse().unwrap()
 }
 
-/// Polls `f` until it returns `Some` (the garbage collector and controllers are asynchronous).
+/// Polls `f` until it returns `Some` (the garbage collector and controllers
+/// are asynchronous; the real ones take seconds on a busy machine).
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    for _ in 0..200 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
         if let Some(v) = f().await {
             return v;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 120 s waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("timed out waiting for: {what}");
 }

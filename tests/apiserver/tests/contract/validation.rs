@@ -48,9 +48,28 @@ async fn invalid_object_names_are_422_invalid_with_a_dns1123_cause() {
         )
         .await,
     );
+    assert_eq!(
+        s.message,
+        "Namespace \"a.b\" is invalid: metadata.name: Invalid value: \"a.b\": must not contain dots",
+        "namespaces are labels"
+    );
+    let s = api_err(
+        nss.create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some("Bad_NS".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await,
+    );
     assert!(
-        s.message.contains("RFC 1123 label"),
-        "namespaces are labels: {}",
+        s.message
+            .contains("a lowercase RFC 1123 label must consist of"),
+        "{}",
         s.message
     );
 }
@@ -101,11 +120,11 @@ async fn a_key_in_both_data_and_binary_data_is_invalid() {
 }
 
 #[tokio::test]
-async fn configmaps_over_one_mebibyte_of_data_and_binary_data_are_invalid() {
+async fn configmaps_over_one_mebibyte_of_values_in_data_and_binary_data_are_invalid() {
     let (_api, client) = start().await;
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
-    // Exactly 1 MiB (keys included) is accepted.
-    let exact = "x".repeat(1024 * 1024 - 2);
+    // Exactly 1 MiB of values is accepted: keys do not count.
+    let exact = "x".repeat(1024 * 1024);
     cms.create(&PostParams::default(), &cm("exact", &[("ab", &exact)]))
         .await
         .unwrap();
@@ -114,17 +133,15 @@ async fn configmaps_over_one_mebibyte_of_data_and_binary_data_are_invalid() {
     c.binary_data = Some(
         [(
             "b".to_string(),
-            k8s_openapi::ByteString(vec![0u8; 512 * 1024 - 1]),
+            k8s_openapi::ByteString(vec![0u8; 512 * 1024 + 1]),
         )]
         .into(),
     );
     let s = api_err(cms.create(&PostParams::default(), &c).await);
     assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
-    assert!(
-        s.message
-            .contains("Too long: may not be more than 1048576 bytes"),
-        "{}",
-        s.message
+    assert_eq!(
+        s.message,
+        "ConfigMap \"big\" is invalid: []: Too long: may not be more than 1048576 bytes"
     );
     // The same rule holds for updates through server-side apply.
     let big = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "exact"}, "data": {"ab": exact, "more": "y"}});
@@ -206,19 +223,17 @@ async fn custom_resources_are_validated_against_the_crd_schema() {
 
 #[tokio::test]
 async fn custom_resources_get_schema_defaults_and_unknown_fields_pruned() {
-    let (api, client) = start_with_crd().await;
-    let raw: Api<kube::api::DynamicObject> =
-        Api::default_namespaced_with(client, &kube::api::ApiResource::erase::<Widget>(&()));
-    let obj: kube::api::DynamicObject = serde_json::from_value(json!({
+    let (_api, client) = start_with_crd().await;
+    let ar = ApiResource::erase::<Widget>(&());
+    let raw: Api<DynamicObject> = Api::default_namespaced_with(client.clone(), &ar);
+    let obj: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "test.slipstream.io/v1", "kind": "Widget", "metadata": {"name": "d"},
         "spec": {"size": 2, "unknown": "dropped", "extra": {"anything": {"goes": 1}}},
         "topLevelUnknown": true
     }))
     .unwrap();
     raw.create(&PostParams::default(), &obj).await.unwrap();
-    let stored = api
-        .get_object("test.slipstream.io/v1", "Widget", Some("default"), "d")
-        .unwrap();
+    let stored = get_json(&client, &ar, "d").await;
     assert_eq!(stored["spec"]["color"], "red", "default applied");
     assert!(
         stored["spec"].get("unknown").is_none(),
@@ -234,21 +249,55 @@ async fn custom_resources_get_schema_defaults_and_unknown_fields_pruned() {
 #[tokio::test]
 async fn strict_field_validation_rejects_unknown_fields_instead_of_pruning() {
     let (_api, client) = start_with_crd().await;
-    let raw: Api<kube::api::DynamicObject> =
-        Api::default_namespaced_with(client, &kube::api::ApiResource::erase::<Widget>(&()));
-    let obj: kube::api::DynamicObject = serde_json::from_value(json!({
+    let raw: Api<DynamicObject> =
+        Api::default_namespaced_with(client.clone(), &ApiResource::erase::<Widget>(&()));
+    let obj: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "test.slipstream.io/v1", "kind": "Widget", "metadata": {"name": "s"},
         "spec": {"size": 2, "unknown": "x"}
     }))
     .unwrap();
-    let strict = PatchParams::apply("t").validation(kube::api::ValidationDirective::Strict);
-    let s = api_err(raw.patch("s", &strict, &Patch::Apply(&obj)).await);
+    // kube's PostParams has no fieldValidation: a raw POST.
+    let req = http::Request::post(format!("{}?fieldValidation=Strict", raw.resource_url()))
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(&obj).unwrap())
+        .unwrap();
+    let s = api_err(client.request::<DynamicObject>(req).await);
     assert_eq!((s.code, s.reason.as_str()), (400, "BadRequest"));
-    assert!(
-        s.message
-            .contains("strict decoding error: unknown field \"spec.unknown\""),
-        "{}",
-        s.message
+    assert_eq!(
+        s.message,
+        "Widget in version \"v1\" cannot be handled as a Widget: strict decoding error: unknown field \"spec.unknown\""
     );
     raw.create(&PostParams::default(), &obj).await.unwrap();
+}
+
+#[tokio::test]
+async fn apply_of_a_field_the_schema_does_not_declare_fails_whatever_the_field_validation() {
+    // Server-side apply converts the configuration to the schema's type
+    // first; it does not prune like a create or an update does.
+    let (_api, client) = start_with_crd().await;
+    let raw: Api<DynamicObject> =
+        Api::default_namespaced_with(client, &ApiResource::erase::<Widget>(&()));
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "test.slipstream.io/v1", "kind": "Widget", "metadata": {"name": "s"},
+        "spec": {"size": 2, "unknown": "x", "extra": {"kept": true}}
+    }))
+    .unwrap();
+    for validation in [
+        None,
+        Some(kube::api::ValidationDirective::Ignore),
+        Some(kube::api::ValidationDirective::Strict),
+    ] {
+        let mut pp = PatchParams::apply("t");
+        pp.field_validation = validation.clone();
+        let s = api_err(raw.patch("s", &pp, &Patch::Apply(&obj)).await);
+        assert_eq!(
+            (s.code, s.message.as_str()),
+            (
+                500,
+                "failed to create typed patch object (/s; test.slipstream.io/v1, Kind=Widget): .spec.unknown: field not declared in schema"
+            ),
+            "{validation:?}"
+        );
+    }
+    assert!(raw.get_opt("s").await.unwrap().is_none());
 }
