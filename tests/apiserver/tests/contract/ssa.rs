@@ -108,16 +108,18 @@ async fn apply_removes_keys_labels_and_owner_references_the_manager_stops_applyi
     let cms: Api<ConfigMap> = Api::default_namespaced(client);
     let pp = PatchParams::apply("slipstream");
     // Owners that exist, so the garbage collector leaves the ConfigMap alone.
-    let mut uids = Vec::new();
+    let mut owners = Vec::new();
     for name in ["o1", "o2"] {
         let o = cms
             .create(&PostParams::default(), &cm(name, &[]))
             .await
             .unwrap();
-        uids.push(o.metadata.uid.unwrap());
+        owners.push(
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "name": name, "uid": o.metadata.uid}),
+        );
     }
-    let (u1, u2) = (uids[0].as_str(), uids[1].as_str());
-    let owner = |uid: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "name": if uid == u1 { "o1" } else { "o2" }, "uid": uid});
+    let (o1, o2) = (&owners[0], &owners[1]);
+    let (u1, u2) = (o1["uid"].as_str().unwrap(), o2["uid"].as_str().unwrap());
     let mut first = apply_cm(
         "keys",
         json!({"a": "1", "b": "2"}),
@@ -125,7 +127,7 @@ async fn apply_removes_keys_labels_and_owner_references_the_manager_stops_applyi
     );
     first["binaryData"] = json!({"bin": "AAE="});
     first["metadata"]["annotations"] = json!({"n1": "x"});
-    first["metadata"]["ownerReferences"] = json!([owner(u1), owner(u2)]);
+    first["metadata"]["ownerReferences"] = json!([o1, o2]);
     let c = cms.patch("keys", &pp, &Patch::Apply(first)).await.unwrap();
     let fv = fields_v1(entry(&c, "slipstream", "Apply").unwrap());
     // Owner references are atomic: each is owned whole, its fields are not listed.
@@ -136,7 +138,7 @@ async fn apply_removes_keys_labels_and_owner_references_the_manager_stops_applyi
     );
 
     let mut second = apply_cm("keys", json!({"a": "1"}), json!({"l1": "x"}));
-    second["metadata"]["ownerReferences"] = json!([owner(u2)]);
+    second["metadata"]["ownerReferences"] = json!([o2]);
     let c = cms.patch("keys", &pp, &Patch::Apply(second)).await.unwrap();
     assert_eq!(c.data.as_ref().unwrap().keys().collect::<Vec<_>>(), ["a"]);
     assert!(c.binary_data.as_ref().is_none_or(|b| b.is_empty()));
