@@ -383,17 +383,38 @@ impl Lease {
 
     /// Gives the lease up with a CAS delete so another contender can take it
     /// at once. The holding state turns false before the call is sent.
+    ///
+    /// A renew abandoned in flight (shutdown raced it) may still have been
+    /// stored, at a revision this holder never learned: a newer record of the
+    /// same holder and term is deleted too, or standbys would wait out its TTL.
     pub async fn release(&self) -> Result<(), LeaseError> {
         let _op = self.op.lock().await;
-        let revision = self.lock().revision;
+        let (revision, term) = {
+            let held = self.lock();
+            (held.revision, held.acquired_at_ms)
+        };
         self.set_lost();
-        match revision {
-            None => Ok(()),
-            Some(rev) => match self.store.delete_with_version(&self.key, rev).await {
-                Ok(_) | Err(KvError::RevisionMismatch { .. }) => Ok(()),
-                Err(e) => Err(e.into()),
-            },
+        let Some(mut revision) = revision else {
+            return Ok(());
+        };
+        for _ in 0..3 {
+            match self.store.delete_with_version(&self.key, revision).await {
+                Ok(_) => return Ok(()),
+                Err(KvError::RevisionMismatch { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            match self.store.entry(&self.key).await? {
+                Some(KvUpdate::Put(e))
+                    if LeaseRecord::parse(&e.value)
+                        .is_ok_and(|r| r.holder == self.identity && r.acquired_at_ms == term) =>
+                {
+                    revision = e.version;
+                }
+                // Someone else's record, or already gone.
+                _ => return Ok(()),
+            }
         }
+        Ok(())
     }
 
     /// Keeps acquiring and renewing until `shutdown` resolves, then releases.

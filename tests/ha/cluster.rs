@@ -1303,16 +1303,6 @@ pub async fn fail_over(cluster: &mut Cluster, how: Takedown) -> Result<Failover,
             _ => break,
         }
     }
-    if how == Takedown::Sigterm {
-        // Known product bug: a SIGTERM that lands while the leader's renew is
-        // in flight cancels the renew after NATS applied it; the release then
-        // CAS-deletes the older revision, gets RevisionMismatch, treats it as
-        // released, and the standbys wait for the renewed record's TTL
-        // (src/leader/tasks.rs drops the attempt on stop; src/kv/lease.rs
-        // `release` swallows RevisionMismatch). Until it is fixed the signal
-        // is sent halfway between two renews, away from that window.
-        midway_between_renews(cluster, &leader).await;
-    }
     // The old leader's lease record as it stands: a standby that waits for
     // the TTL cannot write before this expiry.
     let lease_expires = lease_record(cluster)
@@ -1371,22 +1361,6 @@ pub async fn fail_over(cluster: &mut Cluster, how: Takedown) -> Result<Failover,
 async fn lease_record(cluster: &Cluster) -> Option<LeaseRecord> {
     let entry = cluster.leases.get(LEASE_KEY).await.ok()??;
     LeaseRecord::parse(&entry.value).ok()
-}
-
-/// Waits until `leader` is halfway between two renews of its lease record
-/// (its last renew is the record's expiry minus the TTL).
-async fn midway_between_renews(cluster: &Cluster, leader: &str) {
-    let Some(record) = lease_record(cluster).await.filter(|r| r.holder == leader) else {
-        return;
-    };
-    let (ttl, renew) = (cluster.settings.ttl, cluster.settings.renew);
-    let last_renew_ms = record
-        .expires_at_ms
-        .saturating_sub(u64::try_from(ttl.as_millis()).unwrap_or(0));
-    let renew_ms = u64::try_from(renew.as_millis()).unwrap_or(1).max(1);
-    let phase = slipstream::kv::lease::unix_ms().saturating_sub(last_renew_ms) % renew_ms;
-    let wait = (renew_ms / 2 + renew_ms - phase) % renew_ms;
-    tokio::time::sleep(Duration::from_millis(wait)).await;
 }
 
 /// One measured failover.

@@ -52,6 +52,36 @@ async fn release_lets_another_contender_acquire_at_once() {
 }
 
 #[tokio::test]
+async fn release_also_frees_a_renew_that_landed_after_it_was_abandoned() {
+    // A shutdown that races a renew drops the call after NATS stored it: the
+    // holder never learns the new revision. Its release must still free the
+    // lease, or standbys wait out the renewed record's TTL.
+    let server = NatsServer::start();
+    let s = store(&server).await;
+    let a = Lease::new(s.clone(), "leader", "a", fast()).unwrap();
+    let b_ = Lease::new(s.clone(), "leader", "b", fast()).unwrap();
+    assert!(a.try_acquire().await.unwrap());
+    let Some(slipstream::kv::KvUpdate::Put(held)) = s.entry("leader").await.unwrap() else {
+        panic!("a's record is stored");
+    };
+    let mut renewed = slipstream::kv::lease::LeaseRecord::parse(&held.value).unwrap();
+    renewed.expires_at_ms += 60_000;
+    s.update("leader", renewed.to_bytes().unwrap(), held.version)
+        .await
+        .unwrap();
+    a.release().await.unwrap();
+    assert!(!a.is_held());
+    assert!(
+        b_.holder().await.unwrap().is_none(),
+        "the renewed record of the same term is deleted too"
+    );
+    assert!(b_.try_acquire().await.unwrap(), "no wait for the renewed TTL");
+    // A record of another holder is never deleted by a release.
+    a.release().await.unwrap();
+    assert_eq!(a.holder().await.unwrap().unwrap().holder, "b");
+}
+
+#[tokio::test]
 async fn an_expired_lease_is_taken_over_and_the_old_holder_renews_into_lost() {
     let server = NatsServer::start();
     let s = store(&server).await;
