@@ -75,7 +75,10 @@ async fn release_also_frees_a_renew_that_landed_after_it_was_abandoned() {
         b_.holder().await.unwrap().is_none(),
         "the renewed record of the same term is deleted too"
     );
-    assert!(b_.try_acquire().await.unwrap(), "no wait for the renewed TTL");
+    assert!(
+        b_.try_acquire().await.unwrap(),
+        "no wait for the renewed TTL"
+    );
     // A record of another holder is never deleted by a release.
     a.release().await.unwrap();
     assert_eq!(a.holder().await.unwrap().unwrap().holder, "b");
