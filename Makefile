@@ -28,11 +28,17 @@ fmt-check:
 lint:
 	@CARGO=$(CARGO) scripts/lint.sh
 
-## test: formatting, clippy, then every test (unit, real NATS, API emulator)
+## test: formatting, clippy, then every test (unit, real NATS, the API emulator),
+## then the operator, HA and API contract suites again on the real control plane
 test: tools lint test-only
+
+REAL := SLIPSTREAM_TEST_APISERVER=real
 
 test-only: tools
 	$(CARGO) test --workspace --locked
+	@echo "== again on the real control plane (kube-apiserver, etcd, kube-controller-manager) =="
+	$(REAL) $(CARGO) test --locked --test operator --test ha -- --skip emulator_only --skip election::
+	$(REAL) $(CARGO) test --locked -p apiserver --test contract -- --skip emulator_only
 
 ## bench: KV layer and operator benchmarks; prints tables, asserts nothing
 bench: tools-pypi
