@@ -3,7 +3,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use apiserver::real::ControlPlane;
+use apiserver::real::{ControlPlane, Options};
+use k8s_openapi::api::{core::v1::ConfigMap, rbac::v1::ClusterRole};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, PostParams},
+};
+use slipstream::crd::ConfigBinding;
 
 use crate::support::*;
 
@@ -18,10 +24,6 @@ const OPERATOR_USES: &[(&str, &[&str])] = &[
     ),
     // status is a merge patch
     ("configbindings.slipstream.io/status", &["patch"]),
-    // the ConfigMap's owner reference sets blockOwnerDeletion, which the
-    // OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift
-    // and other hardened clusters) allows only to who may update this
-    ("configbindings.slipstream.io/finalizers", &["update"]),
     // the ConfigMap watch and reads; create (first write), server-side
     // apply and merge patches; delete for deletionPolicy Delete
     (
@@ -117,6 +119,11 @@ async fn service_account_cannot_read_secrets_or_write_outside_its_resources() {
         ("update", "configbindings.slipstream.io", ns.as_str()),
         ("delete", "configbindings.slipstream.io", ns.as_str()),
         ("update", "configbindings.slipstream.io/status", ns.as_str()),
+        (
+            "update",
+            "configbindings.slipstream.io/finalizers",
+            ns.as_str(),
+        ),
         ("update", "configmaps", ns.as_str()),
         ("deletecollection", "configmaps", ns.as_str()),
         ("create", "events", ns.as_str()),
@@ -144,11 +151,6 @@ async fn service_account_cannot_read_secrets_or_write_outside_its_resources() {
         ("watch", "configbindings.slipstream.io", "cluster"),
         ("patch", "configbindings.slipstream.io", ns.as_str()),
         ("patch", "configbindings.slipstream.io/status", ns.as_str()),
-        (
-            "update",
-            "configbindings.slipstream.io/finalizers",
-            ns.as_str(),
-        ),
         ("create", "configmaps", ns.as_str()),
         ("delete", "configmaps", ns.as_str()),
         ("create", "events.events.k8s.io", ns.as_str()),
@@ -165,4 +167,115 @@ async fn service_account_cannot_read_secrets_or_write_outside_its_resources() {
         )
         .collect();
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Hardened clusters (OpenShift among them) turn on the
+/// OwnerReferencesPermissionEnforcement admission plugin: changing an
+/// object's owner references needs delete on it, and `blockOwnerDeletion`
+/// needs update on the owner's `finalizers` subresource, which the chart does
+/// not grant (the operator's owner references leave it unset). The chart's
+/// RBAC syncs there and lets a Retain binding drop its owner reference; with
+/// `configmaps` delete taken away the plugin refuses that (it is really on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_rbac_suffices_where_admission_enforces_owner_reference_permissions() {
+    let options = Options {
+        controller_manager: false,
+        apiserver_args: vec![
+            "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".into(),
+        ],
+        ..Options::default()
+    };
+    let cp = ControlPlane::start(options).await.unwrap();
+    let release = tokio::task::block_in_place(|| {
+        let ns = format!("slipstream-system-{}", unique());
+        let release = Release::install(&cp, "slipstream", &ns, &[]);
+        wait_crd_established(&cp);
+        release
+    });
+    let ns = cp.create_namespace("owner-refs").await;
+    let client = cp.client_in(&ns).await;
+    let (nats, bucket) = nats_with_bucket().await;
+    put(&bucket, "web.a", "1").await;
+    let kubeconfig = release.service_account_kubeconfig(&cp, &ns).await;
+    let mut operator = Operator::start(&release, &kubeconfig, &nats.url(), &ns);
+    let retain = "bucket: app-config\nprefixes: [web.]\ntarget: {deletionPolicy: Retain}";
+    for name in ["first", "second"] {
+        create_binding(&client, &ns, name, retain).await;
+        let cm = wait_data(&client, &ns, name, &map(&[("web.a", "1")])).await;
+        let owner = &cm.owner_references()[0];
+        assert_eq!((owner.name.as_str(), owner.controller), (name, Some(true)));
+        wait_synced(&client, &ns, name).await;
+        wait_finalizer(&client, &ns, name).await;
+    }
+
+    // Retain: the finalizer drops the owner reference (an update of ownerReferences)
+    let bindings: Api<ConfigBinding> = Api::namespaced(client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    bindings
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("binding first deleted", || async {
+        bindings
+            .get_opt("first")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        cms.get("first")
+            .await
+            .unwrap()
+            .owner_references()
+            .is_empty()
+    );
+    operator.assert_running();
+    let forbidden = operator.forbidden_lines();
+    assert!(forbidden.is_empty(), "{}", forbidden.join("\n"));
+
+    // the control: without delete on ConfigMaps that update is refused
+    let roles: Api<ClusterRole> = Api::all(cp.client().await);
+    let name = release.one("ClusterRole")["metadata"]["name"]
+        .as_str()
+        .unwrap();
+    let mut role = roles.get(name).await.unwrap();
+    for rule in role.rules.as_mut().unwrap() {
+        if rule.resources.iter().flatten().any(|r| r == "configmaps") {
+            rule.verbs.retain(|v| v != "delete");
+        }
+    }
+    roles
+        .replace(name, &PostParams::default(), &role)
+        .await
+        .unwrap();
+    let admin = KubeconfigFile::admin(&cp, &ns);
+    let user = format!("--as={}", release.service_account_user());
+    eventually("the authorizer has the narrower role", || async {
+        let may = admin.kubectl(&["auth", "can-i", "delete", "configmaps", &user]);
+        may.is_err().then_some(())
+    })
+    .await;
+    bindings
+        .delete("second", &DeleteParams::default())
+        .await
+        .unwrap();
+    let refused = eventually("dropping the owner reference is refused", || async {
+        operator
+            .forbidden_lines()
+            .into_iter()
+            .find(|l| l.contains("cannot set an ownerRef"))
+    })
+    .await;
+    assert!(refused.contains("second"), "{refused}");
+    let second = bindings.get("second").await.unwrap();
+    assert!(second.metadata.deletion_timestamp.is_some());
+    assert!(
+        !cms.get("second")
+            .await
+            .unwrap()
+            .owner_references()
+            .is_empty()
+    );
 }

@@ -296,19 +296,24 @@ pub async fn default_release() -> &'static Release {
         DEFAULT_RELEASE.get_or_init(|| {
             let ns = format!("slipstream-system-{}", unique());
             let release = Release::install(cp, "slipstream", &ns, &[]);
-            KubeconfigFile::admin(cp, &ns)
-                .kubectl(&[
-                    "wait",
-                    "--for=condition=Established",
-                    "--timeout=120s",
-                    "crd/configbindings.slipstream.io",
-                ])
-                .unwrap_or_else(|e| panic!("the chart's CRD is established: {e}"));
+            wait_crd_established(cp);
             release
         })
     })
     .await
     .unwrap()
+}
+
+/// Waits until the ConfigBinding CRD (installed by helm) is served.
+pub fn wait_crd_established(cp: &ControlPlane) {
+    KubeconfigFile::admin(cp, "default")
+        .kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=120s",
+            "crd/configbindings.slipstream.io",
+        ])
+        .unwrap_or_else(|e| panic!("the chart's CRD is established: {e}"));
 }
 
 /// The `slipstream` binary, started the way the chart's Deployment starts it.

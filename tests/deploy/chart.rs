@@ -190,7 +190,6 @@ fn rbac_grants_exactly_the_operator_verbs_and_no_wildcard() {
             &["get", "list", "watch", "patch"],
         );
         allow("slipstream.io", "configbindings/status", &["patch"]);
-        allow("slipstream.io", "configbindings/finalizers", &["update"]);
         allow(
             "",
             "configmaps",
