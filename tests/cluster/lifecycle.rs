@@ -53,8 +53,9 @@ async fn deleting_a_namespace_runs_the_binding_finalizers_and_the_namespace_goes
     }
     for (name, _) in bindings {
         wait_synced(&client, &ns, name).await;
-        // a replica that synced while still standby adds the finalizer on
-        // its next reconcile, up to 5 s after Ready
+        // a binding first seen while the replica was still standby gets its
+        // finalizer on the next reconcile, just after Ready (the worker started
+        // while standby writes as soon as the lease is taken)
         wait_finalizer(&client, &ns, name).await;
     }
     wait_data(
