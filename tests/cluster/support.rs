@@ -33,28 +33,13 @@ use slipstream::{
     },
 };
 
-use crate::common::{NatsServer, free_port};
+use crate::common::{NatsServer, free_port, tool};
 
 /// How long a poll waits: generous, the machine is shared.
 pub const PATIENCE: Duration = Duration::from_secs(120);
 
 pub fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/slipstream")
-}
-
-/// `name` from PATH, else from `.tools/bin`, with a clear message when neither has it.
-pub fn tool(name: &str) -> PathBuf {
-    let in_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    let tools = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".tools/bin")
-        .join(name);
-    in_path
-        .or_else(|| tools.is_file().then_some(tools))
-        .unwrap_or_else(|| panic!("{name} not found on PATH nor in .tools/bin: run `make tools`"))
 }
 
 /// A kubeconfig in a file, for helm, kubectl and the operator binary.

