@@ -28,7 +28,10 @@ pub fn chart_dir() -> PathBuf {
 
 /// Runs `helm <args>`; Ok(stdout) on success, Err(stderr) on failure.
 pub fn run_helm(args: &[&str]) -> Result<String, String> {
-    let out = Command::new(common::tool("helm")).args(args).output().expect("helm runs");
+    let out = Command::new(common::tool("helm"))
+        .args(args)
+        .output()
+        .expect("helm runs");
     if out.status.success() {
         Ok(String::from_utf8(out.stdout).expect("helm prints UTF-8"))
     } else {
