@@ -234,37 +234,20 @@ pub fn ownership_conflict(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use k8s_openapi::{
-        api::core::v1::ConfigMap, apimachinery::pkg::apis::meta::v1::OwnerReference,
-    };
+    use k8s_openapi::api::core::v1::ConfigMap;
 
     use super::*;
-    use crate::{kv::VersionToken, sink::configmap::ConfigMapSink};
+    use crate::{
+        kv::VersionToken,
+        sink::configmap::{desired, object::test_target},
+    };
 
     fn cursor(n: u64) -> WatchCursor {
         WatchCursor::after(VersionToken::from_u64(n))
     }
 
     fn target(policy: CreationPolicy) -> TargetRef {
-        TargetRef {
-            namespace: "ns".into(),
-            name: "cm".into(),
-            binding: "b".into(),
-            generation: 3,
-            policy,
-            owner: Some(OwnerReference {
-                api_version: "slipstream.io/v1alpha1".into(),
-                kind: "ConfigBinding".into(),
-                name: "b".into(),
-                uid: "uid-b".into(),
-                controller: Some(true),
-                block_owner_deletion: Some(true),
-            }),
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
-        }
+        test_target(policy)
     }
 
     fn content(pairs: &[(&'static str, &'static str)]) -> Projected<'static> {
@@ -282,7 +265,7 @@ mod tests {
         pairs: &[(&'static str, &'static str)],
         at: u64,
     ) -> ConfigMap {
-        ConfigMapSink::desired(&target(policy), &content(pairs), cursor(at), Some("7"))
+        desired(&target(policy), &content(pairs), cursor(at), Some("7"))
     }
 
     fn observed(cm: ConfigMap) -> TargetState {
@@ -608,7 +591,7 @@ mod tests {
             ..Observed::default()
         };
         let ours_by_owner_ref = Observed {
-            owner_uid: Some("uid-b".into()),
+            owner_uid: Some("uid-1".into()),
             ..Observed::default()
         };
         let other = Observed {
