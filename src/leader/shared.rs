@@ -1,5 +1,5 @@
-//! The state the election tasks and the [`LeaderElection`](super::LeaderElection)
-//! handle share: the gate, the status, the metrics.
+//! The state the election tasks and the `LeaderElection` handle share: the
+//! gate, the status, the metrics.
 
 use std::sync::{
     Arc,

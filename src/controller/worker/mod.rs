@@ -2,11 +2,11 @@
 //! bursts, writes the projected content with one apply, then mirrors the
 //! cursor into status.
 //!
-//! The cursor (`seen`) only covers updates already merged into `entries`,
-//! and it reaches the ConfigMap only inside the write that carries those
-//! entries (invariant 1). Updates at or below `seen` are dropped, and a
-//! ConfigMap already holding a newer cursor is never overwritten
-//! (invariant 2).
+//! The cursor (the [`Mirror`]'s) only covers updates already merged into
+//! its entries, and it reaches the ConfigMap only inside the write that
+//! carries those entries (invariant 1). Updates at or below it are dropped,
+//! and a ConfigMap already holding a newer cursor is never overwritten
+//! (invariant 2, see [`decide`](super::decide)).
 //!
 //! The worker's parts are `impl Worker` blocks by concern: `catchup`
 //! (history before joining the bucket watch, and merging updates),
