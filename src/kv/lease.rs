@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
 
 use super::{KvError, KvStore, KvUpdate, VersionToken};
-use crate::util::time::sleep_until;
+use crate::util::{lock, time::sleep_until};
 
 /// Timing of a lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,7 +271,7 @@ impl Lease {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.held)
     }
 
     fn set_held(

@@ -70,38 +70,40 @@ impl LeaderElection {
 
     /// No election: the gate is always open.
     pub fn disabled(metrics: LeaderMetrics) -> Self {
-        metrics.is_leader.set(1);
-        let (gate_tx, gate) = watch::channel(true);
-        let (status_tx, status) = watch::channel(LeaderStatus {
-            role: Role::Disabled,
-            holder: None,
-            error: None,
-        });
-        let (stop, _) = watch::channel(false);
-        Self {
-            shared: Arc::new(Shared {
-                config: ElectionConfig {
-                    key: String::new(),
-                    identity: String::new(),
-                    lease: LeaseConfig::default(),
-                },
-                gate: gate_tx,
-                status: status_tx,
-                metrics,
-                stopping: AtomicBool::new(false),
-            }),
-            gate,
-            status,
-            stop,
-            task: None,
-        }
+        let config = ElectionConfig {
+            key: String::new(),
+            identity: String::new(),
+            lease: LeaseConfig::default(),
+        };
+        Self::with_role(config, Role::Disabled, metrics).0
     }
 
     fn spawn(config: ElectionConfig, source: Source, metrics: LeaderMetrics) -> Self {
-        metrics.is_leader.set(0);
-        let (gate_tx, gate) = watch::channel(false);
+        let (mut election, stop_rx) = Self::with_role(config, Role::Starting, metrics);
+        let shared = &election.shared;
+        info!(
+            identity = %shared.config.identity,
+            key = %shared.config.key,
+            ttl = ?shared.config.lease.ttl,
+            renew = ?shared.config.lease.renew_interval,
+            "leader election started"
+        );
+        election.task = Some(tokio::spawn(tasks::run(shared.clone(), source, stop_rx)));
+        election
+    }
+
+    /// A handle in `role` (its gate open only when election is disabled),
+    /// and the receiver of its stop signal.
+    fn with_role(
+        config: ElectionConfig,
+        role: Role,
+        metrics: LeaderMetrics,
+    ) -> (Self, watch::Receiver<bool>) {
+        let open = role == Role::Disabled;
+        metrics.is_leader.set(i64::from(open));
+        let (gate_tx, gate) = watch::channel(open);
         let (status_tx, status) = watch::channel(LeaderStatus {
-            role: Role::Starting,
+            role,
             holder: None,
             error: None,
         });
@@ -113,21 +115,14 @@ impl LeaderElection {
             metrics,
             stopping: AtomicBool::new(false),
         });
-        info!(
-            identity = %shared.config.identity,
-            key = %shared.config.key,
-            ttl = ?shared.config.lease.ttl,
-            renew = ?shared.config.lease.renew_interval,
-            "leader election started"
-        );
-        let task = tokio::spawn(tasks::run(shared.clone(), source, stop_rx));
-        Self {
+        let election = Self {
             shared,
             gate,
             status,
             stop,
-            task: Some(task),
-        }
+            task: None,
+        };
+        (election, stop_rx)
     }
 
     /// True while this replica may write. Check it right before each write.

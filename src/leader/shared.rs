@@ -1,5 +1,5 @@
-//! The state the election tasks and the [`LeaderElection`](super::LeaderElection)
-//! handle share: the gate, the status, the metrics.
+//! The state the election tasks and the `LeaderElection` handle share: the
+//! gate, the status, the metrics.
 
 use std::sync::{
     Arc,
@@ -29,20 +29,24 @@ pub(super) struct Shared {
 impl Shared {
     /// Opens or closes the gate; logs and counts a change.
     pub fn set_gate(&self, leader: bool) {
+        let now_leader = leader && !self.stopping.load(Ordering::SeqCst);
         let changed = self.gate.send_if_modified(|g| {
-            let want = leader && !self.stopping.load(Ordering::SeqCst);
-            std::mem::replace(g, want) != want
+            if std::mem::replace(g, now_leader) == now_leader {
+                return false;
+            }
+            // the metrics move before the gate is published: whoever sees
+            // the gate move also sees them moved
+            let to = if now_leader { "leader" } else { "standby" };
+            self.metrics.is_leader.set(i64::from(now_leader));
+            self.metrics
+                .transitions
+                .get_or_create(&TransitionLabels { to: to.to_owned() })
+                .inc();
+            true
         });
         if !changed {
             return;
         }
-        let now_leader = *self.gate.borrow();
-        let to = if now_leader { "leader" } else { "standby" };
-        self.metrics.is_leader.set(i64::from(now_leader));
-        self.metrics
-            .transitions
-            .get_or_create(&TransitionLabels { to: to.to_owned() })
-            .inc();
         self.status.send_modify(|s| {
             s.role = if now_leader {
                 Role::Leader

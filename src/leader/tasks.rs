@@ -21,7 +21,7 @@ use crate::{
         lease::{Lease, LeaseError, LeaseRecord, unix_ms},
         nats::BucketConfig,
     },
-    util::backoff::Backoff,
+    util::{backoff::Backoff, time::sleep_until},
 };
 
 /// What the lease key watch tells the election loop.
@@ -195,7 +195,7 @@ async fn guard(lease: Arc<Lease>, shared: Arc<Shared>, mut stop: watch::Receiver
             biased;
             () = stopped(&mut stop) => return,
             changed = held_rx.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+            () = sleep_until(deadline) => {
                 if !lease.is_held() {
                     warn!(key = %shared.config.key, "renew deadline passed without a successful renew: stopped writing");
                     shared.set_gate(false);

@@ -1,7 +1,7 @@
 //! What NATS KV records mean: the headers that say put, delete or purge,
 //! the ack subject that carries a delivery's sequences, the stream's
 //! creation time that tells bucket incarnations apart. Pure functions,
-//! shared by the reads ([`super::bucket`]) and the watch ([`super::watch`]).
+//! shared by the reads (`bucket`) and the watch (`watch`).
 
 use std::time::Duration;
 

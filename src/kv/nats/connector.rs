@@ -6,7 +6,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 
-use super::{BucketConfig, ConnectOptions, NatsBucket, NatsKv};
+use super::{
+    bucket::NatsBucket,
+    connect::{BucketConfig, ConnectOptions, NatsKv},
+};
 use crate::kv::{KvConnector, KvStore, Result};
 
 /// [`KvConnector`] over one NATS connection, made on first use (and made

@@ -96,21 +96,11 @@ impl ConfigMapSink {
         Ok(self.api(namespace).get_opt(name).await?)
     }
 
-    /// The ConfigMap object a write sends (also used by tests).
-    pub fn desired(
-        target: &TargetRef,
-        content: &Projected<'_>,
-        cursor: WatchCursor,
-        resource_version: Option<&str>,
-    ) -> ConfigMap {
-        object::desired(target, content, cursor, resource_version)
-    }
-
     /// Creates the ConfigMap empty, carrying only our claim and label
     /// (create-only, so two bindings cannot both take it); returns its
     /// resourceVersion, the precondition of the apply that follows.
     pub async fn create_empty(&self, target: &TargetRef) -> Result<Option<String>> {
-        let mut skeleton = Self::desired(target, &Projected::default(), WatchCursor::none(), None);
+        let mut skeleton = desired(target, &Projected::default(), WatchCursor::none(), None);
         if let Some(a) = skeleton.metadata.annotations.as_mut() {
             a.retain(|k, _| k == BINDING_ANNOTATION);
         }
@@ -169,7 +159,7 @@ impl ConfigMapSink {
         foreign: &[String],
         resource_version: &str,
     ) -> Result<Observed> {
-        let desired = Self::desired(target, content, cursor, Some(resource_version));
+        let desired = desired(target, content, cursor, Some(resource_version));
         let mut patch = serde_json::to_value(&desired)
             .map_err(|e| SinkError::Kube(kube::Error::SerdeError(e)))?;
         for field in ["data", "binaryData"] {

@@ -156,10 +156,37 @@ impl<'a> ApplyBody<'a> {
     }
 }
 
+/// The target the unit tests write: ConfigMap `ns/cm` of binding `b`
+/// (generation 3, owner uid `uid-1`, label `team: web`).
+#[cfg(test)]
+pub(crate) fn test_target(policy: CreationPolicy) -> TargetRef {
+    TargetRef {
+        namespace: "ns".into(),
+        name: "cm".into(),
+        binding: "b".into(),
+        generation: 3,
+        policy,
+        owner: Some(OwnerReference {
+            api_version: "slipstream.io/v1alpha1".into(),
+            kind: "ConfigBinding".into(),
+            name: "b".into(),
+            uid: "uid-1".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }),
+        labels: BTreeMap::from([("team".into(), "web".into())]),
+        annotations: BTreeMap::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{kv::VersionToken, sink::configmap::Observed};
+
+    fn target(policy: CreationPolicy) -> TargetRef {
+        test_target(policy)
+    }
 
     #[test]
     fn apply_body_serializes_exactly_like_the_desired_configmap() {
@@ -180,26 +207,6 @@ mod tests {
             let got =
                 serde_json::to_value(ApplyBody::new(&t, &content, cursor, Some("5"))).unwrap();
             assert_eq!(got, want);
-        }
-    }
-
-    fn target(policy: CreationPolicy) -> TargetRef {
-        TargetRef {
-            namespace: "ns".into(),
-            name: "cm".into(),
-            binding: "b".into(),
-            generation: 3,
-            policy,
-            owner: Some(OwnerReference {
-                api_version: "slipstream.io/v1alpha1".into(),
-                kind: "ConfigBinding".into(),
-                name: "b".into(),
-                uid: "uid-1".into(),
-                controller: Some(true),
-                block_owner_deletion: Some(true),
-            }),
-            labels: BTreeMap::from([("team".into(), "web".into())]),
-            annotations: BTreeMap::new(),
         }
     }
 

@@ -1,0 +1,234 @@
+//! Reconcile, a small pipeline: finalizer -> validate spec and access policy
+//! -> (re)start the binding's worker when its generation changed. Everything
+//! that talks to KV or writes ConfigMaps lives in the worker, so a reconcile
+//! never blocks on NATS.
+
+use std::{
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
+
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::controller::Action,
+};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{
+    context::{Context, WorkerHandle, binding_key, target_of},
+    status::{self, ConditionType, Health, publish_event, set_conditions, write_status},
+    worker::Worker,
+};
+use crate::{
+    crd::{ConfigBinding, DeletionPolicy},
+    policy::{AccessPolicy, PolicyError},
+    projection::{ProjectionRules, SpecError},
+    reason::Reason,
+    sink::configmap::SinkError,
+    util::lock,
+};
+
+pub const FINALIZER: &str = "slipstream.io/cleanup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("ConfigMap: {0}")]
+    Sink(#[from] SinkError),
+}
+
+impl Error {
+    pub fn reason(&self) -> Reason {
+        match self {
+            Error::Kube(_) => Reason::KubernetesError,
+            Error::Sink(e) => e.reason(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a binding is not served at all (it never reads, never writes).
+#[derive(Debug, thiserror::Error)]
+enum Invalid {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{0}; nothing is read")]
+    Denied(#[from] PolicyError),
+}
+
+impl Invalid {
+    fn reason(&self) -> Reason {
+        match self {
+            Invalid::Spec(e) => e.reason(),
+            Invalid::Denied(e) => e.reason(),
+        }
+    }
+}
+
+/// Spec and access policy.
+fn validate(b: &ConfigBinding, policy: &AccessPolicy) -> Result<ProjectionRules, Invalid> {
+    let rules = ProjectionRules::from_spec(&b.spec)?;
+    policy.check(
+        &b.namespace().unwrap_or_default(),
+        &b.spec.bucket,
+        &b.spec.prefixes,
+    )?;
+    Ok(rules)
+}
+
+/// Reports a binding that is not served: Ready False and Stalled, with an
+/// Event when that is news.
+async fn report_invalid(b: &ConfigBinding, ctx: &Context, invalid: &Invalid) -> Result<()> {
+    let (reason, message) = (invalid.reason(), invalid.to_string());
+    ctx.metrics.error(reason);
+    warn!(binding = %b.name_any(), namespace = ?b.namespace(), reason = reason.as_str(), message, "binding not served");
+    let mut status = b.status.clone().unwrap_or_default();
+    let ready = ConditionType::Ready.as_str();
+    let before = status.condition(ready).cloned();
+    let health = Health::err(reason, message, true);
+    set_conditions(&mut status, &health, b.metadata.generation);
+    status.observed_generation = b.metadata.generation;
+    let changed = before.as_ref().map(|c| (&c.reason, &c.message, &c.status))
+        != status
+            .condition(ready)
+            .map(|c| (&c.reason, &c.message, &c.status));
+    if !changed || !*ctx.gate.borrow() {
+        return Ok(());
+    }
+    write_status(&ctx.client, b, &status).await?;
+    publish_event(&ctx.recorder, b, &health, status::Action::Validate).await;
+    Ok(())
+}
+
+async fn apply(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
+    let key = binding_key(&b);
+    let uid = b.uid().unwrap_or_default();
+    let generation = b.metadata.generation.unwrap_or(0);
+    {
+        let workers = lock(&ctx.workers);
+        if let Some(h) = workers.get(&key)
+            && h.uid == uid
+            && h.generation == generation
+            && !h.task.is_finished()
+        {
+            return Ok(Action::await_change());
+        }
+    }
+    ctx.stop_worker(&key);
+    let rules = match validate(&b, &ctx.policy) {
+        Ok(r) => r,
+        Err(invalid) => {
+            report_invalid(&b, &ctx, &invalid).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let head = Arc::new(AtomicU64::new(0));
+    let w = Worker::new(ctx.clone(), b.clone(), rules, rx, head);
+    let task = tokio::spawn(w.run());
+    info!(binding = %key.1, namespace = %key.0, generation, "binding started");
+    lock(&ctx.workers).insert(
+        key,
+        WorkerHandle {
+            uid,
+            generation,
+            tx,
+            task,
+        },
+    );
+    Ok(Action::await_change())
+}
+
+async fn cleanup(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
+    let key = binding_key(&b);
+    ctx.stop_worker(&key);
+    let delete = b.spec.target.deletion_policy == DeletionPolicy::Delete;
+    match ctx.sink.release(&target_of(&b), delete).await {
+        Ok(()) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    info!(binding = %key.1, namespace = %key.0, delete, "binding removed");
+    Ok(Action::await_change())
+}
+
+pub(super) async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
+    if !*ctx.gate.borrow() {
+        // standby: keep the projection warm, write nothing (not even the finalizer)
+        if b.metadata.deletion_timestamp.is_some() {
+            ctx.stop_worker(&binding_key(&b));
+        } else {
+            let key = binding_key(&b);
+            let running = lock(&ctx.workers).get(&key).is_some_and(|h| {
+                h.generation == b.metadata.generation.unwrap_or(0) && !h.task.is_finished()
+            });
+            if !running && let Ok(rules) = validate(&b, &ctx.policy) {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let w = Worker::new(ctx.clone(), b.clone(), rules, rx, Arc::default());
+                let task = tokio::spawn(w.run());
+                let handle = WorkerHandle {
+                    uid: b.uid().unwrap_or_default(),
+                    generation: b.metadata.generation.unwrap_or(0),
+                    tx,
+                    task,
+                };
+                lock(&ctx.workers).insert(key, handle);
+            }
+        }
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    let api: Api<ConfigBinding> =
+        Api::namespaced(ctx.client.clone(), &b.namespace().unwrap_or_default());
+    let finalizers = b.finalizers().to_vec();
+    let has_finalizer = finalizers.iter().any(|f| f == FINALIZER);
+    if b.metadata.deletion_timestamp.is_some() {
+        if !has_finalizer {
+            return Ok(Action::await_change());
+        }
+        cleanup(b.clone(), ctx).await?;
+        let rest: Vec<String> = finalizers.into_iter().filter(|f| f != FINALIZER).collect();
+        set_finalizers(&api, &b, rest).await?;
+        return Ok(Action::await_change());
+    }
+    if !has_finalizer {
+        let mut all = finalizers;
+        all.push(FINALIZER.to_owned());
+        set_finalizers(&api, &b, all).await?;
+        // the update triggers the next reconcile
+        return Ok(Action::await_change());
+    }
+    apply(b, ctx).await
+}
+
+/// Replaces the finalizer list, guarded by the resourceVersion we read.
+async fn set_finalizers(
+    api: &Api<ConfigBinding>,
+    b: &ConfigBinding,
+    list: Vec<String>,
+) -> Result<()> {
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": list, "resourceVersion": b.resource_version()}
+    });
+    match api
+        .patch(
+            &b.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(super) fn error_policy(b: Arc<ConfigBinding>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(err.reason());
+    warn!(binding = %b.name_any(), reason = err.reason().as_str(), error = %err, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}

@@ -1,0 +1,242 @@
+//! The write path: build the content, [`decide`] what to do with it, do
+//! it (one guarded write through the sink), and hand over to `report`.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use kube::Api;
+use tracing::{debug, warn};
+
+use super::Worker;
+use crate::{
+    controller::{
+        decide::{
+            Decision, Lookup, Observation, Refusal, TargetState, Write, content_keys, decide,
+        },
+        status::Health,
+    },
+    crd::{ConfigBinding, CreationPolicy},
+    projection::{Projected, ProjectionError},
+    reason::Reason,
+    sink::configmap::{Observed, SinkError, foreign_keys},
+};
+
+impl Worker {
+    pub(super) fn may_write(&self) -> bool {
+        let ok = *self.ctx.gate.borrow();
+        if !ok {
+            self.ctx.metrics.dropped_writes.inc();
+        }
+        ok
+    }
+
+    pub(super) async fn other_binding_exists(&self, name: &str) -> bool {
+        let api: Api<ConfigBinding> =
+            Api::namespaced(self.ctx.client.clone(), &self.target.namespace);
+        !matches!(api.get_opt(name).await, Ok(None))
+    }
+
+    /// Writes the current content if it differs from the ConfigMap.
+    pub(super) async fn flush(&mut self) {
+        if !self.synced {
+            return;
+        }
+        // the projection borrows the entries while the write needs `&mut
+        // self`; nothing else runs on this worker until the flush returns
+        let entries = self.mirror.take_entries();
+        self.flush_entries(&entries).await;
+        self.mirror.put_back(entries);
+    }
+
+    /// The content to write: the projection of `entries`, stamped with what
+    /// a restart needs to trust it (the pure "build" step).
+    pub(super) fn build<'a>(
+        &self,
+        entries: &'a BTreeMap<String, Bytes>,
+    ) -> Result<Projected<'a>, ProjectionError> {
+        let mut projected = self
+            .rules
+            .project(entries.iter().map(|(k, v)| (k.as_str(), v.as_ref())))?;
+        projected.incarnation = self.incarnation;
+        if self.target.policy == CreationPolicy::Merge || !self.rules.is_invertible() {
+            // a restart needs this to map our keys back to KV keys
+            projected.sources = self.rules.sources(entries.keys().map(String::as_str));
+        }
+        Ok(projected)
+    }
+
+    /// The write path: build the content, [`decide`] what to do with it,
+    /// do it, report it. Reads the ConfigMap (or the binding named in its
+    /// claim) only when the decision asks for it.
+    pub(super) async fn flush_entries(&mut self, entries: &BTreeMap<String, Bytes>) {
+        // held through the write and its status write (bounded API concurrency)
+        let _permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
+        let content = self.build(entries);
+        let mut other_binding_exists = None;
+        let decision = loop {
+            let decision = decide(&Observation {
+                suspend: self.binding.spec.suspend,
+                content: content.as_ref(),
+                target: &self.target,
+                configmap: &self.target_state,
+                other_binding_exists,
+                cursor: self.mirror.cursor(),
+                incarnation: self.incarnation,
+                applied_keys: self.applied_keys.as_deref(),
+                leader: *self.ctx.gate.borrow(),
+            });
+            match decision {
+                Decision::Observe(Lookup::Target) => {
+                    match self
+                        .ctx
+                        .sink
+                        .read(&self.target.namespace, &self.target.name)
+                        .await
+                    {
+                        Ok(None) => self.target_state = TargetState::Absent,
+                        Ok(Some(cm)) => {
+                            self.target_state =
+                                TargetState::Present(Box::new(Observed::from_configmap(&cm)))
+                        }
+                        Err(e) => return self.write_failed(e).await,
+                    }
+                }
+                Decision::Observe(Lookup::OtherBinding(name)) => {
+                    other_binding_exists = Some(self.other_binding_exists(&name).await);
+                }
+                decision => break decision,
+            }
+        };
+        let write = match decision {
+            Decision::Observe(_) => return,
+            Decision::Refuse(refusal) => return self.refused(refusal).await,
+            Decision::SkipUnchanged { cursor } => {
+                // invariant 5: nothing changed, nothing written
+                self.dirty_since = None;
+                if let Ok(content) = &content {
+                    self.after_write(content, cursor).await;
+                }
+                return;
+            }
+            Decision::Standby => {
+                self.ctx.metrics.dropped_writes.inc();
+                debug!(binding = %self.labels.binding, "standby: write dropped");
+                return;
+            }
+            Decision::Write(write) => write,
+        };
+        let Ok(content) = &content else {
+            return;
+        };
+        match self.write(write, content).await {
+            Ok(obs) => {
+                self.last_write = Some(Instant::now());
+                self.conflicts = 0;
+                self.backoff.reset();
+                let cursor = obs.cursor;
+                self.target_state = TargetState::Present(Box::new(obs));
+                self.ctx.metrics.writes.get_or_create(&self.labels).inc();
+                if self.target.policy == CreationPolicy::Merge {
+                    self.applied_keys = Some(content_keys(content));
+                }
+                if let Some(since) = self.dirty_since.take() {
+                    self.ctx
+                        .metrics
+                        .propagation_seconds
+                        .observe(since.elapsed().as_secs_f64());
+                }
+                self.after_write(content, cursor).await;
+            }
+            Err(SinkError::Conflict) if self.conflicts < 5 => {
+                // someone wrote since our read: re-read, compare, retry
+                self.conflicts += 1;
+                self.target_state = TargetState::Unknown;
+                self.schedule_flush(Duration::ZERO);
+            }
+            Err(e) => {
+                self.conflicts = 0;
+                self.target_state = TargetState::Unknown;
+                self.write_failed(e).await
+            }
+        }
+    }
+
+    /// Reports why the content was not written; the ConfigMap keeps its
+    /// last good content.
+    pub(super) async fn refused(&mut self, refusal: Refusal) {
+        match refusal {
+            Refusal::Suspended => {
+                let message = "spec.suspend is true: watching, not writing";
+                self.set_health(Health::err(Reason::Suspended, message, false))
+                    .await;
+            }
+            Refusal::Projection(e) => {
+                self.ctx.metrics.error(e.reason());
+                warn!(binding = %self.labels.binding, reason = e.reason().as_str(), error = %e, "not writing");
+                self.set_health(Health::err(
+                    e.reason(),
+                    format!("{e}; the ConfigMap keeps its last good content"),
+                    false,
+                ))
+                .await;
+            }
+            sink @ (Refusal::TargetConflict(_) | Refusal::StaleWriter { .. }) => {
+                if let Some(e) = sink.into_sink_error() {
+                    self.write_failed(e).await;
+                }
+            }
+        }
+    }
+
+    /// Carries out `write` (the sink guards it with the resourceVersion it
+    /// was decided on).
+    pub(super) async fn write(
+        &mut self,
+        write: Write,
+        content: &Projected<'_>,
+    ) -> Result<Observed, SinkError> {
+        let sink = &self.ctx.sink;
+        let resource_version = match write {
+            Write::Create => sink.create_empty(&self.target).await?,
+            Write::Apply { resource_version } => resource_version,
+            Write::ReplaceForeign { resource_version } => {
+                // their names come from a fresh read: only hashes are kept
+                let cm = sink.read(&self.target.namespace, &self.target.name).await?;
+                let Some(cm) = cm
+                    .filter(|cm| cm.metadata.resource_version.as_ref() == Some(&resource_version))
+                else {
+                    return Err(SinkError::Conflict);
+                };
+                let foreign = foreign_keys(&cm, content);
+                return sink
+                    .replace_content(
+                        &self.target,
+                        content,
+                        self.mirror.cursor(),
+                        &foreign,
+                        &resource_version,
+                    )
+                    .await;
+            }
+        };
+        sink.apply(
+            &self.target,
+            content,
+            self.mirror.cursor(),
+            resource_version.as_deref(),
+        )
+        .await
+    }
+
+    pub(super) async fn write_failed(&mut self, e: SinkError) {
+        self.ctx.metrics.error(e.reason());
+        warn!(binding = %self.labels.binding, reason = e.reason().as_str(), error = %e, "ConfigMap write failed");
+        let stalled = matches!(e, SinkError::TargetConflict(_));
+        self.set_health(Health::err(e.reason(), e.to_string(), stalled))
+            .await;
+        self.retry_later();
+    }
+}
