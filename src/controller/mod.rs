@@ -3,12 +3,13 @@
 //! and writes the ConfigMap.
 //!
 //! The parts: [`context`] (what they share), [`reconcile`] (finalizer,
-//! validation, worker lifecycle), [`worker`] (one per binding: catch-up,
+//! validation, worker lifecycle), [`finalizer`] (on before any write), [`worker`] (one per binding: catch-up,
 //! coalescing, the write path), [`decide`] (the write path's pure step),
 //! [`status`] (conditions, status writes, Events), [`hub`] (bucket watches).
 
 pub mod context;
 pub mod decide;
+pub mod finalizer;
 pub mod hub;
 pub mod reconcile;
 pub mod status;
@@ -33,7 +34,8 @@ use crate::{
     },
 };
 use context::WorkerMsg;
-pub use reconcile::{Error, FINALIZER, Result};
+pub use finalizer::FINALIZER;
+pub use reconcile::{Error, Result};
 
 /// Routes ConfigMap changes (hand edits, deletes) to the writing binding's
 /// worker, read as [`ConfigMapHead`]: metadata and content hashes, no copy of

@@ -8,16 +8,13 @@ use std::{
     time::Duration,
 };
 
-use kube::{
-    Api, ResourceExt,
-    api::{Patch, PatchParams},
-    runtime::controller::Action,
-};
+use kube::{ResourceExt, runtime::controller::Action};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{
     context::{Context, WorkerHandle, binding_key, target_of},
+    finalizer::{self, FINALIZER},
     status::{self, ConditionType, Health, publish_event, set_conditions, write_status},
     worker::Worker,
 };
@@ -30,7 +27,6 @@ use crate::{
     util::lock,
 };
 
-pub const FINALIZER: &str = "slipstream.io/cleanup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -181,50 +177,25 @@ pub(super) async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Resul
         }
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let api: Api<ConfigBinding> =
-        Api::namespaced(ctx.client.clone(), &b.namespace().unwrap_or_default());
     let finalizers = b.finalizers().to_vec();
-    let has_finalizer = finalizers.iter().any(|f| f == FINALIZER);
+    let has_finalizer = finalizer::has(&b);
     if b.metadata.deletion_timestamp.is_some() {
         if !has_finalizer {
             return Ok(Action::await_change());
         }
-        cleanup(b.clone(), ctx).await?;
+        cleanup(b.clone(), ctx.clone()).await?;
         let rest: Vec<String> = finalizers.into_iter().filter(|f| f != FINALIZER).collect();
-        set_finalizers(&api, &b, rest).await?;
+        finalizer::set(&ctx.client, &b, rest).await?;
         return Ok(Action::await_change());
     }
     if !has_finalizer {
         let mut all = finalizers;
         all.push(FINALIZER.to_owned());
-        set_finalizers(&api, &b, all).await?;
+        finalizer::set(&ctx.client, &b, all).await?;
         // the update triggers the next reconcile
         return Ok(Action::await_change());
     }
     apply(b, ctx).await
-}
-
-/// Replaces the finalizer list, guarded by the resourceVersion we read.
-async fn set_finalizers(
-    api: &Api<ConfigBinding>,
-    b: &ConfigBinding,
-    list: Vec<String>,
-) -> Result<()> {
-    let patch = serde_json::json!({
-        "metadata": {"finalizers": list, "resourceVersion": b.resource_version()}
-    });
-    match api
-        .patch(
-            &b.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }
 
 pub(super) fn error_policy(b: Arc<ConfigBinding>, err: &Error, ctx: Arc<Context>) -> Action {

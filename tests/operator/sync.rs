@@ -226,6 +226,30 @@ async fn standby_writes_nothing_and_writes_pending_content_when_it_becomes_leade
         lists_before,
         "pending content is written without a re-list"
     );
+    // The finalizer goes on before the first write, so deleting the binding
+    // right after it always runs its cleanup.
+    let requests = env.api.requests();
+    let first = |resource: &str| {
+        requests.iter().position(|r| {
+            r.verb == "patch"
+                && r.resource == resource
+                && r.subresource.is_empty()
+                && r.status < 300
+        })
+    };
+    let (finalizer, write) = (first("configbindings"), first("configmaps"));
+    assert!(
+        finalizer.is_some() && finalizer < write,
+        "finalizer patch (request {finalizer:?}) before the first ConfigMap write (request {write:?})"
+    );
+    assert!(
+        env.binding("g")
+            .await
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&slipstream::controller::FINALIZER.to_string())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

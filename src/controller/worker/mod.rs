@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use super::{
     context::{Context, WorkerMsg, target_of},
     decide::TargetState,
+    finalizer,
     hub::{HubEvent, Subscription},
     status::Health,
 };
@@ -97,6 +98,9 @@ pub struct Worker {
     incarnation: Option<u64>,
     /// Received updates (catch-up and live) — what a restart costs.
     pub received: u64,
+    /// The binding carries our finalizer (a worker started on a standby may
+    /// see the binding before any leader added it).
+    finalized: bool,
 }
 
 fn min_deadline(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -156,6 +160,7 @@ impl Worker {
             head,
             incarnation: None,
             received: 0,
+            finalized: finalizer::has(&binding),
             binding,
         }
     }

@@ -16,6 +16,7 @@ use crate::{
         decide::{
             Decision, Lookup, Observation, Refusal, TargetState, Write, content_keys, decide,
         },
+        finalizer,
         status::Health,
     },
     crd::{ConfigBinding, CreationPolicy},
@@ -131,6 +132,15 @@ impl Worker {
         let Ok(content) = &content else {
             return;
         };
+        if !self.finalized {
+            // nothing is written before the finalizer is on, so a deletion
+            // always runs the cleanup its deletionPolicy asks for
+            match finalizer::ensure(&self.ctx.client, &self.binding).await {
+                Ok(true) => self.finalized = true,
+                Ok(false) => return, // being deleted: the cleanup takes over
+                Err(e) => return self.write_failed(SinkError::Kube(e)).await,
+            }
+        }
         match self.write(write, content).await {
             Ok(obs) => {
                 self.last_write = Some(Instant::now());
