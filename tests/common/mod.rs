@@ -9,6 +9,7 @@
 )]
 
 pub mod nats;
+pub mod nats_cluster;
 pub mod util;
 
 pub use nats::NatsServer;

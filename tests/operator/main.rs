@@ -11,6 +11,7 @@ mod binary;
 mod catchup;
 mod harness;
 mod invariants;
+mod nats_cluster;
 mod resume;
 mod status;
 mod sync;
