@@ -1,12 +1,19 @@
-//! Operator benchmark against the Kubernetes API emulator (with a few ms of
-//! write latency) and a nats-server it starts itself. Prints a table;
-//! asserts nothing.
+//! Operator benchmark: the operator in-process, a nats-server, and the API
+//! server the operator tests use (the emulator, or the real control plane
+//! with `SLIPSTREAM_TEST_APISERVER=real`), with a few ms of write latency
+//! added. Prints a table; asserts nothing.
 //!
 //! `cargo run --release --example bench_operator`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+// The operator tests' scenario and operator builder: the benchmark starts
+// exactly what the tests start (SLIPSTREAM_TEST_APISERVER=real runs it on
+// the real control plane).
+#[allow(dead_code)]
+#[path = "../tests/operator/harness.rs"]
+mod harness;
 
 use std::{
     collections::HashMap,
@@ -14,70 +21,30 @@ use std::{
     time::{Duration, Instant},
 };
 
-use apiserver::ApiServer;
 use bytes::Bytes;
-use common::{NatsServer, percentile};
+use common::percentile;
 use futures::StreamExt;
-use k8s_openapi::{
-    api::core::v1::ConfigMap,
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
-use kube::{
-    Api, Client, CustomResourceExt,
-    api::{ListParams, PostParams},
-    runtime::watcher,
-};
+use harness::{Env, Operator};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{Api, Client, api::ListParams, runtime::watcher};
 use slipstream::{
-    controller::{self, Config, Context, NatsConnector},
-    crd::{ConfigBinding, ConfigBindingSpec},
     kv::{
         KvWriter,
-        nats::{BucketConfig, ConnectOptions, NatsBucket, NatsKv},
+        nats::{BucketConfig, NatsBucket},
     },
-    metrics::Metrics,
-    policy::AccessPolicy,
     sink::configmap::CURSOR_ANNOTATION,
 };
-use tokio::sync::watch;
 
 const WRITE_LATENCY: Duration = Duration::from_millis(3);
+const COALESCE: Duration = Duration::from_millis(50);
 
-struct Op {
-    metrics: Metrics,
-    ctx: Arc<Context>,
-    task: tokio::task::JoinHandle<()>,
+fn start_operator(env: &Env) -> Operator {
+    env.operator_builder().coalesce(COALESCE).start()
 }
 
-impl Drop for Op {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.ctx.shutdown();
-    }
-}
-
-fn start_operator(client: &Client, nats_url: &str) -> Op {
-    let metrics = Metrics::new();
-    let (_tx, gate) = watch::channel(true);
-    std::mem::forget(_tx);
-    let ctx = Context::new(
-        client.clone(),
-        Arc::new(NatsConnector::new(ConnectOptions::new(nats_url))),
-        AccessPolicy::allow_all(),
-        metrics.clone(),
-        gate,
-        Config::default(),
-    );
-    let task = tokio::spawn(controller::run(ctx.clone()));
-    Op { metrics, ctx, task }
-}
-
-async fn create_binding(client: &Client, name: &str, prefix: &str) {
-    let spec: ConfigBindingSpec =
-        serde_yaml::from_str(&format!("bucket: bench\nprefixes: [{prefix}]")).unwrap();
-    let api: Api<ConfigBinding> = Api::namespaced(client.clone(), "default");
-    api.create(&PostParams::default(), &ConfigBinding::new(name, spec))
-        .await
-        .unwrap();
+async fn create_binding(env: &Env, name: &str, prefix: &str) {
+    env.create_binding(name, &format!("bucket: bench\nprefixes: [{prefix}]"))
+        .await;
 }
 
 async fn wait_until<F: Fn() -> bool>(f: F, limit: Duration) -> bool {
@@ -95,29 +62,20 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-async fn setup() -> (NatsServer, ApiServer, Client, NatsBucket) {
-    let nats = NatsServer::start();
-    let api = ApiServer::start().await.unwrap();
-    api.faults().set_write_latency(WRITE_LATENCY);
-    let client = api.client();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &ConfigBinding::crd())
-        .await
-        .unwrap();
-    let kv = NatsKv::connect(&ConnectOptions::new(nats.url()))
-        .await
-        .unwrap();
+async fn setup() -> (Env, NatsBucket) {
+    let env = Env::start().await;
+    env.api.faults().set_write_latency(WRITE_LATENCY);
     let mut cfg = BucketConfig::new("bench");
     cfg.history = 1;
-    let bucket = kv.create_or_open(&cfg).await.unwrap();
-    (nats, api, client, bucket)
+    let bucket = env.kv.create_or_open(&cfg).await.unwrap();
+    (env, bucket)
 }
 
 /// Watches every ConfigMap and stamps when each value first appears.
-fn watch_values(client: &Client) -> Arc<Mutex<HashMap<String, Instant>>> {
+fn watch_values(client: &Client, namespace: &str) -> Arc<Mutex<HashMap<String, Instant>>> {
     let seen = Arc::new(Mutex::new(HashMap::new()));
     let out = seen.clone();
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     tokio::spawn(async move {
         let mut s = watcher(api, watcher::Config::default()).boxed();
         while let Some(ev) = s.next().await {
@@ -134,15 +92,15 @@ fn watch_values(client: &Client) -> Arc<Mutex<HashMap<String, Instant>>> {
 }
 
 async fn latency_at_200_per_second() -> (Duration, Duration, usize) {
-    let (nats, _api, client, kv) = setup().await;
-    let op = start_operator(&client, &nats.url());
+    let (env, kv) = setup().await;
+    let op = start_operator(&env);
     for i in 0..100 {
         kv.put(&format!("b{i:03}.k"), Bytes::from("init"))
             .await
             .unwrap();
-        create_binding(&client, &format!("b{i:03}"), &format!("b{i:03}.")).await;
+        create_binding(&env, &format!("b{i:03}"), &format!("b{i:03}.")).await;
     }
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cms = env.configmaps();
     for _ in 0..400 {
         let n = cms.list(&ListParams::default()).await.unwrap().items.len();
         if n >= 100 {
@@ -150,7 +108,7 @@ async fn latency_at_200_per_second() -> (Duration, Duration, usize) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let seen = watch_values(&client);
+    let seen = watch_values(&env.client, env.ns());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut sent = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(5));
@@ -180,17 +138,17 @@ async fn latency_at_200_per_second() -> (Duration, Duration, usize) {
 }
 
 async fn writes_per_update_in_a_burst() -> (u64, f64) {
-    let (nats, _api, client, kv) = setup().await;
-    let op = start_operator(&client, &nats.url());
-    create_binding(&client, "burst", "burst.").await;
+    let (env, kv) = setup().await;
+    let op = start_operator(&env);
+    create_binding(&env, "burst", "burst.").await;
     kv.put("burst.seed", Bytes::from("0")).await.unwrap();
     let metrics = op.metrics.clone();
     wait_until(
-        || metrics.write_count("default", "burst") >= 1,
+        || metrics.write_count(env.ns(), "burst") >= 1,
         Duration::from_secs(20),
     )
     .await;
-    let before = metrics.write_count("default", "burst");
+    let before = metrics.write_count(env.ns(), "burst");
     let start = Instant::now();
     let mut acks = Vec::new();
     for i in 0..10_000u32 {
@@ -204,7 +162,7 @@ async fn writes_per_update_in_a_burst() -> (u64, f64) {
         }
     }
     futures::future::join_all(acks).await;
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cms = env.configmaps();
     loop {
         let cm = cms.get("burst").await.unwrap();
         let d = cm.data.unwrap_or_default();
@@ -216,13 +174,13 @@ async fn writes_per_update_in_a_burst() -> (u64, f64) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let writes = metrics.write_count("default", "burst") - before;
+    let writes = metrics.write_count(env.ns(), "burst") - before;
     drop(op);
     (writes, writes as f64 / 10_000.0)
 }
 
 async fn restart_after_100_changes_on_100k_keys() -> (u64, Duration) {
-    let (nats, _api, client, kv) = setup().await;
+    let (env, kv) = setup().await;
     let mut acks = Vec::new();
     for i in 0..100_000u32 {
         let kv = &kv;
@@ -235,11 +193,11 @@ async fn restart_after_100_changes_on_100k_keys() -> (u64, Duration) {
         }
     }
     futures::future::join_all(acks).await;
-    let op = start_operator(&client, &nats.url());
+    let op = start_operator(&env);
     for b in 0..100 {
-        create_binding(&client, &format!("r{b:02}"), &format!("r{b:02}.")).await;
+        create_binding(&env, &format!("r{b:02}"), &format!("r{b:02}.")).await;
     }
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cms = env.configmaps();
     let deadline = Instant::now() + Duration::from_secs(180);
     while Instant::now() < deadline {
         let list = cms.list(&ListParams::default()).await.unwrap();
@@ -261,7 +219,7 @@ async fn restart_after_100_changes_on_100k_keys() -> (u64, Duration) {
             .unwrap();
     }
     let start = Instant::now();
-    let op = start_operator(&client, &nats.url());
+    let op = start_operator(&env);
     loop {
         let list = cms.list(&ListParams::default()).await.unwrap();
         let changed = list
@@ -296,7 +254,10 @@ async fn main() {
     let (p50, p99, n) = latency_at_200_per_second().await;
     let (writes, per_update) = writes_per_update_in_a_burst().await;
     let (delivered, took) = restart_after_100_changes_on_100k_keys().await;
-    println!("operator benchmark (emulator write latency {WRITE_LATENCY:?}, coalesce 50ms)");
+    println!(
+        "operator benchmark ({:?} API server, write latency {WRITE_LATENCY:?} added, coalesce {COALESCE:?})",
+        apiserver::backend::Kind::from_env()
+    );
     println!("| measure | value |");
     println!("|---|---|");
     println!(
