@@ -27,7 +27,6 @@ use crate::{
     util::lock,
 };
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("Kubernetes API error: {0}")]
