@@ -390,6 +390,26 @@ async fn synced_since(writer: &Writer, seen: &Seen, since: Instant) {
     }
 }
 
+/// Like [`eventually`], for up to [`RECOVERY`]: a lease handover waits for
+/// the old record's TTL.
+async fn patiently<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + RECOVERY;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {RECOVERY:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// Records the binding's Ready reasons in the order they appeared.
 fn record_reasons(env: &Env, name: &str) -> Arc<Mutex<Vec<(Instant, String)>>> {
     let seen: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
@@ -419,7 +439,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 
 /// The replica whose write gate is open now.
 async fn writing_replica(replicas: &[Replica]) -> &Replica {
-    eventually("a writing operator replica", || async {
+    patiently("a writing operator replica", || async {
         replicas.iter().find(|r| r.election.is_leader())
     })
     .await
@@ -640,8 +660,15 @@ async fn a_replicated_bucket_keeps_syncing_through_nats_node_kill_pause_and_rest
         Some(info.state.last_sequence)
     })
     .await;
-    wait_data(&env, "b", &truth).await;
-    eventually(&format!("a ConfigMap write at cursor {last}"), || async {
+    patiently(
+        &format!("ConfigMap == KV truth at cursor {last}"),
+        || async {
+            let cm = env.cm("b").await?;
+            (data(&cm) == truth && cursor(&cm) == Some(last)).then_some(())
+        },
+    )
+    .await;
+    patiently(&format!("a ConfigMap write at cursor {last}"), || async {
         (max_cursor(&seen) == last).then_some(())
     })
     .await;
