@@ -379,8 +379,9 @@ impl Operator {
         self.log()
             .lines()
             .filter(|l| {
+                // a bare "403" also matches timestamps (".884038Z")
                 let l = l.to_ascii_lowercase();
-                l.contains("forbidden") || l.contains("403")
+                l.contains("forbidden") || l.contains("code: 403") || l.contains("\"code\":403")
             })
             .map(str::to_owned)
             .collect()
