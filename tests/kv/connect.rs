@@ -70,8 +70,18 @@ async fn nkey_seed_file_authentication_is_used() {
     refused(&opts).await;
 }
 
+/// Refused with `ConnectionFailed`, and the message names `what`.
+async fn refused_naming(opts: &ConnectOptions, what: &str) {
+    let err = NatsKv::connect(opts).await.unwrap_err();
+    assert_eq!(err.reason(), "ConnectionFailed", "{err}");
+    assert!(
+        err.to_string().contains(what),
+        "{err:?} does not name {what:?}"
+    );
+}
+
 #[tokio::test]
-async fn bad_options_and_unreachable_servers_fail_with_connection_failed() {
+async fn an_unreachable_server_fails_with_connection_failed() {
     let server = NatsServer::start();
     let port = server.port();
     drop(server);
@@ -80,21 +90,61 @@ async fn bad_options_and_unreachable_servers_fail_with_connection_failed() {
         ..ConnectOptions::new(format!("nats://127.0.0.1:{port}"))
     })
     .await;
-    refused(&ConnectOptions::new("not a url ::")).await;
-    refused(&ConnectOptions {
-        tls_ca: Some("/nonexistent/ca.pem".into()),
-        ..ConnectOptions::default()
-    })
+}
+
+/// Each bad option is refused against a live server that accepts the same
+/// options without it, so a refused socket cannot pass for the check.
+#[tokio::test]
+async fn bad_options_are_refused_naming_the_file_or_the_rule_while_the_server_is_up() {
+    let server = NatsServer::start();
+    works(&options(&server)).await;
+    let missing = server.scratch_dir().join("missing");
+    refused_naming(&ConnectOptions::new("not a url ::"), "not a url ::").await;
+    let ca = missing.join("ca.pem");
+    refused_naming(
+        &ConnectOptions {
+            tls_ca: Some(ca.clone()),
+            ..options(&server)
+        },
+        &ca.display().to_string(),
+    )
     .await;
-    refused(&ConnectOptions {
-        tls_cert: Some("/nonexistent/cert.pem".into()),
-        ..ConnectOptions::default()
-    })
+    let (cert, key) = (missing.join("cert.pem"), missing.join("key.pem"));
+    refused_naming(
+        &ConnectOptions {
+            tls_cert: Some(cert.clone()),
+            ..options(&server)
+        },
+        "TLS client certificate and key must be given together",
+    )
     .await;
-    refused(&ConnectOptions {
-        creds_file: Some("/nonexistent/user.creds".into()),
-        ..ConnectOptions::default()
-    })
+    refused_naming(
+        &ConnectOptions {
+            tls_cert: Some(cert.clone()),
+            tls_key: Some(key),
+            ..options(&server)
+        },
+        &cert.display().to_string(),
+    )
+    .await;
+    let creds = missing.join("user.creds");
+    refused_naming(
+        &ConnectOptions {
+            creds_file: Some(creds.clone()),
+            ..options(&server)
+        },
+        &creds.display().to_string(),
+    )
+    .await;
+    refused_naming(
+        &ConnectOptions {
+            token: Some("t".into()),
+            user: Some("u".into()),
+            password: Some("p".into()),
+            ..options(&server)
+        },
+        "use at most one of",
+    )
     .await;
 }
 

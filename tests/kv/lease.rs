@@ -320,17 +320,10 @@ fn read_intervals(out: &std::path::Path) -> Vec<(String, u64, u64)> {
         .collect()
 }
 
-/// Child-process entry of the multi-process test; a no-op unless spawned by it.
-#[tokio::test]
-async fn lease_contender_child_process() {
-    let (Ok(url), Ok(out), Ok(id), Ok(stop_file)) = (
-        std::env::var(CHILD_URL),
-        std::env::var(CHILD_OUT),
-        std::env::var(CHILD_ID),
-        std::env::var(CHILD_STOP),
-    ) else {
-        return;
-    };
+/// The child role of [`eight_contender_processes_never_hold_the_lease_at_once`]:
+/// that test starts its own binary again, selecting itself with `--exact`,
+/// and the environment makes the copy a contender (not a test of its own).
+async fn lease_contender_child(url: String, out: String, id: String, stop_file: String) {
     let opts = ConnectOptions {
         request_timeout: Duration::from_secs(2),
         ..ConnectOptions::new(url)
@@ -386,6 +379,14 @@ async fn lease_contender_child_process() {
 
 #[tokio::test]
 async fn eight_contender_processes_never_hold_the_lease_at_once() {
+    if let (Ok(url), Ok(out), Ok(id), Ok(stop_file)) = (
+        std::env::var(CHILD_URL),
+        std::env::var(CHILD_OUT),
+        std::env::var(CHILD_ID),
+        std::env::var(CHILD_STOP),
+    ) {
+        return lease_contender_child(url, out, id, stop_file).await;
+    }
     let server = NatsServer::start();
     // The bucket exists before the children race to open it.
     bucket(&server, "leases").await;
@@ -398,7 +399,7 @@ async fn eight_contender_processes_never_hold_the_lease_at_once() {
         let child = std::process::Command::new(&exe)
             .args([
                 "--exact",
-                "lease::lease_contender_child_process",
+                "lease::eight_contender_processes_never_hold_the_lease_at_once",
                 "--test-threads=1",
             ])
             .env(CHILD_URL, server.url())

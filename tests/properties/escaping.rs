@@ -38,6 +38,11 @@ proptest! {
     fn two_different_keys_never_escape_to_one(a in key(), b in key()) {
         prop_assume!(a != b);
         prop_assert_ne!(escape_key(&a), escape_key(&b));
+        // the nearest pair there is: a key and its own escaped form
+        let ea = escape_key(&a);
+        if ea != a {
+            prop_assert_ne!(escape_key(&ea), ea.clone(), "{:?} and {:?}", a, ea);
+        }
     }
 
     #[test]
