@@ -37,6 +37,7 @@ impl Fnv1a {
     }
 
     /// Feeds `bytes` as they are.
+    #[inline]
     pub fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(Self::PRIME);
@@ -70,6 +71,7 @@ impl Fnv1a {
 /// A fast in-process hash of `tag` and `bytes` (see the module docs: never
 /// stored). The seed is fixed, so equal input hashes equal in every part of
 /// the process.
+#[inline]
 pub fn fast_hash(tag: u8, bytes: &[u8]) -> u64 {
     let mut h = foldhash::quality::FixedState::with_seed(0x5115_7ea4).build_hasher();
     h.write_u8(tag);
