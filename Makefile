@@ -48,9 +48,14 @@ bench: tools-pypi
 	$(CARGO) run --release --locked --example bench_sync
 	$(CARGO) run --release --locked --example bench_failover
 
-## bench-scale: 10,000 bindings / 1M keys on one replica vs the NATS floor and a naive baseline
+## bench-scale: 10,000 bindings / 1M keys on one replica vs the NATS floor and a naive baseline,
+## on the real kube-apiserver and on the emulator, then both side by side
+## (BENCH_SCALE_ARGS=--quick for 1,000 bindings)
+BENCH_SCALE := $(CARGO) run --release --locked --example bench_scale --
 bench-scale: tools
-	$(CARGO) run --release --locked --example bench_scale
+	$(BENCH_SCALE) --apiserver real $(BENCH_SCALE_ARGS)
+	$(BENCH_SCALE) --apiserver emulator --no-build $(BENCH_SCALE_ARGS)
+	$(BENCH_SCALE) --compare target/bench-scale-kube-apiserver.json target/bench-scale-emulator.json
 
 ## chaos: random kills, pauses, NATS restarts and API faults for 2 minutes; checks nothing was lost
 chaos: tools-pypi

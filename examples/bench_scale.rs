@@ -1,54 +1,67 @@
 //! Scale benchmark: N bindings over B buckets on one operator replica (the
 //! real `slipstream run` binary as a child process, so its RSS and CPU are
-//! its own), against one nats-server and the Kubernetes API emulator with a
-//! few ms of write latency. Every figure is printed next to its reference
+//! its own), against one nats-server and a Kubernetes API server: the real
+//! kube-apiserver with etcd (`--apiserver real`, the default once `make tools`
+//! has built it) or the in-process emulator with a few ms of write latency
+//! (`--apiserver emulator`). Every figure is printed next to its reference
 //! measured in the same run: raw async-nats state-sync, a naive
-//! one-consumer-per-binding design, the raw put -> watch floor.
+//! one-consumer-per-binding design, the raw put -> watch floor, and the API
+//! server's own capacity for the same kind of write.
 //!
-//! `make bench-scale` (full: 10,000 bindings, 1M keys, 60 s steady state),
-//! `cargo run --release --example bench_scale -- --quick` (about 2 minutes).
-//! Prints a table and writes it as JSON to target/bench-scale.json. Asserts
-//! nothing: goals are shown as ok / MISSED.
+//! `make bench-scale` (full: 10,000 bindings, 1M keys, 60 s steady state, on
+//! both servers), `cargo run --release --example bench_scale -- --quick`
+//! (about 2 minutes). Prints a table and writes it as JSON to
+//! target/bench-scale-<server>.json; `--compare A.json B.json` prints two runs
+//! side by side. Asserts nothing: goals are shown as ok / MISSED.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "bench_scale/nats.rs"]
+mod nats;
 #[path = "bench_scale/observe.rs"]
 mod observe;
 #[path = "bench_scale/procs.rs"]
 mod procs;
 #[path = "bench_scale/report.rs"]
 mod report;
+#[path = "bench_scale/server.rs"]
+mod server;
+#[path = "bench_scale/steady.rs"]
+mod steady;
 
 use std::{
-    collections::HashMap,
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use apiserver::{ApiServer, RequestRecord};
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream;
 use clap::Parser;
 use common::NatsServer;
 use futures::StreamExt;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, CustomResourceExt,
     api::{DeleteParams, PostParams},
 };
-use observe::{Bindings, Tracker, binding_name, churn_name, kv_key, value, value_seq};
-use procs::{Operator, ProcStats, emulator_cpu, metric_sum, proc_stats};
+use nats::{
+    Publisher, bucket_name, fill_buckets, naive_baseline, raw_state_sync, start_consumer_sampler,
+    start_floor, take_peak,
+};
+use observe::{Bindings, Tracker, binding_name, churn_name};
+use procs::{Operator, metric_sum, proc_stats};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use report::{Report, ms, percentile};
 use serde_json::json;
+use server::{Phase, Server, Which};
 use slipstream::{
     crd::{ConfigBinding, ConfigBindingSpec, Target},
     kv::nats::{BucketConfig, ConnectOptions, NatsKv},
 };
+use steady::{SteadyRig, latency_summary, run_steady};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Slipstream scale benchmark (prints a table, writes target/bench-scale.json)")]
@@ -86,7 +99,14 @@ struct Args {
     /// Changes made while the operator is down.
     #[arg(long, default_value_t = 1000)]
     restart_changes: usize,
-    /// Emulator write latency (models etcd).
+    /// The API server: real (kube-apiserver + etcd + kube-controller-manager)
+    /// or emulator [default: real when `make tools` has built it].
+    #[arg(long, value_enum)]
+    apiserver: Option<Which>,
+    /// Print two runs' JSON side by side and exit.
+    #[arg(long, num_args = 2, value_names = ["A_JSON", "B_JSON"])]
+    compare: Option<Vec<PathBuf>>,
+    /// Emulator write latency (models etcd; the emulator only).
     #[arg(long, default_value_t = 3)]
     write_latency_ms: u64,
     /// The operator's coalescing window.
@@ -98,7 +118,7 @@ struct Args {
     /// Do not run `cargo build --release --bin slipstream` first.
     #[arg(long)]
     no_build: bool,
-    /// Where the JSON goes [default: target/bench-scale.json].
+    /// Where the JSON goes [default: target/bench-scale-<server>.json].
     #[arg(long)]
     json: Option<PathBuf>,
     /// Give up waiting for a phase after this many seconds.
@@ -136,238 +156,6 @@ impl Args {
             burst: self.burst.unwrap_or(if q { 20_000 } else { 100_000 }),
         }
     }
-}
-
-fn bucket_name(j: usize) -> String {
-    format!("scale{j}")
-}
-
-/// Publishes KV updates straight through async-nats (acks awaited by a
-/// separate task) and registers each with the tracker and the floor watch.
-#[derive(Clone)]
-struct Publisher {
-    js: jetstream::Context,
-    per_bucket: usize,
-    value_bytes: usize,
-    seq: Arc<AtomicU64>,
-    tracker: Tracker,
-    floor: Arc<Mutex<HashMap<u64, Instant>>>,
-    floor_on: Arc<std::sync::atomic::AtomicBool>,
-    acks: tokio::sync::mpsc::UnboundedSender<jetstream::context::PublishAckFuture>,
-    failed: Arc<AtomicUsize>,
-}
-
-impl Publisher {
-    fn new(js: jetstream::Context, p: &Params, tracker: Tracker) -> Self {
-        let (tx, mut rx) =
-            tokio::sync::mpsc::unbounded_channel::<jetstream::context::PublishAckFuture>();
-        let failed = Arc::new(AtomicUsize::new(0));
-        let f = failed.clone();
-        tokio::spawn(async move {
-            while let Some(ack) = rx.recv().await {
-                if ack.await.is_err() {
-                    f.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-        Self {
-            js,
-            per_bucket: p.per_bucket,
-            value_bytes: p.value_bytes,
-            seq: Arc::new(AtomicU64::new(1)),
-            tracker,
-            floor: Arc::default(),
-            floor_on: Arc::default(),
-            acks: tx,
-            failed,
-        }
-    }
-
-    async fn update(&self, binding: usize, key: usize) {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let subject = format!(
-            "$KV.{}.{}",
-            bucket_name(binding / self.per_bucket),
-            kv_key(binding, key)
-        );
-        let t0 = Instant::now();
-        self.tracker.expect(binding, key, seq, t0);
-        if self.floor_on.load(Ordering::Relaxed) {
-            self.floor.lock().unwrap().insert(seq, t0);
-        }
-        match self.js.publish(subject, value(seq, self.value_bytes)).await {
-            Ok(ack) => {
-                let _ = self.acks.send(ack);
-            }
-            Err(_) => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// `rate` updates per second over `bindings` for `secs`; returns the count.
-    async fn steady(&self, rate: f64, secs: f64, bindings: usize, keys: usize, seed: u64) -> usize {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let start = tokio::time::Instant::now();
-        let total = (rate * secs) as usize;
-        for i in 0..total {
-            let at = start + Duration::from_secs_f64(i as f64 / rate);
-            tokio::time::sleep_until(at).await;
-            self.update(rng.random_range(0..bindings), rng.random_range(0..keys))
-                .await;
-        }
-        total
-    }
-}
-
-/// Raw async-nats watches of every bucket: the put -> watch floor.
-fn start_floor(
-    client: &async_nats::Client,
-    buckets: usize,
-    publisher: &Publisher,
-    out: Arc<Mutex<Vec<Duration>>>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let js = jetstream::new(client.clone());
-    (0..buckets)
-        .map(|j| {
-            let js = js.clone();
-            let floor = publisher.floor.clone();
-            let out = out.clone();
-            tokio::spawn(async move {
-                let store = js.get_key_value(bucket_name(j)).await.unwrap();
-                let mut w = store.watch(">").await.unwrap();
-                while let Some(Ok(e)) = w.next().await {
-                    let now = Instant::now();
-                    if let Some(seq) = value_seq(&e.value)
-                        && let Some(t0) = floor.lock().unwrap().remove(&seq)
-                    {
-                        out.lock().unwrap().push(now - t0);
-                    }
-                }
-            })
-        })
-        .collect()
-}
-
-#[derive(Default, Clone, Copy)]
-struct Peak {
-    total: usize,
-    per_bucket: usize,
-}
-
-/// Samples the consumer count of every bucket stream every 100 ms.
-fn start_consumer_sampler(js: jetstream::Context, buckets: usize) -> Arc<Mutex<Peak>> {
-    let peak = Arc::new(Mutex::new(Peak::default()));
-    let p = peak.clone();
-    tokio::spawn(async move {
-        let mut streams = Vec::new();
-        for j in 0..buckets {
-            streams.push(
-                js.get_stream(format!("KV_{}", bucket_name(j)))
-                    .await
-                    .unwrap(),
-            );
-        }
-        loop {
-            let mut total = 0;
-            let mut max = 0;
-            for s in &streams {
-                if let Ok(info) = s.get_info().await {
-                    total += info.state.consumer_count;
-                    max = max.max(info.state.consumer_count);
-                }
-            }
-            {
-                let mut pk = p.lock().unwrap();
-                pk.total = pk.total.max(total);
-                pk.per_bucket = pk.per_bucket.max(max);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    peak
-}
-
-fn take_peak(p: &Mutex<Peak>) -> Peak {
-    std::mem::take(&mut *p.lock().unwrap())
-}
-
-/// What the emulator served during a phase.
-#[derive(Default, Debug)]
-struct ApiPhase {
-    requests: usize,
-    writes: usize,
-    cm_writes: usize,
-    cm_creates: usize,
-    status_writes: usize,
-    events: usize,
-    finalizer_patches: usize,
-    reads: usize,
-    write_p50: Duration,
-    write_p99: Duration,
-    /// Sum of request durations (includes the injected write latency).
-    busy: Duration,
-    cm_writes_by_name: HashMap<String, usize>,
-}
-
-fn api_phase(api: &ApiServer) -> ApiPhase {
-    let reqs: Vec<RequestRecord> = api.requests();
-    api.clear_requests();
-    let mut a = ApiPhase {
-        requests: reqs.len(),
-        ..ApiPhase::default()
-    };
-    let mut write_d = Vec::new();
-    for r in &reqs {
-        a.busy += r.duration;
-        if r.is_write() {
-            a.writes += 1;
-            write_d.push(r.duration);
-        } else if r.verb == "get" {
-            a.reads += 1;
-        }
-        match (r.verb.as_str(), r.resource.as_str(), r.subresource.as_str()) {
-            ("patch", "configmaps", _) => {
-                a.cm_writes += 1;
-                *a.cm_writes_by_name.entry(r.name.clone()).or_default() += 1;
-            }
-            ("create", "configmaps", _) => a.cm_creates += 1,
-            ("patch", "configbindings", "status") => a.status_writes += 1,
-            ("patch", "configbindings", "") => a.finalizer_patches += 1,
-            ("create", "events", _) => a.events += 1,
-            _ => {}
-        }
-    }
-    write_d.sort();
-    a.write_p50 = percentile(&write_d, 0.5);
-    a.write_p99 = percentile(&write_d, 0.99);
-    a
-}
-
-fn api_json(a: &ApiPhase, wall: Duration) -> serde_json::Value {
-    json!({
-        "requests": a.requests, "writes": a.writes, "configmap_patches": a.cm_writes,
-        "configmap_creates": a.cm_creates, "status_patches": a.status_writes,
-        "events": a.events, "binding_patches": a.finalizer_patches, "gets": a.reads,
-        "write_p50_ms": ms(a.write_p50), "write_p99_ms": ms(a.write_p99),
-        "emulator_busy_s": a.busy.as_secs_f64(), "wall_s": wall.as_secs_f64(),
-    })
-}
-
-fn describe_api(a: &ApiPhase) -> String {
-    format!(
-        "{} requests: {} writes (cm create {}, cm patch {}, status {}, binding {}, events {}), {} gets; write p50 {:.1} ms p99 {:.1} ms",
-        a.requests,
-        a.writes,
-        a.cm_creates,
-        a.cm_writes,
-        a.status_writes,
-        a.finalizer_patches,
-        a.events,
-        a.reads,
-        ms(a.write_p50),
-        ms(a.write_p99)
-    )
 }
 
 /// Polls `f` every 100 ms until it says done; prints progress every 5 s.
@@ -436,166 +224,6 @@ fn cpu_share(cpu: Duration, wall: Duration) -> f64 {
     100.0 * cpu.as_secs_f64() / wall.as_secs_f64().max(1e-9)
 }
 
-async fn fill_buckets(js: &jetstream::Context, p: &Params) -> Duration {
-    let t0 = Instant::now();
-    let tasks: Vec<_> = (0..p.buckets)
-        .map(|j| {
-            let js = js.clone();
-            let (per_bucket, keys, vb, total) = (p.per_bucket, p.keys, p.value_bytes, p.bindings);
-            tokio::spawn(async move {
-                let mut acks = Vec::with_capacity(512);
-                let first = j * per_bucket;
-                let last = ((j + 1) * per_bucket).min(total);
-                let v = value(0, vb);
-                for b in first..last {
-                    for k in 0..keys {
-                        let subject = format!("$KV.{}.{}", bucket_name(j), kv_key(b, k));
-                        acks.push(js.publish(subject, v.clone()).await.unwrap());
-                        if acks.len() == 500 {
-                            for a in acks.drain(..) {
-                                a.await.unwrap();
-                            }
-                        }
-                    }
-                }
-                for a in acks {
-                    a.await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    t0.elapsed()
-}
-
-/// Raw async-nats state-sync of every bucket at once: (time, entries).
-async fn raw_state_sync(client: &async_nats::Client, buckets: usize) -> (Duration, usize) {
-    let js = jetstream::new(client.clone());
-    let t0 = Instant::now();
-    let tasks: Vec<_> = (0..buckets)
-        .map(|j| {
-            let js = js.clone();
-            tokio::spawn(async move {
-                let store = js.get_key_value(bucket_name(j)).await.unwrap();
-                let mut w = store.watch_with_history(">").await.unwrap();
-                let mut n = 0;
-                while let Some(e) = w.next().await {
-                    n += 1;
-                    if e.unwrap().delta == 0 {
-                        break;
-                    }
-                }
-                n
-            })
-        })
-        .collect();
-    let mut n = 0;
-    for t in tasks {
-        n += t.await.unwrap();
-    }
-    (t0.elapsed(), n)
-}
-
-struct Naive {
-    created: usize,
-    refused: usize,
-    first_error: String,
-    /// Consumers one stream took before refusing (the server's per-stream limit).
-    stream_limit: Option<usize>,
-    time: Duration,
-}
-
-/// The naive design: one consumer per binding (filtered on its prefix).
-/// Creates them all, then keeps adding to the first stream until the server
-/// refuses, then deletes everything.
-async fn naive_baseline(js: &jetstream::Context, p: &Params) -> Naive {
-    let t0 = Instant::now();
-    let streams: Vec<_> = futures::future::join_all(
-        (0..p.buckets).map(|j| js.get_stream(format!("KV_{}", bucket_name(j)))),
-    )
-    .await
-    .into_iter()
-    .map(|s| s.unwrap())
-    .collect();
-    let make = |j: usize, subject: String| {
-        let stream = streams[j].clone();
-        async move {
-            let cfg = pull::Config {
-                filter_subject: subject,
-                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
-                inactive_threshold: Duration::from_secs(300),
-                ..Default::default()
-            };
-            stream
-                .create_consumer(cfg)
-                .await
-                .map(|c| (j, c.cached_info().name.clone()))
-                .map_err(|e| e.to_string())
-        }
-    };
-    let results: Vec<_> = futures::stream::iter(0..p.bindings)
-        .map(|b| {
-            let j = b / p.per_bucket;
-            make(j, format!("$KV.{}.p{b:05}.>", bucket_name(j)))
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    let time = t0.elapsed();
-    let mut names = Vec::new();
-    let mut refused = 0;
-    let mut first_error = String::new();
-    for r in results {
-        match r {
-            Ok(n) => names.push(n),
-            Err(e) => {
-                refused += 1;
-                if first_error.is_empty() {
-                    first_error = e;
-                }
-            }
-        }
-    }
-    let created = names.len();
-    // probe the per-stream limit on the first stream
-    let mut on_first = names.iter().filter(|(j, _)| *j == 0).count();
-    let mut stream_limit = None;
-    for i in 0..2000 {
-        match make(0, format!("$KV.{}.probe{i}.>", bucket_name(0))).await {
-            Ok(n) => {
-                names.push(n);
-                on_first += 1;
-            }
-            Err(e) => {
-                stream_limit = Some(on_first);
-                if first_error.is_empty() {
-                    first_error = e;
-                }
-                break;
-            }
-        }
-    }
-    futures::stream::iter(names)
-        .map(|(j, name)| {
-            let stream = streams[j].clone();
-            async move {
-                let _ = stream.delete_consumer(&name).await;
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<_>>()
-        .await;
-    Naive {
-        created,
-        refused,
-        first_error,
-        stream_limit,
-        time,
-    }
-}
-
 fn binding(bucket: &str, prefix: &str, target: Option<String>) -> ConfigBindingSpec {
     ConfigBindingSpec {
         bucket: bucket.into(),
@@ -631,15 +259,14 @@ async fn create_bindings(api: &Api<ConfigBinding>, p: &Params) -> Duration {
     t0.elapsed()
 }
 
-fn latency_summary(mut v: Vec<Duration>) -> (Duration, Duration, Duration, usize) {
-    v.sort();
-    let max = v.last().copied().unwrap_or_default();
-    (percentile(&v, 0.5), percentile(&v, 0.99), max, v.len())
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if let Some(files) = &args.compare {
+        report::compare(&files[0], &files[1]);
+        return;
+    }
+    let which = args.apiserver.unwrap_or_else(Which::default_for_machine);
     let p = args.params();
     let phase_timeout = Duration::from_secs(args.phase_timeout_secs);
     let bin = operator_binary(&args);
@@ -691,23 +318,13 @@ async fn main() {
         naive.created, naive.refused, naive.stream_limit, naive.first_error
     );
 
-    // --- emulator, CRD, bindings -----------------------------------------
-    let api = ApiServer::start_with(apiserver::Config {
-        write_latency: Duration::from_millis(args.write_latency_ms),
-        history_window: 500_000,
-        log_capacity: 5_000_000,
-        ..apiserver::Config::default()
-    })
-    .await
-    .unwrap();
-    let client = api.client();
-    Api::<CustomResourceDefinition>::all(client.clone())
-        .create(&PostParams::default(), &ConfigBinding::crd())
-        .await
-        .unwrap();
+    // --- API server, CRD, bindings --------------------------------------
+    let server = Server::start(which, Duration::from_millis(args.write_latency_ms)).await;
+    let client = server.client().await;
+    apiserver::backend::install_crd(client.clone(), &ConfigBinding::crd()).await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
+    server.write_operator_kubeconfig(&kubeconfig);
     let op_log = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-scale-operator.log");
     let _ = std::fs::remove_file(&op_log);
     let bindings_api: Api<ConfigBinding> = Api::namespaced(client.clone(), "default");
@@ -718,6 +335,37 @@ async fn main() {
         create_t.as_secs_f64()
     ));
 
+    // --- the server's own capacity: the same kind of write, no operator --
+    let cap = server::capacity(&server, p.keys, p.value_bytes, Duration::from_secs(5)).await;
+    let cap_ref = format!("server takes {:.0} applies/s", cap.writes_per_s);
+    rep.row(
+        "capacity",
+        format!(
+            "{}: SSA of {}-key ConfigMaps, 32 in flight",
+            server.name(),
+            p.keys
+        ),
+        format!("{:.0} writes/s", cap.writes_per_s),
+        format!("p50 {:.1} ms p99 {:.1} ms", ms(cap.p50), ms(cap.p99)),
+    );
+    rep.note(format!(
+        "{} probe: {:.0} applies/s, p50 {:.1} ms p99 {:.1} ms, server CPU {:.0}% of wall, etcd {:.0} puts {:.0} fsyncs, APF rejected {:.0}",
+        server.name(),
+        cap.writes_per_s,
+        ms(cap.p50),
+        ms(cap.p99),
+        cap.server_cpu_pct,
+        cap.server.etcd_puts,
+        cap.server.etcd_fsyncs,
+        cap.server.apf_rejected
+    ));
+    fig.insert(
+        "server_capacity".into(),
+        json!({"server": server.name(), "writes_per_s": cap.writes_per_s, "p50_ms": ms(cap.p50),
+               "p99_ms": ms(cap.p99), "server_cpu_pct": cap.server_cpu_pct,
+               "etcd_puts": cap.server.etcd_puts, "etcd_fsyncs": cap.server.etcd_fsyncs}),
+    );
+
     let tracker = Tracker::default();
     tracker.spawn_watch(client.clone());
     let bindings = Bindings::default();
@@ -726,9 +374,9 @@ async fn main() {
     let publisher = Publisher::new(js.clone(), &p, tracker.clone());
 
     // --- 1. cold start ----------------------------------------------------
-    api.clear_requests();
+    let phase = Phase::start(&server).await;
     take_peak(&peaks);
-    let emu0 = emulator_cpu();
+    let srv0 = server.cpu();
     let t0 = Instant::now();
     let mut op = Operator::spawn(&bin, &nats.url(), &kubeconfig, args.coalesce_ms, &op_log);
     let n = p.bindings;
@@ -751,8 +399,8 @@ async fn main() {
     .await;
     let cold_wall = t0.elapsed();
     let cold_stats = op.stats();
-    let cold_api = api_phase(&api);
-    let cold_emu = emulator_cpu() - emu0;
+    let cold_api = phase.end(&server).await;
+    let cold_srv = server.cpu() - srv0;
     let cold_peak = take_peak(&peaks);
     let cold_cpu = cold_stats.cpu;
     let ratio = cold.map(|c| c.as_secs_f64() / raw_sync.as_secs_f64());
@@ -780,9 +428,10 @@ async fn main() {
             cpu_share(cold_cpu, cold_wall)
         ),
         format!(
-            "emulator {:.1} s / {:.0}%",
-            cold_emu.as_secs_f64(),
-            cpu_share(cold_emu, cold_wall)
+            "{} {:.1} s / {:.0}%",
+            server.name(),
+            cold_srv.as_secs_f64(),
+            cpu_share(cold_srv, cold_wall)
         ),
     );
     rep.row(
@@ -793,8 +442,15 @@ async fn main() {
             cold_api.writes,
             cold_api.writes as f64 / cold_wall.as_secs_f64()
         ),
-        format!("write p99 {:.1} ms", ms(cold_api.write_p99)),
+        cap_ref.clone(),
     );
+    rep.row(
+        "cold start",
+        "API writes per binding (429 answers)",
+        format!("{:.2} ({})", cold_api.per(n), cold_api.throttled),
+        format!("write p99 {:.1} ms", ms(cold_api.write_p99)),
+    )
+    .goal("<= 3", cold_api.per(n) <= 3.0);
     // 1 per bucket + up to 16 catch-up watches + those being torn down
     let consumer_goal = p.buckets + 32;
     rep.row(
@@ -817,7 +473,10 @@ async fn main() {
             .map(|l| format!("{l} (server limit)"))
             .unwrap_or_else(|| "no limit hit".into()),
     );
-    rep.note(format!("cold start API: {}", describe_api(&cold_api)));
+    rep.note(format!("cold start API: {}", cold_api.describe()));
+    if let Which::Real = which {
+        rep.note(format!("after cold start: {}", server.describe_processes()));
+    }
     rep.note(format!(
         "naive: {} consumers created in {:.1} s; first refusal: {}",
         naive.created,
@@ -829,31 +488,12 @@ async fn main() {
         json!({
             "time_s": cold.map(|c| c.as_secs_f64()), "raw_state_sync_s": raw_sync.as_secs_f64(),
             "raw_entries": raw_n, "hwm_mib": cold_stats.hwm_mib, "hwm_sampled_mib": hwm_seen,
-            "operator_cpu_s": cold_cpu.as_secs_f64(), "emulator_cpu_s": cold_emu.as_secs_f64(),
+            "operator_cpu_s": cold_cpu.as_secs_f64(), "server_cpu_s": cold_srv.as_secs_f64(),
             "consumers_peak_total": cold_peak.total, "consumers_peak_per_bucket": cold_peak.per_bucket,
             "naive_consumers": naive.created, "naive_refused": naive.refused,
             "naive_stream_limit": naive.stream_limit, "naive_error": naive.first_error,
-            "api": api_json(&cold_api, cold_wall),
+            "api": cold_api.json(cold_wall),
         }),
-    );
-
-    // --- emulator capacity: the same kind of write, without the operator ---
-    let cap = emulator_capacity(&client, &p, Duration::from_secs(5)).await;
-    rep.row(
-        "emulator",
-        format!("capacity: SSA of {}-key ConfigMaps, 32 in flight", p.keys),
-        "",
-        format!("{:.0} writes/s", cap.0),
-    );
-    rep.note(format!(
-        "emulator probe: {:.0} applies/s, p50 {:.1} ms, emulator CPU {:.0}% of wall during the probe",
-        cap.0,
-        ms(cap.1),
-        cap.2
-    ));
-    fig.insert(
-        "emulator_capacity".into(),
-        json!({"writes_per_s": cap.0, "p50_ms": ms(cap.1), "emulator_cpu_pct": cap.2}),
     );
 
     // --- 2. steady state (with the raw floor in the same run) -------------
@@ -862,32 +502,23 @@ async fn main() {
     let floor_tasks = start_floor(&floor_client, p.buckets, &publisher, floor_lat.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     publisher.floor_on.store(true, Ordering::Relaxed);
+    let rig = SteadyRig {
+        publisher: &publisher,
+        tracker: &tracker,
+        server: &server,
+        op: &op,
+        p: &p,
+        floor_lat: floor_lat.clone(),
+    };
     // below the API ceiling first: what the operator adds when the API keeps up
     let low_rate = (args.rate / 10.0).max(1.0);
     let low = run_steady(
-        &publisher,
-        &tracker,
-        &api,
-        &op,
-        &args,
-        &p,
-        floor_lat.clone(),
+        &rig,
         low_rate,
         Some(Duration::from_secs_f64((p.steady_secs / 3.0).max(5.0))),
     )
     .await;
-    let steady = run_steady(
-        &publisher,
-        &tracker,
-        &api,
-        &op,
-        &args,
-        &p,
-        floor_lat.clone(),
-        args.rate,
-        None,
-    )
-    .await;
+    let steady = run_steady(&rig, args.rate, None).await;
     let (l50, l99, lmax, ln) = low.lat;
     let window_ms = args.coalesce_ms as f64;
     rep.row(
@@ -908,7 +539,7 @@ async fn main() {
     rep.note(format!(
         "steady at {low_rate:.0} upd/s: {ln} updates, operator CPU {:.0}%, API {}",
         cpu_share(low.cpu, low.wall),
-        describe_api(&low.api)
+        low.api.describe()
     ));
     fig.insert("steady_low_rate".into(), low.json());
     let (s50, s99, smax, sn) = steady.lat;
@@ -966,9 +597,13 @@ async fn main() {
             cpu_share(steady.cpu, steady.wall),
             steady.stats.rss_mib
         ),
-        format!("emulator {:.0}%", cpu_share(steady.emu_cpu, steady.wall)),
+        format!(
+            "{} {:.0}%",
+            server.name(),
+            cpu_share(steady.server_cpu, steady.wall)
+        ),
     );
-    rep.note(format!("steady API: {}", describe_api(&steady.api)));
+    rep.note(format!("steady API: {}", steady.api.describe()));
     fig.insert("steady".into(), steady.json());
 
     // --- 5. churn during steady state -------------------------------------
@@ -1003,18 +638,7 @@ async fn main() {
             }
         })
     };
-    let churned = run_steady(
-        &publisher,
-        &tracker,
-        &api,
-        &op,
-        &args,
-        &p,
-        floor_lat.clone(),
-        args.rate,
-        Some(Duration::from_secs_f64(p.churn_secs)),
-    )
-    .await;
+    let churned = run_steady(&rig, args.rate, Some(Duration::from_secs_f64(p.churn_secs))).await;
     churn.await.unwrap();
     publisher.floor_on.store(false, Ordering::Relaxed);
     for t in floor_tasks {
@@ -1056,7 +680,7 @@ async fn main() {
         secs(gone),
         "",
     );
-    rep.note(format!("churn API: {}", describe_api(&churned.api)));
+    rep.note(format!("churn API: {}", churned.api.describe()));
     let mut cj = churned.json();
     cj["cleanup_s"] = json!(gone.map(|g| g.as_secs_f64()));
     cj["consumers_peak_total"] = json!(churn_peak.total);
@@ -1072,9 +696,9 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     tracker.take_latencies();
     tracker.take_done();
-    api_phase(&api);
+    let phase = Phase::start(&server).await;
     let cpu0 = op.stats().cpu;
-    let emu0 = emulator_cpu();
+    let srv0 = server.cpu();
     let first_bucket = p.per_bucket.min(n);
     let t0 = Instant::now();
     for i in 0..p.burst {
@@ -1090,9 +714,9 @@ async fn main() {
     .await
     .map(|_| t0.elapsed());
     let burst_wall = t0.elapsed();
-    let burst_api = api_phase(&api);
+    let burst_api = phase.end(&server).await;
     let burst_cpu = op.stats().cpu - cpu0;
-    let burst_emu = emulator_cpu() - emu0;
+    let burst_srv = server.cpu() - srv0;
     let done = tracker.take_done();
     let mut per_binding: Vec<Duration> = done
         .iter()
@@ -1156,9 +780,9 @@ async fn main() {
         "burst",
         "operator CPU share",
         format!("{:.0}%", cpu_share(burst_cpu, burst_wall)),
-        format!("emulator {:.0}%", cpu_share(burst_emu, burst_wall)),
+        format!("{} {:.0}%", server.name(), cpu_share(burst_srv, burst_wall)),
     );
-    rep.note(format!("burst API: {}", describe_api(&burst_api)));
+    rep.note(format!("burst API: {}", burst_api.describe()));
     fig.insert(
         "burst".into(),
         json!({
@@ -1167,8 +791,8 @@ async fn main() {
             "binding_done_p50_s": percentile(&per_binding, 0.5).as_secs_f64(),
             "binding_done_max_s": per_binding.last().copied().unwrap_or_default().as_secs_f64(),
             "configmap_writes_min": min_w, "configmap_writes_max": max_w,
-            "operator_cpu_s": burst_cpu.as_secs_f64(), "emulator_cpu_s": burst_emu.as_secs_f64(),
-            "api": api_json(&burst_api, burst_wall),
+            "operator_cpu_s": burst_cpu.as_secs_f64(), "server_cpu_s": burst_srv.as_secs_f64(),
+            "api": burst_api.json(burst_wall),
         }),
     );
 
@@ -1186,9 +810,9 @@ async fn main() {
             .await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    api_phase(&api);
+    let phase = Phase::start(&server).await;
     take_peak(&peaks);
-    let emu0 = emulator_cpu();
+    let srv0 = server.cpu();
     let t0 = Instant::now();
     let op2 = Operator::spawn(&bin, &nats.url(), &kubeconfig, args.coalesce_ms, &op_log);
     let mut last_metrics = String::new();
@@ -1216,9 +840,9 @@ async fn main() {
     let restart_wall = t0.elapsed();
     let changes_visible = tracker.take_latencies();
     let (_, _, vis_max, _) = latency_summary(changes_visible);
-    let restart_api = api_phase(&api);
+    let restart_api = phase.end(&server).await;
     let restart_stats = op2.stats();
-    let restart_emu = emulator_cpu() - emu0;
+    let restart_srv = server.cpu() - srv0;
     let restart_peak = take_peak(&peaks);
     let metrics = op2.scrape().await;
     let delivered_catchup = metric_sum(
@@ -1263,7 +887,7 @@ async fn main() {
             restart_stats.hwm_mib,
             restart_stats.cpu.as_secs_f64()
         ),
-        format!("emulator {:.1} s CPU", restart_emu.as_secs_f64()),
+        format!("{} {:.1} s CPU", server.name(), restart_srv.as_secs_f64()),
     );
     rep.row(
         "restart",
@@ -1271,7 +895,14 @@ async fn main() {
         format!("{} / {}", restart_api.cm_writes, restart_peak.total),
         format!("{} changes", args.restart_changes),
     );
-    rep.note(format!("restart API: {}", describe_api(&restart_api)));
+    rep.row(
+        "restart",
+        "API reads: GETs / LIST pages",
+        format!("{} / {}", restart_api.reads, restart_api.lists),
+        format!("{n} bindings"),
+    )
+    .goal("no GET per binding", restart_api.reads < n / 10);
+    rep.note(format!("restart API: {}", restart_api.describe()));
     fig.insert(
         "restart".into(),
         json!({
@@ -1280,8 +911,8 @@ async fn main() {
             "time_s": restart.map(|r| r.as_secs_f64()), "last_change_visible_s": vis_max.as_secs_f64(),
             "hwm_mib": restart_stats.hwm_mib, "operator_cpu_s": restart_stats.cpu.as_secs_f64(),
             "first_run_operator_cpu_s": before_kill.cpu.as_secs_f64(), "first_run_hwm_mib": before_kill.hwm_mib,
-            "emulator_cpu_s": restart_emu.as_secs_f64(), "consumers_peak_total": restart_peak.total,
-            "api": api_json(&restart_api, restart_wall),
+            "server_cpu_s": restart_srv.as_secs_f64(), "consumers_peak_total": restart_peak.total,
+            "api": restart_api.json(restart_wall),
         }),
     );
     drop(op2);
@@ -1290,19 +921,32 @@ async fn main() {
     if failed > 0 {
         rep.note(format!("{failed} KV publishes failed"));
     }
+    let server_desc = match which {
+        Which::Emulator => format!(
+            "the emulator (write latency {} ms, in this process with the driver)",
+            args.write_latency_ms
+        ),
+        Which::Real => format!(
+            "kube-apiserver {} with etcd (fsync on) and kube-controller-manager on this machine; \
+             the operator talks through the recording proxy",
+            apiserver::real::KUBERNETES_VERSION
+        ),
+    };
+    if let Which::Real = which {
+        rep.note(format!("at the end: {}", server.describe_processes()));
+    }
     rep.note(format!(
-        "machine: {} cores, nats-server {}, emulator write latency {} ms, coalesce {} ms, values {} B; \
-         operator = target/release/slipstream child process; emulator and driver share this process; \
-         total run {:.0} s",
+        "machine: {} cores, nats-server {}, API server: {server_desc}, coalesce {} ms, values {} B; \
+         operator = target/release/slipstream child process; total run {:.0} s",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         nats_version(),
-        args.write_latency_ms,
         args.coalesce_ms,
         p.value_bytes,
         started.elapsed().as_secs_f64()
     ));
     let title = format!(
-        "Slipstream scale benchmark: {} bindings, {} buckets, {} keys ({}), one replica",
+        "Slipstream scale benchmark on {}: {} bindings, {} buckets, {} keys ({}), one replica",
+        server.name(),
         p.bindings,
         p.buckets,
         total_keys,
@@ -1314,10 +958,11 @@ async fn main() {
         "keys_per_binding": p.keys, "value_bytes": p.value_bytes, "steady_secs": p.steady_secs,
         "rate": args.rate, "churn": p.churn, "churn_secs": p.churn_secs, "burst": p.burst,
         "restart_changes": args.restart_changes, "write_latency_ms": args.write_latency_ms,
-        "coalesce_ms": args.coalesce_ms,
+        "coalesce_ms": args.coalesce_ms, "apiserver": server.name(),
     });
     let out = args.json.clone().unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-scale.json")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("target/bench-scale-{}.json", server.name()))
     });
     std::fs::write(
         &out,
@@ -1326,202 +971,8 @@ async fn main() {
     .unwrap();
     println!("JSON: {}", out.display());
     drop(kv);
+    drop(server);
     drop(nats);
-}
-
-/// Applies to ConfigMaps the operator does not own, as fast as the
-/// emulator takes them: (writes/s, p50, emulator CPU % of wall).
-async fn emulator_capacity(
-    client: &kube::Client,
-    p: &Params,
-    secs: Duration,
-) -> (f64, Duration, f64) {
-    use k8s_openapi::api::core::v1::ConfigMap;
-    use kube::api::{Patch, PatchParams};
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let content = |round: usize| -> std::collections::BTreeMap<String, String> {
-        (0..p.keys)
-            .map(|k| {
-                let v = value(round as u64, p.value_bytes);
-                (observe::cm_key(k), String::from_utf8_lossy(&v).into_owned())
-            })
-            .collect()
-    };
-    let workers = 32;
-    let emu0 = emulator_cpu();
-    let t0 = Instant::now();
-    let deadline = t0 + secs;
-    let results: Vec<Vec<Duration>> = futures::stream::iter(0..workers)
-        .map(|w| {
-            let cms = cms.clone();
-            let name = format!("probe-{w}");
-            let content = &content;
-            async move {
-                let mut lat = Vec::new();
-                let mut round = 0;
-                while Instant::now() < deadline {
-                    let cm = ConfigMap {
-                        metadata: kube::api::ObjectMeta {
-                            name: Some(name.clone()),
-                            ..Default::default()
-                        },
-                        data: Some(content(round)),
-                        ..Default::default()
-                    };
-                    let t = Instant::now();
-                    let pp = PatchParams::apply("bench-probe").force();
-                    if cms.patch(&name, &pp, &Patch::Apply(&cm)).await.is_ok() {
-                        lat.push(t.elapsed());
-                    }
-                    round += 1;
-                }
-                let _ = cms.delete(&name, &DeleteParams::default()).await;
-                lat
-            }
-        })
-        .buffer_unordered(workers)
-        .collect()
-        .await;
-    let wall = t0.elapsed();
-    let mut all: Vec<Duration> = results.into_iter().flatten().collect();
-    all.sort();
-    (
-        all.len() as f64 / wall.as_secs_f64(),
-        percentile(&all, 0.5),
-        cpu_share(emulator_cpu() - emu0, wall),
-    )
-}
-
-struct SteadyResult {
-    updates: usize,
-    lat: (Duration, Duration, Duration, usize),
-    floor: (Duration, Duration, Duration, usize),
-    api: ApiPhase,
-    cpu: Duration,
-    emu_cpu: Duration,
-    wall: Duration,
-    stats: ProcStats,
-    undelivered: usize,
-    /// The operator's own propagation histogram over the phase (NATS store
-    /// -> apply answered): upper bucket bounds of p50 and p99, seconds.
-    op_side: (f64, f64),
-}
-
-/// `slipstream_propagation_seconds_bucket` as (upper bound, cumulative count).
-fn propagation_buckets(metrics: &str) -> Vec<(f64, f64)> {
-    let prefix = "slipstream_propagation_seconds_bucket{le=\"";
-    metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix(prefix))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// The bucket bound holding quantile `q` of the observations between two
-/// scrapes (NaN when none were made).
-fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
-    let delta: Vec<(f64, f64)> = after
-        .iter()
-        .map(|(le, n)| {
-            let old = before
-                .iter()
-                .find(|(l, _)| l == le)
-                .map_or(0.0, |(_, c)| *c);
-            (*le, n - old)
-        })
-        .collect();
-    let total = delta.last().map_or(0.0, |(_, n)| *n);
-    if total <= 0.0 {
-        return f64::NAN;
-    }
-    delta
-        .iter()
-        .find(|(_, n)| *n >= q * total)
-        .map_or(f64::NAN, |(le, _)| *le)
-}
-
-impl SteadyResult {
-    fn json(&self) -> serde_json::Value {
-        json!({
-            "updates": self.updates, "p50_ms": ms(self.lat.0), "p99_ms": ms(self.lat.1),
-            "max_ms": ms(self.lat.2), "observed": self.lat.3, "undelivered": self.undelivered,
-            "floor_p50_ms": ms(self.floor.0), "floor_p99_ms": ms(self.floor.1),
-            "floor_max_ms": ms(self.floor.2), "floor_observed": self.floor.3,
-            "operator_cpu_s": self.cpu.as_secs_f64(), "emulator_cpu_s": self.emu_cpu.as_secs_f64(),
-            "rss_mib": self.stats.rss_mib, "hwm_mib": self.stats.hwm_mib,
-            "api": api_json(&self.api, self.wall),
-            "operator_side_p50_le_s": self.op_side.0, "operator_side_p99_le_s": self.op_side.1,
-        })
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run_steady(
-    publisher: &Publisher,
-    tracker: &Tracker,
-    api: &ApiServer,
-    op: &Operator,
-    _args: &Args,
-    p: &Params,
-    floor_lat: Arc<Mutex<Vec<Duration>>>,
-    rate: f64,
-    secs: Option<Duration>,
-) -> SteadyResult {
-    tracker.take_latencies();
-    floor_lat.lock().unwrap().clear();
-    let hist0 = propagation_buckets(&op.scrape().await);
-    api_phase(api);
-    let cpu0 = op.stats().cpu;
-    let emu0 = emulator_cpu();
-    let t0 = Instant::now();
-    let secs = secs.map(|s| s.as_secs_f64()).unwrap_or(p.steady_secs);
-    let updates = publisher
-        .steady(
-            rate,
-            secs,
-            p.bindings,
-            p.keys,
-            t0.elapsed().as_nanos() as u64,
-        )
-        .await;
-    let drained = wait_until("steady drain", Duration::from_secs(30), || {
-        let pending = tracker.pending();
-        (pending == 0, format!("{pending} updates not yet visible"))
-    })
-    .await;
-    let undelivered = if drained.is_some() {
-        0
-    } else {
-        tracker.pending()
-    };
-    let wall = t0.elapsed();
-    let stats = op.stats();
-    let floor = std::mem::take(&mut *floor_lat.lock().unwrap());
-    let hist1 = propagation_buckets(&op.scrape().await);
-    let op_side = (
-        bucket_quantile(&hist0, &hist1, 0.5),
-        bucket_quantile(&hist0, &hist1, 0.99),
-    );
-    SteadyResult {
-        op_side,
-        updates,
-        lat: latency_summary(tracker.take_latencies()),
-        floor: latency_summary(floor),
-        api: api_phase(api),
-        cpu: stats.cpu - cpu0,
-        emu_cpu: emulator_cpu() - emu0,
-        wall,
-        stats,
-        undelivered,
-    }
 }
 
 fn nats_version() -> String {

@@ -1,5 +1,6 @@
-//! The operator as a child process (`slipstream run`), and what /proc says
-//! about it and about the emulator threads of this process.
+//! The operator as a child process (`slipstream run`), what /proc says
+//! about a process and about the emulator threads of this process, and a
+//! plain HTTP GET for /metrics endpoints.
 
 use std::{
     net::SocketAddr,
@@ -133,27 +134,7 @@ impl Operator {
 
     /// The operator's /metrics text ("" while it is not up).
     pub async fn scrape(&self) -> String {
-        let Ok(Ok(mut s)) = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect(self.metrics),
-        )
-        .await
-        else {
-            return String::new();
-        };
-        let req = format!(
-            "GET /metrics HTTP/1.0\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.metrics
-        );
-        if s.write_all(req.as_bytes()).await.is_err() {
-            return String::new();
-        }
-        let mut body = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut body)).await;
-        let text = String::from_utf8_lossy(&body).to_string();
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default()
+        http_get(&self.metrics.to_string(), "/metrics").await
     }
 }
 
@@ -175,4 +156,23 @@ pub fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
         .filter(|l| label.is_empty() || l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The body of `GET http://<addr><path>` ("" when it does not answer).
+pub async fn http_get(addr: &str, path: &str) -> String {
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await
+    else {
+        return String::new();
+    };
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut body = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut body)).await;
+    let text = String::from_utf8_lossy(&body).to_string();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
 }

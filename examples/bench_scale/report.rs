@@ -115,3 +115,45 @@ impl Row {
         self
     }
 }
+
+/// Prints two runs' JSON (for example the real server's and the
+/// emulator's) side by side: our figure of each, row by row.
+pub fn compare(a: &std::path::Path, b: &std::path::Path) {
+    let load = |p: &std::path::Path| -> Value {
+        let text = std::fs::read_to_string(p)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", p.display()))
+    };
+    let (ja, jb) = (load(a), load(b));
+    let name = |j: &Value| {
+        let server = j["params"]["apiserver"].as_str().unwrap_or("?").to_owned();
+        let size = j["params"]["bindings"].as_u64().unwrap_or(0);
+        format!("{server} ({size} bindings)")
+    };
+    let rows = |j: &Value| j["rows"].as_array().cloned().unwrap_or_default();
+    let (ra, rb) = (rows(&ja), rows(&jb));
+    let cell = |r: Option<&Value>| -> String {
+        let Some(r) = r else { return "-".into() };
+        let met = match r["met"].as_bool() {
+            Some(true) => " ok",
+            Some(false) => " MISSED",
+            None => "",
+        };
+        format!("{}{met}", r["slipstream"].as_str().unwrap_or(""))
+    };
+    println!(
+        "| scenario | measure | {} | {} |\n|---|---|---|---|",
+        name(&ja),
+        name(&jb)
+    );
+    for (i, r) in ra.iter().enumerate() {
+        let other = rb.get(i).filter(|o| o["scenario"] == r["scenario"]);
+        println!(
+            "| {} | {} | {} | {} |",
+            r["scenario"].as_str().unwrap_or(""),
+            r["measure"].as_str().unwrap_or(""),
+            cell(Some(r)),
+            cell(other)
+        );
+    }
+}

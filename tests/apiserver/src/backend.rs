@@ -136,31 +136,37 @@ impl TestApi {
     /// Creates `crd` unless it exists (the real server's CRDs are shared by
     /// the binary's tests) and waits until it is Established and served.
     pub async fn install_crd(&self, crd: &CustomResourceDefinition) {
-        let api: Api<CustomResourceDefinition> = Api::all(self.client());
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        match api.create(&PostParams::default(), crd).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => panic!("create CRD {name}: {e}"),
+        install_crd(self.client(), crd).await
+    }
+}
+
+/// Creates `crd` through `client` unless it exists, and waits until it is
+/// Established (on the real server a CRD is served only from then on).
+pub async fn install_crd(client: kube::Client, crd: &CustomResourceDefinition) {
+    let api: Api<CustomResourceDefinition> = Api::all(client);
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    match api.create(&PostParams::default(), crd).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("create CRD {name}: {e}"),
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let established = api.get(&name).await.ok().is_some_and(|c| {
+            c.status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+        if established {
+            return;
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let established = api.get(&name).await.ok().is_some_and(|c| {
-                c.status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            });
-            if established {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "CRD {name} not Established after 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "CRD {name} not Established after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -63,6 +63,7 @@ pub struct ControlPlane {
     dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     url: String,
+    etcd_url: String,
     pki: Pki,
     processes: Mutex<Vec<Process>>,
     proxy: Proxy,
@@ -219,6 +220,7 @@ impl ControlPlane {
             dir,
             _tmp: tmp,
             url,
+            etcd_url,
             pki,
             processes: Mutex::new(processes),
             proxy,
@@ -229,6 +231,11 @@ impl ControlPlane {
     /// `https://127.0.0.1:PORT` of kube-apiserver.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// `http://127.0.0.1:PORT` of etcd (its client port also serves `/metrics`).
+    pub fn etcd_url(&self) -> &str {
+        &self.etcd_url
     }
 
     /// `http://127.0.0.1:PORT` of the fault-injecting proxy.
@@ -333,6 +340,19 @@ impl ControlPlane {
             Err(_) => return Vec::new(),
         };
         procs.iter().map(|p| (p.name, p.rss_bytes())).collect()
+    }
+
+    /// Process ids of the control-plane binaries (not their guards), by name,
+    /// for CPU and memory figures from /proc.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        let procs = match self.processes.lock() {
+            Ok(p) => p,
+            Err(_) => return Vec::new(),
+        };
+        procs
+            .iter()
+            .flat_map(|p| p.pids().into_iter().map(move |pid| (p.name, pid)))
+            .collect()
     }
 
     /// Stops one process by name (`kube-controller-manager`, ...) for good.

@@ -114,13 +114,25 @@ pub(crate) fn find_binary(name: &str, env: &str) -> Result<PathBuf, Error> {
 }
 
 impl Process {
+    /// Process ids of the binary: the children of its guard, but for the
+    /// guard's own `sleep`.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        let guard = self.child.id();
+        std::fs::read_to_string(format!("/proc/{guard}/task/{guard}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim() != "sleep")
+            })
+            .collect()
+    }
+
     /// Resident memory of the binary (the guard's child), in bytes.
     pub(crate) fn rss_bytes(&self) -> u64 {
-        let guard = self.child.id();
-        let children = std::fs::read_to_string(format!("/proc/{guard}/task/{guard}/children"))
-            .unwrap_or_default();
-        children
-            .split_whitespace()
+        self.pids()
+            .into_iter()
             .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
             .filter_map(|status| {
                 status
