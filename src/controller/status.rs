@@ -88,9 +88,17 @@ impl Health {
         }
     }
 
-    /// Same Ready state, reason and stalled flag (an Event is due otherwise).
+    /// Same Ready state, reason and stalled flag.
     pub fn same_state(&self, other: &Health) -> bool {
         (self.ready, self.reason, self.stalled) == (other.ready, other.reason, other.stalled)
+    }
+
+    /// Whether the change from `before` to this state deserves an Event:
+    /// every failure and the recovery from one, but not the first sync of a
+    /// binding (from the initial Syncing), which the Ready condition already
+    /// tells, and which would cost one Event write per binding on a cold start.
+    pub fn worth_an_event(&self, before: &Health) -> bool {
+        !(self.ready && before.reason == Reason::Syncing)
     }
 }
 
@@ -259,6 +267,17 @@ mod tests {
         let ready = same.condition("Ready").unwrap();
         assert_eq!(ready.last_transition_time.as_deref(), Some("kept"));
         assert_eq!(ready.message, "4 keys");
+    }
+
+    #[test]
+    fn events_announce_failures_and_recoveries_but_not_a_first_sync() {
+        let syncing = Health::from_status(&ConfigBindingStatus::default());
+        let synced = Health::ok(Reason::Synced, "1 key");
+        let failed = Health::err(Reason::BucketNotFound, "gone", false);
+        assert!(!synced.worth_an_event(&syncing));
+        assert!(failed.worth_an_event(&syncing));
+        assert!(synced.worth_an_event(&failed));
+        assert!(failed.worth_an_event(&synced));
     }
 
     #[test]

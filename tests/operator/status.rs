@@ -158,3 +158,27 @@ async fn status_waits_while_configmap_writes_fill_the_api_then_mirrors_every_cur
         .await;
     }
 }
+
+/// An Event for each change a user needs to see: a failure and the recovery
+/// from it, but not the first sync of a new binding, which the Ready
+/// condition already tells (a cold start of N bindings would otherwise cost
+/// N Event writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_tell_a_failure_and_its_recovery_but_not_a_first_sync() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "k.a", "1").await;
+    let _op = env.operator();
+    env.create_binding("fresh", "bucket: app\nprefixes: [k.]")
+        .await;
+    env.create_binding("late", "bucket: later\nprefixes: [k.]")
+        .await;
+    wait_reason(&env, "fresh", "Synced").await;
+    wait_event(&env, "late", "BucketNotFound").await;
+    let later = env.bucket("later").await;
+    put(&later, "k.b", "2").await;
+    wait_reason(&env, "late", "Synced").await;
+    wait_event(&env, "late", "Synced").await;
+    // fresh's first sync came well before late's recovery was announced
+    assert_eq!(event_reasons(&env, "fresh").await, Vec::<String>::new());
+}

@@ -101,12 +101,12 @@ impl Worker {
 
     /// Records the condition in status. Written at once when readiness,
     /// reason, stalled, an error message or the generation changed (with an
-    /// Event when readiness, reason or stalled changed); a change that only
-    /// restates the cursor waits for the status interval (trailing write).
+    /// Event when that change is one a user needs to see); a change that
+    /// only restates the cursor waits for the status interval (trailing write).
     pub(super) async fn set_health(&mut self, health: Health) {
-        // an Event per state change, not per new cursor in the message
-        let announce = !health.same_state(&self.health);
-        let urgent = announce
+        let changed = !health.same_state(&self.health);
+        let announce = changed && health.worth_an_event(&self.health);
+        let urgent = changed
             || (!health.ready && health.message != self.health.message)
             || self.binding.metadata.generation != self.status_written_generation;
         let mut status = self.status.clone();
