@@ -16,7 +16,7 @@ use kube::{
 };
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use super::hub::Hub;
+use super::{hub::Hub, startup::StartupReads};
 use crate::{
     crd::ConfigBinding,
     kv::KvConnector,
@@ -86,6 +86,8 @@ pub struct Context {
     pub hub: Hub,
     pub sink: ConfigMapSink,
     pub(super) api_permits: Arc<Semaphore>,
+    /// The ConfigMaps listed in bulk at start (the workers' first read).
+    pub(super) startup: StartupReads,
     pub(super) workers: Mutex<HashMap<(String, String), WorkerHandle>>,
     ids: AtomicU64,
 }
@@ -110,6 +112,7 @@ impl Context {
             hub: Hub::new(kv.clone(), metrics.clone(), config.catchup_gather),
             sink: ConfigMapSink::new(client.clone()),
             api_permits: Arc::new(Semaphore::new(config.api_concurrency.max(1))),
+            startup: StartupReads::new(super::startup::STARTUP_WINDOW),
             workers: Mutex::default(),
             ids: AtomicU64::new(1),
             client,

@@ -5,13 +5,15 @@
 //! The parts: [`context`] (what they share), [`reconcile`] (finalizer,
 //! validation, worker lifecycle), [`finalizer`] (on before any write), [`worker`] (one per binding: catch-up,
 //! coalescing, the write path), [`decide`] (the write path's pure step),
-//! [`status`] (conditions, status writes, Events), [`hub`] (bucket watches).
+//! [`status`] (conditions, status writes, Events), [`hub`] (bucket watches),
+//! [`startup`] (the ConfigMaps read back in bulk at start).
 
 pub mod context;
 pub mod decide;
 pub mod finalizer;
 pub mod hub;
 pub mod reconcile;
+pub mod startup;
 pub mod status;
 pub mod worker;
 

@@ -184,3 +184,77 @@ async fn skipped_keys_are_still_listed_after_a_restart() {
     })
     .await;
 }
+
+/// GETs and LISTs of ConfigMaps in the requests from index `from` on.
+fn configmap_reads(env: &Env, from: usize) -> (usize, usize) {
+    let reqs = env.api.requests();
+    let cms = || reqs[from..].iter().filter(|r| r.resource == "configmaps");
+    (
+        cms().filter(|r| r.verb == "get").count(),
+        cms().filter(|r| r.verb == "list").count(),
+    )
+}
+
+/// Waits (reading bindings only, no ConfigMap) until every binding's status
+/// holds at least cursor `at`.
+async fn wait_status_cursors(env: &Env, names: &[String], at: u64) {
+    for name in names {
+        eventually(&format!("{name}'s status at cursor {at}"), || async {
+            let cursor = env.binding(name).await.status?.cursor?;
+            (cursor.parse::<u64>().ok()? >= at).then_some(())
+        })
+        .await;
+    }
+}
+
+/// The start of many bindings reads their ConfigMaps from one paged list of
+/// the namespace, not with a GET each: on a first start (nothing to read)
+/// and on a restart (everything to read, and resume still delivers only the
+/// changes made while the operator was away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_read_the_configmaps_with_a_list_not_a_get_per_binding() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    let names: Vec<String> = (0..12).map(|i| format!("b{i:02}")).collect();
+    let mut last = 0;
+    for i in 0..names.len() {
+        last = put(&kv, &format!("p{i:02}.a"), "1").await;
+    }
+    let operator = || {
+        env.operator_builder()
+            .status_interval(std::time::Duration::from_millis(100))
+            .start()
+    };
+    let from = env.api.requests().len();
+    let op = operator();
+    for (i, name) in names.iter().enumerate() {
+        env.create_binding(name, &format!("bucket: app\nprefixes: [p{i:02}.]"))
+            .await;
+    }
+    wait_status_cursors(&env, &names, last).await;
+    let (gets, lists) = configmap_reads(&env, from);
+    assert_eq!(gets, 0, "first start: no ConfigMap read one by one");
+    assert!(lists <= 3, "first start: {lists} lists");
+    op.kill();
+
+    let mut changed = Vec::new();
+    for i in 0..names.len() {
+        changed.push(put(&kv, &format!("p{i:02}.a"), "2").await);
+    }
+    let from = env.api.requests().len();
+    let op = operator();
+    for (name, at) in names.iter().zip(&changed) {
+        wait_status_cursors(&env, std::slice::from_ref(name), *at).await;
+    }
+    let (gets, lists) = configmap_reads(&env, from);
+    assert_eq!(gets, 0, "restart: the ConfigMaps come from the list");
+    assert!((1..=3).contains(&lists), "restart: {lists} lists");
+    assert_eq!(
+        op.metrics.delivered_count("app", "catchup"),
+        names.len() as u64,
+        "resumed from the listed cursors: only the changes"
+    );
+    for (i, name) in names.iter().enumerate() {
+        wait_data(&env, name, &map(&[(&format!("p{i:02}.a"), "2")])).await;
+    }
+}

@@ -1,6 +1,7 @@
-//! At start: the ConfigMap read once and, when it is ours and written with
-//! the same rules, the binding's entries rebuilt from it, so the catch-up
-//! needs only the delta after its cursor.
+//! At start: the ConfigMap read once (from the bulk list of a start, see
+//! [`crate::controller::startup`], else a GET) and, when it is ours and
+//! written with the same rules, the binding's entries rebuilt from it, so
+//! the catch-up needs only the delta after its cursor.
 
 use std::collections::BTreeMap;
 
@@ -10,25 +11,46 @@ use tracing::{debug, info};
 
 use super::Worker;
 use crate::{
-    controller::{decide::TargetState, status::Health},
+    controller::{decide::TargetState, startup::Listed, status::Health},
     crd::CreationPolicy,
     kv::mirror::Mirror,
     sink::configmap::{Observed, content_digest},
 };
 
 impl Worker {
-    /// Reads the ConfigMap once at start and, when it is ours and was
-    /// written with the same rules, rebuilds the entries from it so the
-    /// catch-up only needs the delta after its cursor.
+    /// Reads the ConfigMap once at start (listed, or a GET) and, when it is
+    /// ours and was written with the same rules, rebuilds the entries from
+    /// it so the catch-up only needs the delta after its cursor.
     pub(super) async fn load_target(&mut self) {
+        let listed = self
+            .ctx
+            .startup
+            .take(
+                &self.ctx.client,
+                &self.ctx.api_permits,
+                &self.target.namespace,
+                &self.target.name,
+            )
+            .await;
+        let mut listed = match listed {
+            Listed::Found(cm) => Some(Some(*cm)),
+            Listed::Absent => Some(None),
+            Listed::Unknown => None,
+        };
         loop {
-            let permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
-            let read = self
-                .ctx
-                .sink
-                .read(&self.target.namespace, &self.target.name)
-                .await;
-            drop(permit);
+            let read = match listed.take() {
+                Some(cm) => Ok(cm),
+                None => {
+                    let permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
+                    let read = self
+                        .ctx
+                        .sink
+                        .read(&self.target.namespace, &self.target.name)
+                        .await;
+                    drop(permit);
+                    read
+                }
+            };
             match read {
                 Ok(None) => {
                     self.target_state = TargetState::Absent;
