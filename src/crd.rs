@@ -35,11 +35,17 @@ pub const MAX_SKIPPED_LISTED: usize = 20;
     namespaced,
     status = "ConfigBindingStatus",
     shortname = "cb",
+    category = "slipstream",
     doc = "Projects NATS JetStream KV prefixes into a ConfigMap in the binding's namespace.",
     printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
     ),
     printcolumn(name = "Bucket", type_ = "string", json_path = ".spec.bucket"),
     printcolumn(name = "Cursor", type_ = "string", json_path = ".status.cursor"),
@@ -48,6 +54,12 @@ pub const MAX_SKIPPED_LISTED: usize = 20;
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -56,8 +68,13 @@ pub struct ConfigBindingSpec {
     #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-zA-Z0-9_-]+$"))]
     pub bucket: String,
     /// Key prefixes served together (plain string prefixes, e.g. `web.`).
-    /// When several match one key, the longest wins.
-    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 253)))]
+    /// When several match one key, the longest wins. No duplicates (a set:
+    /// the API server refuses a list naming one prefix twice).
+    #[schemars(
+        length(min = 1, max = 32),
+        inner(length(min = 1, max = 253)),
+        extend("x-kubernetes-list-type" = "set")
+    )]
     pub prefixes: Vec<String>,
     /// Drop the matched prefix from ConfigMap keys. Default false: keys keep
     /// their full KV name, so two prefixes can never produce the same key.
@@ -160,8 +177,13 @@ pub struct ConfigBindingStatus {
     /// The first few keys left out by `keyPolicy: Skip`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped_keys: Vec<String>,
-    /// `Ready` (content synced) and `Stalled` (needs a human), with reason words.
+    /// `Ready` (content synced), `Reconciling` (working on it) and
+    /// `Stalled` (needs a human), with reason words; one of each type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["type"]
+    ))]
     pub conditions: Vec<Condition>,
 }
 
@@ -169,7 +191,7 @@ pub struct ConfigBindingStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Ready` or `Stalled`.
+    /// `Ready`, `Reconciling` or `Stalled`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
@@ -260,7 +282,19 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["Ready", "Bucket", "Cursor", "Keys", "Age"]);
+        assert_eq!(
+            names,
+            [
+                "Ready", "Reason", "Bucket", "Cursor", "Keys", "Age", "Message"
+            ]
+        );
+        assert_eq!(columns[6]["priority"], 1, "the message only in -o wide");
+        assert_eq!(crd["spec"]["names"]["categories"][0], "slipstream");
+        assert_eq!(props["prefixes"]["x-kubernetes-list-type"], "set");
+        let conditions = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+            ["properties"]["conditions"];
+        assert_eq!(conditions["x-kubernetes-list-type"], "map");
+        assert_eq!(conditions["x-kubernetes-list-map-keys"][0], "type");
         assert!(crd["spec"]["versions"][0]["subresources"]["status"].is_object());
     }
 

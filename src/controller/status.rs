@@ -1,5 +1,6 @@
-//! What a binding tells its user: the `Ready` and `Stalled` conditions in
-//! `status`, the status write, and the Events that announce a change.
+//! What a binding tells its user: the `Ready`, `Reconciling` and `Stalled`
+//! conditions in `status` (the kstatus conventions `kubectl wait`, Flux and
+//! kpt read), the status write, and the Events that announce a change.
 //!
 //! Condition types are [`ConditionType`]; reason words are
 //! [`Reason`](crate::reason::Reason), the same word in the condition, the
@@ -15,7 +16,7 @@ use tracing::debug;
 use crate::{
     crd::{Condition, ConfigBinding, ConfigBindingStatus},
     reason::Reason,
-    util::time::now_rfc3339,
+    util::time::now_rfc3339_seconds,
 };
 
 /// The condition types a binding's status carries.
@@ -24,6 +25,11 @@ pub enum ConditionType {
     /// The ConfigMap holds the KV content (what `kubectl wait
     /// --for=condition=Ready` waits for).
     Ready,
+    /// Not Ready yet, and the operator is working on it: a first sync, or
+    /// retrying an error that may pass (NATS down, bucket not there yet). A
+    /// binding that is not Ready always says Reconciling or Stalled, so
+    /// kstatus never reads it as current.
+    Reconciling,
     /// Retrying will not help: a human must change something.
     Stalled,
 }
@@ -32,6 +38,7 @@ impl ConditionType {
     pub const fn as_str(self) -> &'static str {
         match self {
             ConditionType::Ready => "Ready",
+            ConditionType::Reconciling => "Reconciling",
             ConditionType::Stalled => "Stalled",
         }
     }
@@ -100,11 +107,18 @@ impl Health {
     pub fn worth_an_event(&self, before: &Health) -> bool {
         !(self.ready && before.reason == Reason::Syncing)
     }
+
+    /// Working towards Ready: not there, not stalled, not suspended on purpose.
+    pub fn reconciling(&self) -> bool {
+        !self.ready && !self.stalled && self.reason != Reason::Suspended
+    }
 }
 
-/// Sets Ready (and Stalled) the way `kubectl wait --for=condition=Ready` expects.
+/// Sets Ready, Reconciling and Stalled the way `kubectl wait
+/// --for=condition=Ready` and kstatus read them. Transition times have whole
+/// seconds, like `metav1.Condition`.
 pub fn set_conditions(status: &mut ConfigBindingStatus, health: &Health, generation: Option<i64>) {
-    let now = now_rfc3339();
+    let now = now_rfc3339_seconds();
     let mut set = |type_: ConditionType, on: bool, reason: Reason, message: &str| {
         let value = status_word(on);
         match status
@@ -137,6 +151,16 @@ pub fn set_conditions(status: &mut ConfigBindingStatus, health: &Health, generat
         health.reason,
         &health.message,
     );
+    if health.reconciling() {
+        set(
+            ConditionType::Reconciling,
+            true,
+            health.reason,
+            &health.message,
+        );
+    } else {
+        set(ConditionType::Reconciling, false, health.reason, "");
+    }
     if health.stalled {
         set(ConditionType::Stalled, true, health.reason, &health.message);
     } else {
@@ -267,6 +291,71 @@ mod tests {
         let ready = same.condition("Ready").unwrap();
         assert_eq!(ready.last_transition_time.as_deref(), Some("kept"));
         assert_eq!(ready.message, "4 keys");
+    }
+
+    /// kstatus' reading of a generic resource: Stalled True is Failed,
+    /// Reconciling True is InProgress, otherwise Current.
+    fn kstatus(status: &ConfigBindingStatus) -> &'static str {
+        let on = |t: &str| status.condition(t).is_some_and(|c| c.status == "True");
+        if on("Stalled") {
+            "Failed"
+        } else if on("Reconciling") {
+            "InProgress"
+        } else {
+            "Current"
+        }
+    }
+
+    #[test]
+    fn only_a_synced_or_suspended_binding_reads_as_current_to_kstatus() {
+        let table = [
+            (Health::ok(Reason::Synced, "1 key"), "True", "Current"),
+            (
+                Health::from_status(&ConfigBindingStatus::default()),
+                "False",
+                "InProgress",
+            ),
+            (
+                Health::err(Reason::BucketNotFound, "no bucket", false),
+                "False",
+                "InProgress",
+            ),
+            (
+                Health::err(Reason::Timeout, "NATS", false),
+                "False",
+                "InProgress",
+            ),
+            (
+                Health::err(Reason::KeyCollision, "a", true),
+                "False",
+                "Failed",
+            ),
+            (
+                Health::err(Reason::Suspended, "suspended", false),
+                "False",
+                "Current",
+            ),
+        ];
+        for (health, ready, want) in table {
+            let mut status = ConfigBindingStatus::default();
+            set_conditions(&mut status, &health, Some(3));
+            assert_eq!(
+                status.condition("Ready").unwrap().status,
+                ready,
+                "{health:?}"
+            );
+            assert_eq!(kstatus(&status), want, "{health:?}");
+            let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+            assert_eq!(types, ["Ready", "Reconciling", "Stalled"]);
+            for c in &status.conditions {
+                assert_eq!(c.observed_generation, Some(3));
+                let at = c.last_transition_time.as_deref().unwrap();
+                assert!(
+                    at.ends_with('Z') && !at.contains('.'),
+                    "whole seconds: {at}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -101,14 +101,14 @@ async fn kubectl_wait_for_ready_returns_once_the_operator_has_synced() {
     );
     assert!(stdout.contains("condition met"), "{stdout}");
 
-    // the printer columns: NAME READY BUCKET CURSOR KEYS AGE
-    let table = admin.kubectl(&["get", "configbindings", "web"]).unwrap();
+    // the printer columns, and the category: `kubectl get slipstream` lists ours
+    let table = admin.kubectl(&["get", "slipstream"]).unwrap();
     let mut lines = table.lines();
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "READY", "BUCKET", "CURSOR", "KEYS", "AGE"],
+        ["NAME", "READY", "REASON", "BUCKET", "CURSOR", "KEYS", "AGE"],
         "{table}"
     );
     let b: Value = serde_json::from_str(
@@ -117,7 +117,31 @@ async fn kubectl_wait_for_ready_returns_once_the_operator_has_synced() {
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(&row[..3], ["web", "True", "app-config"], "{table}");
-    assert_eq!(row[3], b["status"]["cursor"].as_str().unwrap(), "{table}");
-    assert_eq!(row[4], "2", "{table}");
+    assert_eq!(
+        &row[..4],
+        ["web", "True", "Synced", "app-config"],
+        "{table}"
+    );
+    assert_eq!(row[4], b["status"]["cursor"].as_str().unwrap(), "{table}");
+    assert_eq!(row[5], "2", "{table}");
+    // the Ready message only with -o wide
+    let wide = admin
+        .kubectl(&["get", "configbindings", "web", "-o", "wide"])
+        .unwrap();
+    assert!(wide.lines().next().unwrap().ends_with("MESSAGE"), "{wide}");
+    assert!(wide.contains("2 keys at cursor"), "{wide}");
+    // kstatus: Ready, not Reconciling, not Stalled, for this generation
+    let conditions = b["status"]["conditions"].as_array().unwrap();
+    let state = |t: &str| {
+        conditions.iter().find(|c| c["type"] == t).map(|c| {
+            (
+                c["status"].as_str().unwrap(),
+                c["observedGeneration"].clone(),
+            )
+        })
+    };
+    let generation = b["metadata"]["generation"].clone();
+    assert_eq!(state("Ready"), Some(("True", generation.clone())));
+    assert_eq!(state("Reconciling"), Some(("False", generation.clone())));
+    assert_eq!(state("Stalled"), Some(("False", generation)));
 }

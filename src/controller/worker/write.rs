@@ -186,10 +186,11 @@ impl Worker {
             Refusal::Projection(e) => {
                 self.ctx.metrics.error(e.reason());
                 warn!(binding = %self.labels.binding, reason = e.reason().as_str(), error = %e, "not writing");
+                // retrying cannot help: the KV content or the spec must change
                 self.set_health(Health::err(
                     e.reason(),
                     format!("{e}; the ConfigMap keeps its last good content"),
-                    false,
+                    true,
                 ))
                 .await;
             }

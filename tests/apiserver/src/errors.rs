@@ -75,6 +75,14 @@ impl Cause {
         }
     }
 
+    pub fn duplicate(field: &str, value: &Value) -> Self {
+        Self {
+            reason: "FieldValueDuplicate",
+            field: field.to_string(),
+            message: format!("Duplicate value: {}", render_value(value)),
+        }
+    }
+
     pub fn forbidden(field: &str, detail: &str) -> Self {
         Self {
             reason: "FieldValueForbidden",

@@ -490,6 +490,13 @@ pub fn validate_schema(v: &Value, s: &Value, path: &str, out: &mut Vec<Cause>) {
                     validate_schema(item, is, &format!("{path}[{i}]"), out);
                 }
             }
+            if s.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("set") {
+                for (i, item) in items.iter().enumerate() {
+                    if items[..i].contains(item) {
+                        out.push(Cause::duplicate(&format!("{path}[{i}]"), item));
+                    }
+                }
+            }
         }
         Value::Object(m) => validate_object(m, s, path, out),
         _ => {}
@@ -618,10 +625,11 @@ mod tests {
             "a": {"type": "integer", "minimum": 1, "maximum": 3},
             "b": {"type": "string", "enum": ["x", "y"]},
             "c": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3},
-            "d": {"type": "array", "maxItems": 1, "items": {"type": "string"}}}});
+            "d": {"type": "array", "maxItems": 1, "items": {"type": "string"}},
+            "e": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}}}});
         let mut out = Vec::new();
         validate_schema(
-            &json!({"a": 5, "b": "z", "c": "ABCD", "d": ["1", "2"]}),
+            &json!({"a": 5, "b": "z", "c": "ABCD", "d": ["1", "2"], "e": ["x", "y", "x"]}),
             &s,
             "spec",
             &mut out,
@@ -647,6 +655,10 @@ mod tests {
         assert!(msgs.iter().any(|m| m.contains("should match")), "{msgs:?}");
         assert!(
             msgs.contains(&"spec.d: Too many: 2: must have at most 1 items".to_string()),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.contains(&"spec.e[2]: Duplicate value: \"x\"".to_string()),
             "{msgs:?}"
         );
     }
