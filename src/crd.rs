@@ -23,6 +23,10 @@ pub const MAX_PREFIXES: usize = 32;
 pub const MAX_PREFIX_LEN: usize = 253;
 /// Most skipped keys listed in status (the count is always exact).
 pub const MAX_SKIPPED_LISTED: usize = 20;
+/// Setting this annotation on a binding to a new value (a timestamp, say)
+/// makes it do a full state-sync from KV and rewrite its ConfigMap once;
+/// `status.lastForceSync` then holds the value.
+pub const FORCE_SYNC_ANNOTATION: &str = "slipstream.io/force-sync";
 
 /// Projects NATS JetStream KV prefixes into a ConfigMap in the binding's namespace.
 // kube's printcolumn(...) repeats `type_ =` by design; clippy reads that as a duplicate.
@@ -177,6 +181,9 @@ pub struct ConfigBindingStatus {
     /// The first few keys left out by `keyPolicy: Skip`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped_keys: Vec<String>,
+    /// The `slipstream.io/force-sync` value last carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_force_sync: Option<String>,
     /// `Ready` (content synced), `Reconciling` (working on it) and
     /// `Stalled` (needs a human), with reason words; one of each type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -217,6 +224,20 @@ impl ConfigBinding {
             .clone()
             .or_else(|| self.metadata.name.clone())
             .unwrap_or_default()
+    }
+
+    /// The `slipstream.io/force-sync` value asked for and not yet carried out.
+    pub fn pending_force_sync(&self) -> Option<&str> {
+        let asked = self
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(FORCE_SYNC_ANNOTATION)?;
+        let done = self
+            .status
+            .as_ref()
+            .and_then(|s| s.last_force_sync.as_ref());
+        (Some(asked) != done).then_some(asked.as_str())
     }
 }
 

@@ -69,6 +69,8 @@ pub enum WorkerMsg {
 pub(super) struct WorkerHandle {
     pub uid: String,
     pub generation: i64,
+    /// The force-sync request the worker was started for.
+    pub force_sync: Option<String>,
     pub tx: mpsc::UnboundedSender<WorkerMsg>,
     pub task: tokio::task::JoinHandle<()>,
 }

@@ -103,11 +103,13 @@ async fn apply(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
     let key = binding_key(&b);
     let uid = b.uid().unwrap_or_default();
     let generation = b.metadata.generation.unwrap_or(0);
+    let force_sync = b.pending_force_sync().map(str::to_owned);
     {
         let workers = lock(&ctx.workers);
         if let Some(h) = workers.get(&key)
             && h.uid == uid
             && h.generation == generation
+            && (force_sync.is_none() || h.force_sync == force_sync)
             && !h.task.is_finished()
         {
             return Ok(Action::await_change());
@@ -131,6 +133,7 @@ async fn apply(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
         WorkerHandle {
             uid,
             generation,
+            force_sync,
             tx,
             task,
         },
@@ -168,6 +171,7 @@ pub(super) async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Resul
                 let handle = WorkerHandle {
                     uid: b.uid().unwrap_or_default(),
                     generation: b.metadata.generation.unwrap_or(0),
+                    force_sync: b.pending_force_sync().map(str::to_owned),
                     tx,
                     task,
                 };

@@ -184,6 +184,7 @@ pub async fn write_status(
             "lastSyncTime",
             "skippedCount",
             "skippedKeys",
+            "lastForceSync",
             "conditions",
         ] {
             map.entry(field).or_insert(serde_json::Value::Null);

@@ -258,3 +258,64 @@ async fn starts_read_the_configmaps_with_a_list_not_a_get_per_binding() {
         wait_data(&env, name, &map(&[(&format!("p{i:02}.a"), "2")])).await;
     }
 }
+
+/// Successful ConfigMap patches of `name` in the requests so far.
+fn configmap_patches(env: &Env, name: &str) -> usize {
+    env.api
+        .requests()
+        .iter()
+        .filter(|r| r.verb == "patch" && r.resource == "configmaps" && r.name == name)
+        .filter(|r| (200..300).contains(&r.status))
+        .count()
+}
+
+/// `slipstream.io/force-sync` set to a new value: one full state-sync from KV
+/// (not a resume from the ConfigMap) and one rewrite even though nothing
+/// differs, then `status.lastForceSync` says so and a restart does not do
+/// it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_sync_annotation_resyncs_and_rewrites_once() {
+    use slipstream::crd::FORCE_SYNC_ANNOTATION;
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    let mut want = BTreeMap::new();
+    for i in 0..5 {
+        put(&kv, &format!("k.{i}"), "v").await;
+        want.insert(format!("k.{i}"), "v".to_owned());
+    }
+    let op = env.operator();
+    env.create_binding("b", "bucket: app\nprefixes: [k.]").await;
+    wait_exact(&env, "b", &want).await;
+    wait_reason(&env, "b", "Synced").await;
+    assert_eq!(op.metrics.delivered_count("app", "catchup"), 5);
+    let patches = configmap_patches(&env, "b");
+
+    let annotate = serde_json::json!({"metadata": {"annotations": {FORCE_SYNC_ANNOTATION: "2026-11-28T14:00:00Z"}}});
+    env.bindings()
+        .patch("b", &PatchParams::default(), &Patch::Merge(&annotate))
+        .await
+        .unwrap();
+    eventually("status.lastForceSync", || async {
+        let done = env.binding("b").await.status?.last_force_sync?;
+        (done == "2026-11-28T14:00:00Z").then_some(())
+    })
+    .await;
+    assert_eq!(
+        op.metrics.delivered_count("app", "catchup"),
+        10,
+        "a full state-sync, not a resume"
+    );
+    assert_eq!(configmap_patches(&env, "b"), patches + 1, "one rewrite");
+    wait_exact(&env, "b", &want).await;
+    op.kill();
+
+    put(&kv, "k.new", "x").await;
+    want.insert("k.new".into(), "x".into());
+    let op = env.operator();
+    wait_exact(&env, "b", &want).await;
+    assert_eq!(
+        op.metrics.delivered_count("app", "catchup"),
+        1,
+        "done once: the restart resumes from the ConfigMap"
+    );
+}

@@ -101,6 +101,9 @@ pub struct Worker {
     /// The binding carries our finalizer (a worker started on a standby may
     /// see the binding before any leader added it).
     finalized: bool,
+    /// A `slipstream.io/force-sync` value to carry out: no resume from the
+    /// ConfigMap, and one write of the full state even if nothing differs.
+    force_sync: Option<String>,
 }
 
 fn min_deadline(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -161,6 +164,7 @@ impl Worker {
             incarnation: None,
             received: 0,
             finalized: finalizer::has(&binding),
+            force_sync: binding.pending_force_sync().map(str::to_owned),
             binding,
         }
     }

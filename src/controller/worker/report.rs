@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::Worker;
 use crate::{
@@ -73,6 +73,10 @@ impl Worker {
             .collect();
         if status.cursor != self.status.cursor || status.last_sync_time.is_none() {
             status.last_sync_time = Some(now_rfc3339());
+        }
+        if let Some(done) = self.force_sync.take() {
+            info!(binding = %self.labels.binding, value = %done, "force-sync carried out");
+            status.last_force_sync = Some(done);
         }
         if status != self.status {
             self.status = status;

@@ -58,7 +58,9 @@ impl Worker {
                 }
                 Ok(Some(cm)) => {
                     let obs = Observed::from_configmap(&cm);
-                    if let Some(entries) = self.resumable_entries(&cm, &obs) {
+                    if self.force_sync.is_some() {
+                        info!(binding = %self.labels.binding, "force-sync asked: full state-sync");
+                    } else if let Some(entries) = self.resumable_entries(&cm, &obs) {
                         self.mirror = Mirror::restored(entries, obs.cursor);
                         self.incarnation = obs.incarnation;
                         info!(binding = %self.labels.binding, cursor = %self.mirror.cursor(), keys = self.mirror.entries().len(),

@@ -114,6 +114,17 @@ impl Worker {
         let write = match decision {
             Decision::Observe(_) => return,
             Decision::Refuse(refusal) => return self.refused(refusal).await,
+            // a force-sync rewrites once even when nothing differs
+            Decision::SkipUnchanged { .. }
+                if self.force_sync.is_some() && *self.ctx.gate.borrow() =>
+            {
+                Write::Apply {
+                    resource_version: match &self.target_state {
+                        TargetState::Present(obs) => obs.resource_version.clone(),
+                        _ => None,
+                    },
+                }
+            }
             Decision::SkipUnchanged { cursor } => {
                 // invariant 5: nothing changed, nothing written
                 self.dirty_since = None;
