@@ -208,7 +208,7 @@ impl TestFaults {
     pub fn set_write_latency(&self, latency: Duration) {
         match self {
             TestFaults::Emulator(f) => f.set_write_latency(latency),
-            TestFaults::Real(f, _) => f.set_write_latency(latency),
+            TestFaults::Real(f, ns) => f.set_write_latency_in(ns, latency),
         }
     }
 

@@ -1,8 +1,8 @@
 //! Test controls: fault injection, the request log and counters.
 
 use std::{
-    collections::BTreeMap,
-    sync::Arc,
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -65,6 +65,97 @@ impl FaultRule {
     }
 }
 
+/// The Kubernetes verb of a request: its method, whether the path names
+/// an object, and `?watch=`.
+pub(crate) fn verb(method: &str, names_object: bool, watch: bool) -> &'static str {
+    match (method, names_object) {
+        ("GET", _) if watch => "watch",
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => "unknown",
+    }
+}
+
+/// Pending fault rules and the write latency (for all, or one namespace):
+/// what the emulator and the real server's proxy inject, kept one way.
+#[derive(Default)]
+pub(crate) struct FaultSet {
+    rules: Mutex<Vec<FaultRule>>,
+    /// The latency for every namespace, and the ones set per namespace.
+    latency: Mutex<(Duration, HashMap<String, Duration>)>,
+}
+
+impl FaultSet {
+    pub(crate) fn with_latency(latency: Duration) -> Self {
+        let set = Self::default();
+        set.set_write_latency(latency);
+        set
+    }
+
+    pub(crate) fn add(&self, rule: FaultRule) {
+        if let Ok(mut f) = self.rules.lock() {
+            f.push(rule);
+        }
+    }
+
+    /// Every pending rule.
+    pub(crate) fn clear(&self) {
+        if let Ok(mut f) = self.rules.lock() {
+            f.clear();
+        }
+    }
+
+    /// The pending rules scoped to `namespace`.
+    pub(crate) fn clear_in(&self, namespace: &str) {
+        if let Ok(mut f) = self.rules.lock() {
+            f.retain(|r| r.namespace.as_deref() != Some(namespace));
+        }
+    }
+
+    pub(crate) fn set_write_latency(&self, latency: Duration) {
+        if let Ok(mut l) = self.latency.lock() {
+            *l = (latency, HashMap::new());
+        }
+    }
+
+    pub(crate) fn set_write_latency_in(&self, namespace: &str, latency: Duration) {
+        if let Ok(mut l) = self.latency.lock() {
+            l.1.insert(namespace.to_owned(), latency);
+        }
+    }
+
+    /// The delay before a write in `namespace` is committed or forwarded.
+    pub(crate) fn write_latency(&self, namespace: &str) -> Duration {
+        self.latency
+            .lock()
+            .map(|l| l.1.get(namespace).copied().unwrap_or(l.0))
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// The code of the first rule matching the request, counting it down.
+    pub(crate) fn take(
+        &self,
+        verb: &str,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<u16> {
+        let mut faults = self.rules.lock().ok()?;
+        let rule = faults
+            .iter_mut()
+            .find(|r| r.matches(verb, resource, namespace, name))?;
+        rule.remaining -= 1;
+        let code = rule.code;
+        faults.retain(|r| r.remaining > 0);
+        Some(code)
+    }
+}
+
 /// Handle for injecting faults into a running emulator.
 #[derive(Clone)]
 pub struct Faults {
@@ -79,23 +170,17 @@ impl Faults {
 
     /// Fails the next requests matching `rule`.
     pub fn add(&self, rule: FaultRule) {
-        if let Ok(mut f) = self.shared.faults.lock() {
-            f.push(rule);
-        }
+        self.shared.faults.add(rule);
     }
 
     /// Removes all pending fault rules.
     pub fn clear(&self) {
-        if let Ok(mut f) = self.shared.faults.lock() {
-            f.clear();
-        }
+        self.shared.faults.clear();
     }
 
     /// Delay added before every write is committed (models etcd latency).
     pub fn set_write_latency(&self, latency: Duration) {
-        if let Ok(mut l) = self.shared.write_latency.lock() {
-            *l = latency;
-        }
+        self.shared.faults.set_write_latency(latency);
     }
 
     /// Computes every write while holding the store lock, as the emulator
@@ -225,5 +310,44 @@ impl Counters {
 
     pub fn manager(&self, manager: &str) -> u64 {
         self.by_field_manager.get(manager).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_count_down_and_namespace_scoped_ones_clear_alone() {
+        let f = FaultSet::default();
+        f.add(FaultRule::new(500, 2).verb("patch").namespace("a"));
+        f.add(FaultRule::new(429, 1).resource("configmaps"));
+        assert_eq!(f.take("patch", "configmaps", "b", "x"), Some(429));
+        assert_eq!(f.take("patch", "configmaps", "b", "x"), None);
+        assert_eq!(f.take("patch", "configmaps", "a", "x"), Some(500));
+        f.clear_in("a");
+        assert_eq!(f.take("patch", "configmaps", "a", "x"), None);
+    }
+
+    #[test]
+    fn write_latency_of_one_namespace_leaves_the_others_alone() {
+        let ms = Duration::from_millis;
+        let f = FaultSet::with_latency(ms(5));
+        f.set_write_latency_in("a", ms(50));
+        assert_eq!(
+            (f.write_latency("a"), f.write_latency("b")),
+            (ms(50), ms(5))
+        );
+        f.set_write_latency(ms(1));
+        assert_eq!((f.write_latency("a"), f.write_latency("b")), (ms(1), ms(1)));
+    }
+
+    #[test]
+    fn verbs_follow_method_name_and_watch() {
+        assert_eq!(verb("GET", false, true), "watch");
+        assert_eq!(verb("GET", true, false), "get");
+        assert_eq!(verb("GET", false, false), "list");
+        assert_eq!(verb("DELETE", false, false), "deletecollection");
+        assert_eq!(verb("OPTIONS", false, false), "unknown");
     }
 }

@@ -174,21 +174,6 @@ fn route(shared: &Shared, path: &str) -> Route {
     }
 }
 
-fn verb_of(method: &Method, has_name: bool, q: &HashMap<String, String>) -> &'static str {
-    let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
-    match (method.as_str(), has_name) {
-        ("GET", _) if watch => "watch",
-        ("GET", true) => "get",
-        ("GET", false) => "list",
-        ("POST", _) => "create",
-        ("PUT", _) => "update",
-        ("PATCH", _) => "patch",
-        ("DELETE", true) => "delete",
-        ("DELETE", false) => "deletecollection",
-        _ => "unknown",
-    }
-}
-
 /// The default field manager: the user agent up to the first `/` (as the real server).
 fn default_manager(user_agent: &str) -> String {
     let m = user_agent.split('/').next().unwrap_or_default();
@@ -250,7 +235,12 @@ pub async fn handle(
     } = &r
     {
         target = Target {
-            verb: verb_of(&method, name.is_some(), &q).to_string(),
+            verb: crate::control::verb(
+                method.as_str(),
+                name.is_some(),
+                q.get("watch").is_some_and(|w| w == "true" || w == "1"),
+            )
+            .to_string(),
             group: res.group.clone(),
             resource: res.plural.clone(),
             subresource: if *status {
@@ -288,7 +278,7 @@ pub async fn handle(
     } else {
         String::new()
     };
-    let injected = shared.take_fault(
+    let injected = shared.faults.take(
         &target.verb,
         &target.resource,
         &target.namespace,
@@ -298,11 +288,7 @@ pub async fn handle(
         Some(code) => ApiError::injected(code).into_response(),
         None => {
             if is_write {
-                let latency = shared
-                    .write_latency
-                    .lock()
-                    .map(|l| *l)
-                    .unwrap_or(Duration::ZERO);
+                let latency = shared.faults.write_latency(&target.namespace);
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
                 }

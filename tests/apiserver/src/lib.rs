@@ -36,13 +36,14 @@ use std::{
 use serde_json::Value;
 use tokio::sync::{Notify, broadcast, watch as tokio_watch};
 
+use crate::{
+    control::FaultSet,
+    selectors::Selectors,
+    store::{DeleteOpts, State, StoreLock, WriteOpts},
+};
 pub use crate::{
     control::{Counters, FaultRule, Faults, RequestRecord},
     errors::{ApiError, Cause},
-};
-use crate::{
-    selectors::Selectors,
-    store::{DeleteOpts, State, StoreLock, WriteOpts},
 };
 
 /// Emulator settings.
@@ -93,8 +94,7 @@ pub(crate) struct Shared {
     pub(crate) state: StoreLock,
     pub(crate) config: Config,
     pub(crate) addr: SocketAddr,
-    pub(crate) faults: Mutex<Vec<FaultRule>>,
-    pub(crate) write_latency: Mutex<Duration>,
+    pub(crate) faults: FaultSet,
     pub(crate) paused: tokio_watch::Sender<bool>,
     pub(crate) close_watches: tokio_watch::Sender<u64>,
     pub(crate) shutdown: tokio_watch::Sender<bool>,
@@ -104,23 +104,6 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn take_fault(
-        &self,
-        verb: &str,
-        resource: &str,
-        namespace: &str,
-        name: &str,
-    ) -> Option<u16> {
-        let mut faults = self.faults.lock().ok()?;
-        let rule = faults
-            .iter_mut()
-            .find(|r| r.matches(verb, resource, namespace, name))?;
-        rule.remaining -= 1;
-        let code = rule.code;
-        faults.retain(|r| r.remaining > 0);
-        Some(code)
-    }
-
     pub(crate) fn record(&self, r: RequestRecord) {
         if let Ok(mut c) = self.counters.lock() {
             c.add(&r);
@@ -377,10 +360,9 @@ fn serve_thread(
         let (tx, _) = broadcast::channel(65_536);
         let shared = Arc::new(Shared {
             state: StoreLock::new(State::new(config.history_window.max(1), tx)),
-            write_latency: Mutex::new(config.write_latency),
+            faults: FaultSet::with_latency(config.write_latency),
             config,
             addr,
-            faults: Mutex::new(Vec::new()),
             paused: tokio_watch::channel(false).0,
             close_watches: tokio_watch::channel(0).0,
             shutdown: tokio_watch::channel(false).0,

@@ -19,12 +19,11 @@ use futures::StreamExt;
 use http::{HeaderMap, Method, header};
 use tokio::sync::watch;
 
-use crate::{ApiError, Counters, Error, FaultRule, RequestRecord};
+use crate::{ApiError, Counters, Error, FaultRule, RequestRecord, control::FaultSet};
 
 pub(crate) struct ProxyShared {
     upstream: kube::Client,
-    faults: Mutex<Vec<FaultRule>>,
-    write_latency: Mutex<Duration>,
+    faults: FaultSet,
     /// Bumped to end watches: all of them (`None`) or one namespace's.
     close_watches: watch::Sender<(u64, Option<String>)>,
     log: Mutex<Vec<RequestRecord>>,
@@ -45,29 +44,27 @@ impl ProxyFaults {
 
     /// Fails the next requests matching `rule` (a 429 carries `Retry-After: 1`).
     pub fn add(&self, rule: FaultRule) {
-        if let Ok(mut f) = self.shared.faults.lock() {
-            f.push(rule);
-        }
+        self.shared.faults.add(rule);
     }
 
     pub fn clear(&self) {
-        if let Ok(mut f) = self.shared.faults.lock() {
-            f.clear();
-        }
+        self.shared.faults.clear();
     }
 
     /// Removes the rules scoped to `namespace`.
     pub fn clear_in(&self, namespace: &str) {
-        if let Ok(mut f) = self.shared.faults.lock() {
-            f.retain(|r| r.namespace.as_deref() != Some(namespace));
-        }
+        self.shared.faults.clear_in(namespace);
     }
 
     /// Delay before every write is forwarded.
     pub fn set_write_latency(&self, latency: Duration) {
-        if let Ok(mut l) = self.shared.write_latency.lock() {
-            *l = latency;
-        }
+        self.shared.faults.set_write_latency(latency);
+    }
+
+    /// Delay before every write to `namespace` is forwarded (other
+    /// namespaces, other tests of the binary, keep theirs).
+    pub fn set_write_latency_in(&self, namespace: &str, latency: Duration) {
+        self.shared.faults.set_write_latency_in(namespace, latency);
     }
 
     /// Ends every watch stream open through the proxy (clients re-watch).
@@ -146,17 +143,7 @@ pub(crate) fn target(method: &Method, path: &str, query: &str) -> Target {
     let watch = query
         .split('&')
         .any(|kv| kv == "watch=true" || kv == "watch=1");
-    let verb = match (method.as_str(), name.is_empty()) {
-        ("GET", _) if watch => "watch",
-        ("GET", true) => "list",
-        ("GET", false) => "get",
-        ("POST", _) => "create",
-        ("PUT", _) => "update",
-        ("PATCH", _) => "patch",
-        ("DELETE", true) => "deletecollection",
-        ("DELETE", false) => "delete",
-        _ => "other",
-    };
+    let verb = crate::control::verb(method.as_str(), !name.is_empty(), watch);
     Target {
         verb: verb.into(),
         group: group.into(),
@@ -165,17 +152,6 @@ pub(crate) fn target(method: &Method, path: &str, query: &str) -> Target {
         namespace: namespace.into(),
         name: name.into(),
     }
-}
-
-fn take_fault(shared: &ProxyShared, t: &Target) -> Option<u16> {
-    let mut faults = shared.faults.lock().ok()?;
-    let rule = faults
-        .iter_mut()
-        .find(|r| r.matches(&t.verb, &t.resource, &t.namespace, &t.name))?;
-    rule.remaining -= 1;
-    let code = rule.code;
-    faults.retain(|r| r.remaining > 0);
-    Some(code)
 }
 
 const HOP_BY_HOP: [header::HeaderName; 5] = [
@@ -244,15 +220,14 @@ async fn forward(State(shared): State<Arc<ProxyShared>>, req: Request) -> Respon
         timestamp: SystemTime::now(),
         duration: Duration::ZERO,
     };
-    let resp = match take_fault(&shared, &t) {
+    let resp = match shared
+        .faults
+        .take(&t.verb, &t.resource, &t.namespace, &t.name)
+    {
         Some(code) => ApiError::injected(code).into_response(),
         None => {
             if record.is_write() {
-                let latency = shared
-                    .write_latency
-                    .lock()
-                    .map(|l| *l)
-                    .unwrap_or(Duration::ZERO);
+                let latency = shared.faults.write_latency(&t.namespace);
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
                 }
@@ -377,8 +352,7 @@ impl Proxy {
                     };
                     let shared = Arc::new(ProxyShared {
                         upstream: client,
-                        faults: Mutex::new(Vec::new()),
-                        write_latency: Mutex::new(Duration::ZERO),
+                        faults: FaultSet::default(),
                         close_watches: watch::channel((0, None)).0,
                         log: Mutex::new(Vec::new()),
                     });
