@@ -144,46 +144,23 @@ impl<'a> Tracker<'a> {
 
     /// Leaf and list-item paths present in `obj`.
     pub fn members(&self, obj: &Value) -> FieldSet {
-        let mut out = FieldSet::new();
-        let Some(m) = obj.as_object() else { return out };
-        for (k, v) in m {
-            if k == "apiVersion" || k == "kind" {
-                continue;
-            }
-            match (self.scope, k.as_str()) {
-                (Scope::Main, "status") => continue,
-                (Scope::Status, "status") => {}
-                (Scope::Status, _) => continue,
-                _ => {}
-            }
-            let mut path = vec![Pe::F(k.clone())];
-            if k == "metadata" {
-                if let Some(mm) = v.as_object() {
-                    for (mk, mv) in mm {
-                        if SERVER_META.contains(&mk.as_str()) {
-                            continue;
-                        }
-                        path.push(Pe::F(mk.clone()));
-                        collect(
-                            mv,
-                            self.root_child("metadata").child(mk),
-                            &mut path,
-                            &mut out,
-                        );
-                        path.pop();
-                    }
-                }
-                continue;
-            }
-            collect(v, self.root_child(k), &mut path, &mut out);
-        }
-        out
+        self.walk(obj, collect)
     }
 
     /// Paths of the maps and non-atomic lists in `obj` below the top level
     /// (`data`, `metadata.labels`, `spec`, `metadata.finalizers`, ...): an
     /// update that creates one owns it.
     pub fn nodes(&self, obj: &Value) -> FieldSet {
+        self.walk(obj, collect_nodes)
+    }
+
+    /// Runs `collect` on each tracked top-level field of `obj` (on each
+    /// field of `metadata` but the server's own) with its path and schema.
+    fn walk(
+        &self,
+        obj: &Value,
+        collect: fn(&Value, Schema<'_>, &mut Path, &mut FieldSet),
+    ) -> FieldSet {
         let mut out = FieldSet::new();
         let Some(m) = obj.as_object() else { return out };
         for (k, v) in m {
@@ -197,17 +174,13 @@ impl<'a> Tracker<'a> {
                         continue;
                     }
                     path.push(Pe::F(mk.clone()));
-                    collect_nodes(
-                        mv,
-                        self.root_child("metadata").child(mk),
-                        &mut path,
-                        &mut out,
-                    );
+                    let schema = self.root_child("metadata").child(mk);
+                    collect(mv, schema, &mut path, &mut out);
                     path.pop();
                 }
                 continue;
             }
-            collect_nodes(v, self.root_child(k), &mut path, &mut out);
+            collect(v, self.root_child(k), &mut path, &mut out);
         }
         out
     }

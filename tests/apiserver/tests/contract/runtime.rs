@@ -33,19 +33,27 @@ async fn wait_store(store: &reflector::Store<ConfigMap>, want: &[&str]) {
     .await;
 }
 
-async fn reflector_follows_writes(streaming: bool) {
-    let (api, client) = start().await;
-    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
-    cms.create(&PostParams::default(), &cm("pre", &[]))
-        .await
-        .unwrap();
+/// A reflector over `cms` (list-watch, or streaming lists), running.
+fn spawn_reflector(
+    cms: &Api<ConfigMap>,
+    streaming: bool,
+) -> (reflector::Store<ConfigMap>, tokio::task::JoinHandle<()>) {
     let (store, writer) = reflector::store::<ConfigMap>();
     let mut cfg = WatcherConfig::default();
     if streaming {
         cfg = cfg.streaming_lists();
     }
     let stream = reflector(writer, watcher(cms.clone(), cfg)).applied_objects();
-    let task = tokio::spawn(stream.for_each(|_| async {}));
+    (store, tokio::spawn(stream.for_each(|_| async {})))
+}
+
+async fn reflector_follows_writes(streaming: bool) {
+    let (api, client) = start().await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(client.clone());
+    cms.create(&PostParams::default(), &cm("pre", &[]))
+        .await
+        .unwrap();
+    let (store, task) = spawn_reflector(&cms, streaming);
     wait_store(&store, &["pre"]).await;
     cms.create(&PostParams::default(), &cm("a", &[]))
         .await
@@ -116,13 +124,7 @@ mod emulator_only {
         cms.create(&PostParams::default(), &cm("a", &[]))
             .await
             .unwrap();
-        let (store, writer) = reflector::store::<ConfigMap>();
-        let mut cfg = WatcherConfig::default();
-        if streaming {
-            cfg = cfg.streaming_lists();
-        }
-        let stream = reflector(writer, watcher(cms.clone(), cfg)).applied_objects();
-        let task = tokio::spawn(stream.for_each(|_| async {}));
+        let (store, task) = spawn_reflector(&cms, streaming);
         wait_store(&store, &["a"]).await;
         let watches = |n: usize| {
             let api = &api;
