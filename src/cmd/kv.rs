@@ -51,6 +51,9 @@ pub enum KvCommand {
         /// Keep the bucket in memory instead of on disk.
         #[arg(long)]
         memory: bool,
+        /// Servers of a JetStream cluster that keep a copy (1, 3 or 5).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: u8,
     },
 }
 
@@ -63,10 +66,12 @@ pub async fn main(args: KvArgs) -> anyhow::Result<()> {
         history,
         max_age,
         memory,
+        replicas,
     } = args.command
     {
         let mut config = BucketConfig::new(&args.bucket);
         config.history = history;
+        config.replicas = usize::from(replicas);
         config.max_age = max_age;
         if memory {
             config.storage = crate::kv::nats::Storage::Memory;
