@@ -80,6 +80,8 @@ reasons! {
     // The ConfigMap sink and the API (`SinkError`).
     WriteConflict,
     TargetConflict,
+    /// A Merge binding's key that another field manager owns in the target.
+    KeyOwnedByOther,
     StaleWriter,
     NotFound,
     Forbidden,

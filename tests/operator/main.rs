@@ -12,6 +12,7 @@ mod catchup;
 mod harness;
 mod invariants;
 mod nats_cluster;
+mod ownership;
 mod resume;
 mod status;
 mod sync;

@@ -78,7 +78,24 @@ impl Worker {
             self.status = status;
             self.mark_status_dirty();
         }
-        let health = if self.lingering {
+        let health = if !self.refused.is_empty() {
+            let named: Vec<String> = self
+                .refused
+                .iter()
+                .map(|(key, manager)| format!("{key:?} (field manager {manager:?})"))
+                .collect();
+            Health::err(
+                Reason::KeyOwnedByOther,
+                format!(
+                    "ConfigMap {:?} keys {} belong to another field manager: not written, \
+                     never deleted; the other {} keys are at cursor {cursor}",
+                    self.target.name,
+                    named.join(", "),
+                    content.keys
+                ),
+                true,
+            )
+        } else if self.lingering {
             Health::ok(
                 Reason::ResyncedWithoutPrune,
                 "the cursor expired on a bucket that ages out values: keys deleted while the \

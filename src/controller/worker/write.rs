@@ -20,7 +20,7 @@ use crate::{
         status::Health,
     },
     crd::{ConfigBinding, CreationPolicy},
-    projection::{Projected, ProjectionError},
+    projection::{KeyDecision, Projected, ProjectionError},
     reason::Reason,
     sink::configmap::{Observed, SinkError, foreign_keys},
 };
@@ -53,20 +53,39 @@ impl Worker {
     }
 
     /// The content to write: the projection of `entries`, stamped with what
-    /// a restart needs to trust it (the pure "build" step).
+    /// a restart needs to trust it (the pure "build" step). Entries whose
+    /// ConfigMap key is in `refused` (sorted) are left out entirely.
     pub(super) fn build<'a>(
         &self,
         entries: &'a BTreeMap<String, Bytes>,
+        refused: &[(String, String)],
     ) -> Result<Projected<'a>, ProjectionError> {
+        let kept = |kv_key: &str| {
+            refused.is_empty()
+                || !matches!(self.rules.map_key(kv_key), KeyDecision::Mapped(cm_key)
+                    if refused.binary_search_by(|(k, _)| k.as_str().cmp(&cm_key)).is_ok())
+        };
+        let entries = entries.iter().filter(|(k, _)| kept(k));
         let mut projected = self
             .rules
-            .project(entries.iter().map(|(k, v)| (k.as_str(), v.as_ref())))?;
+            .project(entries.clone().map(|(k, v)| (k.as_str(), v.as_ref())))?;
         projected.incarnation = self.incarnation;
         if self.target.policy == CreationPolicy::Merge || !self.rules.is_invertible() {
             // a restart needs this to map our keys back to KV keys
-            projected.sources = self.rules.sources(entries.keys().map(String::as_str));
+            projected.sources = self.rules.sources(entries.map(|(k, _)| k.as_str()));
         }
         Ok(projected)
+    }
+
+    /// Keys of a Merge target that another field manager owns: never
+    /// written, so never taken over and never deleted by us.
+    fn refused_keys(&self) -> Vec<(String, String)> {
+        match &self.target_state {
+            TargetState::Present(obs) if self.target.policy == CreationPolicy::Merge => {
+                obs.foreign_owned.clone()
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// The write path: build the content, [`decide`] what to do with it,
@@ -75,9 +94,15 @@ impl Worker {
     pub(super) async fn flush_entries(&mut self, entries: &BTreeMap<String, Bytes>) {
         // held through the write and its status write (bounded API concurrency)
         let _permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
-        let content = self.build(entries);
+        let mut refused = self.refused_keys();
+        let mut content = self.build(entries, &refused);
         let mut other_binding_exists = None;
         let decision = loop {
+            let now_refused = self.refused_keys();
+            if now_refused != refused {
+                refused = now_refused;
+                content = self.build(entries, &refused);
+            }
             let decision = decide(&Observation {
                 suspend: self.binding.spec.suspend,
                 content: content.as_ref(),
@@ -111,6 +136,7 @@ impl Worker {
                 decision => break decision,
             }
         };
+        self.refused = refused;
         let write = match decision {
             Decision::Observe(_) => return,
             Decision::Refuse(refusal) => return self.refused(refusal).await,
