@@ -97,6 +97,7 @@ impl Worker {
         let mut refused = self.refused_keys();
         let mut content = self.build(entries, &refused);
         let mut other_binding_exists = None;
+        let mut bucket_last = None;
         let decision = loop {
             let now_refused = self.refused_keys();
             if now_refused != refused {
@@ -113,6 +114,7 @@ impl Worker {
                 incarnation: self.incarnation,
                 applied_keys: self.applied_keys.as_deref(),
                 leader: *self.ctx.gate.borrow(),
+                bucket_last,
             });
             match decision {
                 Decision::Observe(Lookup::Target) => {
@@ -133,6 +135,15 @@ impl Worker {
                 Decision::Observe(Lookup::OtherBinding(name)) => {
                     other_binding_exists = Some(self.other_binding_exists(&name).await);
                 }
+                Decision::Observe(Lookup::BucketLast) => match self.bucket_last().await {
+                    Ok(last) => bucket_last = Some(last),
+                    Err(e) => {
+                        self.ctx.metrics.error(Reason::from(&e));
+                        self.set_health(Health::err(Reason::from(&e), e.to_string(), false))
+                            .await;
+                        return self.retry_later();
+                    }
+                },
                 decision => break decision,
             }
         };
