@@ -72,6 +72,8 @@ reasons! {
     InvalidBucketName,
     InvalidPrefixes,
     InvalidTargetName,
+    /// The object does not deserialize (an older or hand-edited CRD).
+    InvalidSpec,
 
     // The access policy (`PolicyError`).
     InvalidPolicy,

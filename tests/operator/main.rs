@@ -11,6 +11,7 @@ mod binary;
 mod catchup;
 mod harness;
 mod invariants;
+mod loose_crd;
 mod nats_cluster;
 mod ownership;
 mod resume;

@@ -206,7 +206,7 @@ impl Worker {
         if announce {
             publish_event(
                 &self.ctx.recorder,
-                &self.binding,
+                &*self.binding,
                 &self.health,
                 Action::Sync,
             )
