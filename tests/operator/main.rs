@@ -9,6 +9,7 @@ mod common;
 mod bad_input;
 mod binary;
 mod catchup;
+mod expiry;
 mod harness;
 mod invariants;
 mod loose_crd;

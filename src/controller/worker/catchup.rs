@@ -84,9 +84,11 @@ impl Worker {
     }
 
     /// After `CursorExpired`: prune only when the bucket keeps every
-    /// current value, so a missing key really was deleted (invariant 3).
+    /// current value, or marks every age-out, so a missing key really was
+    /// deleted (invariant 3).
     pub(super) async fn repair_mode(&mut self, store: &Arc<dyn KvStore>) -> CatchupMode {
-        let prune = matches!(store.info().await, Ok(info) if info.keeps_current_values);
+        let prune = matches!(store.info().await,
+            Ok(info) if info.keeps_current_values || info.marks_age_outs);
         warn!(binding = %self.labels.binding, prune, "cursor expired; resyncing");
         self.ctx.metrics.error(Reason::CursorExpired);
         if !prune {
