@@ -69,6 +69,9 @@ pub enum WorkerMsg {
 pub(super) struct WorkerHandle {
     pub uid: String,
     pub generation: i64,
+    /// The ConfigMap this worker writes: when a new generation names
+    /// another, this one gets the binding's deletion policy.
+    pub target: TargetRef,
     pub tx: mpsc::UnboundedSender<WorkerMsg>,
     pub task: tokio::task::JoinHandle<()>,
 }

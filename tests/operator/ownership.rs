@@ -1,5 +1,6 @@
-//! Whose keys a binding may touch: a Merge binding leaves keys another
-//! field manager owns alone.
+//! Whose keys and which ConfigMap a binding may touch: a Merge binding
+//! leaves keys another field manager owns alone, and a binding whose target
+//! moves carries out its deletion policy on the old one.
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::PostParams;
@@ -73,4 +74,52 @@ async fn merge_refuses_a_key_another_field_manager_owns_and_never_deletes_it() {
     env.delete_binding("merge").await;
     wait_binding_gone(&env, "merge").await;
     wait_data(&env, "shared", &map(&[("secret", "keep"), ("a", "theirs")])).await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_target_name_applies_the_deletion_policy_to_the_old_target() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "t.a", "1").await;
+    let _op = env.operator();
+    for (binding, policy) in [("del", "Delete"), ("ret", "Retain")] {
+        env.create_binding(
+            binding,
+            &format!("bucket: app\nprefixes: [t.]\ntarget: {{name: {binding}-old, deletionPolicy: {policy}}}"),
+        )
+        .await;
+        wait_data(&env, &format!("{binding}-old"), &map(&[("t.a", "1")])).await;
+        let patch = serde_json::json!({"spec": {"target": {"name": format!("{binding}-new")}}});
+        env.bindings()
+            .patch(
+                binding,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .unwrap();
+        wait_data(&env, &format!("{binding}-new"), &map(&[("t.a", "1")])).await;
+    }
+    put(&kv, "t.a", "2").await;
+    wait_data(&env, "del-new", &map(&[("t.a", "2")])).await;
+    wait_data(&env, "ret-new", &map(&[("t.a", "2")])).await;
+    eventually("the old Delete target is deleted", || async {
+        env.cm("del-old").await.is_none().then_some(())
+    })
+    .await;
+    // Retain: the old target keeps its content, no longer claimed by us.
+    let kept = env
+        .cm("ret-old")
+        .await
+        .expect("Retain keeps the old target");
+    assert_eq!(data(&kept), map(&[("t.a", "1")]));
+    eventually("the retained target released", || async {
+        let cm = env.cm("ret-old").await?;
+        let claimed = cm
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key(slipstream::sink::configmap::BINDING_ANNOTATION);
+        (!claimed && cm.metadata.owner_references.unwrap_or_default().is_empty()).then_some(())
+    })
+    .await;
 }
