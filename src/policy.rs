@@ -19,9 +19,9 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, de};
 
-use crate::reason::Reason;
+use crate::{crd::MAX_BUCKET_LEN, projection::valid_bucket_name, reason::Reason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -31,9 +31,11 @@ pub enum PolicyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid policy file {path}: {source}")]
+    #[error("invalid policy file {path}{at}: {source}")]
     Parse {
         path: String,
+        /// ` line N`, where the parser knows it.
+        at: String,
         #[source]
         source: serde_yaml::Error,
     },
@@ -51,14 +53,31 @@ impl PolicyError {
 }
 
 /// One grant: a bucket and the key prefixes readable in it.
+///
+/// Unknown fields and invalid bucket names are errors (naming the line), so
+/// a typo such as `prefix:` fails at start instead of silently denying.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct Grant {
+    #[serde(deserialize_with = "bucket_name")]
     pub bucket: String,
     #[serde(default)]
     pub prefixes: Vec<String>,
 }
 
+fn bucket_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    if valid_bucket_name(&name) {
+        Ok(name)
+    } else {
+        Err(de::Error::custom(format!(
+            "invalid bucket name {name:?}: use 1-{MAX_BUCKET_LEN} letters, digits, '-' or '_'"
+        )))
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
 struct PolicyFile {
     #[serde(default)]
     namespaces: BTreeMap<String, Vec<Grant>>,
@@ -83,6 +102,10 @@ impl AccessPolicy {
     pub fn from_yaml(text: &str, path: &str) -> Result<Self, PolicyError> {
         let file: PolicyFile = serde_yaml::from_str(text).map_err(|source| PolicyError::Parse {
             path: path.to_owned(),
+            at: source
+                .location()
+                .map(|l| format!(" line {}", l.line()))
+                .unwrap_or_default(),
             source,
         })?;
         Ok(Self {
@@ -183,5 +206,34 @@ namespaces:
         let err = AccessPolicy::from_yaml("namespaces: [1, 2]", "p.yaml").unwrap_err();
         assert_eq!(err.reason(), "InvalidPolicy");
         assert!(err.to_string().contains("p.yaml"));
+    }
+
+    #[test]
+    fn typos_and_invalid_bucket_names_are_errors_naming_the_line() {
+        let rows: &[(&str, &str, &str)] = &[
+            (
+                "namespace:\n  shop: []\n",
+                "unknown field `namespace`",
+                "line 1",
+            ),
+            (
+                "namespaces:\n  shop:\n    - bucket: app\n      prefix: [web.]\n",
+                "unknown field `prefix`",
+                "line 4",
+            ),
+            (
+                "namespaces:\n  shop:\n    - {bucket: app, prefixes: [a.]}\n    - bucket: 'bad name!'\n",
+                "invalid bucket name \"bad name!\"",
+                "line 4",
+            ),
+        ];
+        for (yaml, says, line) in rows {
+            let err = AccessPolicy::from_yaml(yaml, "p.yaml").unwrap_err();
+            let text = format!("{err:#}");
+            assert_eq!(err.reason(), "InvalidPolicy", "{yaml}");
+            for want in ["p.yaml", says, line] {
+                assert!(text.contains(want), "{yaml:?}: {text:?} lacks {want:?}");
+            }
+        }
     }
 }

@@ -72,6 +72,8 @@ reasons! {
     InvalidBucketName,
     InvalidPrefixes,
     InvalidTargetName,
+    /// The object does not deserialize (an older or hand-edited CRD).
+    InvalidSpec,
 
     // The access policy (`PolicyError`).
     InvalidPolicy,
@@ -80,6 +82,8 @@ reasons! {
     // The ConfigMap sink and the API (`SinkError`).
     WriteConflict,
     TargetConflict,
+    /// A Merge binding's key that another field manager owns in the target.
+    KeyOwnedByOther,
     StaleWriter,
     NotFound,
     Forbidden,

@@ -46,11 +46,17 @@ pub enum KvCommand {
         #[arg(long, default_value_t = 1)]
         history: u8,
         /// Remove entries older than this (e.g. 24h); default: keep forever.
+        /// The bucket then leaves a removal marker for each key that ages
+        /// out (kept as long as max_age, at least 1 s), so watchers such as
+        /// the operator remove the key too.
         #[arg(long, value_parser = parse_duration)]
         max_age: Option<Duration>,
         /// Keep the bucket in memory instead of on disk.
         #[arg(long)]
         memory: bool,
+        /// Servers of a JetStream cluster that keep a copy (1, 3 or 5).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: u8,
     },
 }
 
@@ -63,11 +69,14 @@ pub async fn main(args: KvArgs) -> anyhow::Result<()> {
         history,
         max_age,
         memory,
+        replicas,
     } = args.command
     {
         let mut config = BucketConfig::new(&args.bucket);
         config.history = history;
+        config.replicas = usize::from(replicas);
         config.max_age = max_age;
+        config.limit_markers = max_age.map(|age| age.max(Duration::from_secs(1)));
         if memory {
             config.storage = crate::kv::nats::Storage::Memory;
         }

@@ -8,7 +8,10 @@ use clap::{Args, builder::BoolishValueParser};
 use super::parse_duration;
 use crate::{
     kv::{filter::validate_key, lease::LeaseConfig, nats::ConnectOptions},
-    leader::{ElectionConfig, LeaderElection, LeaderError, LeaderMetrics, Result, lease_config},
+    leader::{
+        ElectionConfig, LeaderElection, LeaderError, LeaderMetrics, Result, lease_bucket,
+        lease_config,
+    },
 };
 
 /// Leader election flags of `slipstream run`.
@@ -32,6 +35,10 @@ pub struct LeaderArgs {
         default_value = "slipstream-leases"
     )]
     pub bucket: String,
+    /// Servers of a JetStream cluster that keep a copy of the lease bucket
+    /// when it is created (1, 3 or 5; an existing bucket keeps its own).
+    #[arg(long = "lease-replicas", env = "SLIPSTREAM_LEASE_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: u8,
     /// Lease key [default: `<release-name>.leader`].
     #[arg(long = "lease-key", env = "SLIPSTREAM_LEASE_KEY")]
     pub key: Option<String>,
@@ -59,6 +66,7 @@ impl Default for LeaderArgs {
         Self {
             enabled: false,
             bucket: "slipstream-leases".to_owned(),
+            replicas: 1,
             key: None,
             release_name: "slipstream".to_owned(),
             ttl: Duration::from_secs(15),
@@ -125,7 +133,7 @@ impl LeaderArgs {
         let config = self.election_config()?;
         Ok(LeaderElection::start(
             config,
-            self.bucket.clone(),
+            lease_bucket(&self.bucket, usize::from(self.replicas)),
             opts,
             metrics,
         ))

@@ -5,7 +5,10 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 
-use crate::kv::nats::ConnectOptions;
+use crate::kv::{
+    KvError,
+    nats::{ConnectOptions, parse_server_urls},
+};
 
 pub mod crd;
 pub mod kv;
@@ -59,6 +62,12 @@ pub struct NatsArgs {
 }
 
 impl NatsArgs {
+    /// Refuses a malformed `--nats` before anything connects: a lazy
+    /// connection would otherwise retry a URL that can never work forever.
+    pub fn check_url(&self) -> Result<(), KvError> {
+        parse_server_urls(&self.url).map(|_| ())
+    }
+
     pub fn connect_options(&self, name: &str) -> ConnectOptions {
         ConnectOptions {
             url: self.url.clone(),

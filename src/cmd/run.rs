@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use axum::{Router, http::StatusCode, routing::get};
 use clap::{Args, ValueEnum};
 use tokio::sync::watch;
@@ -70,8 +71,16 @@ fn init_logging(format: LogFormat) {
     };
 }
 
+/// Binds the metrics address before anything else starts, so an address in
+/// use is an error at start, not a silently missing `/healthz`.
+async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot serve /metrics, /healthz, /readyz on --metrics-addr {addr}")
+    })
+}
+
 async fn serve_metrics(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     metrics: Metrics,
     leader: watch::Receiver<LeaderStatus>,
 ) -> anyhow::Result<()> {
@@ -88,8 +97,9 @@ async fn serve_metrics(
         .route("/metrics", get(move || async move { metrics.encode() }))
         .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
         .route("/readyz", get(readyz));
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    info!(%addr, "serving /metrics, /healthz, /readyz");
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving /metrics, /healthz, /readyz");
+    }
     axum::serve(listener, app).await?;
     Ok(())
 }
@@ -100,6 +110,8 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => AccessPolicy::from_file(path)?,
         None => AccessPolicy::allow_all(),
     };
+    args.nats.check_url()?;
+    let listener = bind_metrics(args.metrics_addr).await?;
     let metrics = Metrics::new();
     let leader = args.leader.start(
         args.nats.connect_options("slipstream-leader"),
@@ -118,11 +130,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
             .push((axum::http::header::USER_AGENT, value));
     }
     let client = kube::Client::try_from(kube_config)?;
-    tokio::spawn(serve_metrics(
-        args.metrics_addr,
-        metrics.clone(),
-        leader.status(),
-    ));
+    let mut server = tokio::spawn(serve_metrics(listener, metrics.clone(), leader.status()));
     let gate = leader.gate();
     let kv = Arc::new(NatsConnector::new(
         args.nats.connect_options("slipstream-operator"),
@@ -135,13 +143,21 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         ..Config::default()
     };
     let ctx = Context::new(client, kv, policy, metrics, gate, config);
+    let mut failed = None;
     tokio::select! {
         () = controller::run(ctx) => {}
         () = shutdown_signal() => info!("shutdown signal received"),
+        served = &mut server => {
+            failed = Some(match served {
+                Ok(Err(e)) => e.context("the /metrics server stopped"),
+                Ok(Ok(())) => anyhow::anyhow!("the /metrics server stopped"),
+                Err(e) => anyhow::anyhow!("the /metrics server stopped: {e}"),
+            });
+        }
     }
     // Stop writing at once (an in-flight write is abandoned; fencing keeps
     // it harmless), then release the lease so a standby takes over now.
     leader.stop_writing();
     leader.shutdown().await;
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }

@@ -476,8 +476,9 @@ pub async fn main(args: SyncArgs) -> anyhow::Result<()> {
         coalesce: args.coalesce,
         fsync: args.fsync,
     };
-    // Fail on bad rules before connecting.
+    // Fail on bad rules and a malformed URL before connecting.
     config.rules()?;
+    args.nats.check_url()?;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));

@@ -71,6 +71,9 @@ pub(super) struct WorkerHandle {
     pub generation: i64,
     /// The force-sync request the worker was started for.
     pub force_sync: Option<String>,
+    /// The ConfigMap this worker writes: when a new generation names
+    /// another, this one gets the binding's deletion policy.
+    pub target: TargetRef,
     pub tx: mpsc::UnboundedSender<WorkerMsg>,
     pub task: tokio::task::JoinHandle<()>,
 }

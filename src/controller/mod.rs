@@ -12,6 +12,7 @@ pub mod context;
 pub mod decide;
 pub mod finalizer;
 pub mod hub;
+pub mod listed;
 pub mod reconcile;
 pub mod startup;
 pub mod status;
@@ -74,7 +75,7 @@ pub async fn run(ctx: Arc<Context>) {
     if ctx.policy.is_allow_all() {
         info!("no access policy given: every namespace may read every bucket and prefix");
     }
-    let bindings: Api<ConfigBinding> = match &ctx.config.namespace {
+    let bindings: Api<listed::ListedBinding> = match &ctx.config.namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
@@ -83,10 +84,23 @@ pub async fn run(ctx: Arc<Context>) {
     // the cached copies drop managedFields (about 9 KB per binding, never
     // read); for_stream keeps the reflector otherwise what Controller::new builds
     let (reader, writer) = reflector::store();
+    // bindings are read leniently: one that does not deserialize is
+    // reported and left out instead of failing every list (`listed`)
+    let splitter = Arc::new(listed::Splitter::new());
+    let split_ctx = ctx.clone();
+    let typed =
+        watcher(bindings, watcher::Config::default().any_semantic()).filter_map(move |ev| {
+            let (splitter, ctx) = (splitter.clone(), split_ctx.clone());
+            async move {
+                match ev {
+                    Ok(ev) => splitter.split(&ctx, ev).await.map(Ok),
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        });
     let trigger = reflector(
         writer,
-        watcher(bindings, watcher::Config::default().any_semantic())
-            .modify(|b: &mut ConfigBinding| b.managed_fields_mut().clear()),
+        typed.modify(|b: &mut ConfigBinding| b.managed_fields_mut().clear()),
     )
     .applied_objects();
     Controller::for_stream(trigger, reader)

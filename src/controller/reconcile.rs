@@ -23,8 +23,8 @@ use crate::{
     policy::{AccessPolicy, PolicyError},
     projection::{ProjectionRules, SpecError},
     reason::Reason,
-    sink::configmap::SinkError,
-    util::lock,
+    sink::configmap::{SinkError, TargetRef},
+    util::{backoff::Backoff, lock},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +115,13 @@ async fn apply(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
             return Ok(Action::await_change());
         }
     }
+    let old_target = lock(&ctx.workers).get(&key).map(|h| h.target.clone());
     ctx.stop_worker(&key);
+    if let Some(old) = old_target
+        && old.name != b.target_name()
+    {
+        release_old_target(&b, &ctx, &old).await;
+    }
     let rules = match validate(&b, &ctx.policy) {
         Ok(r) => r,
         Err(invalid) => {
@@ -134,11 +140,35 @@ async fn apply(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
             uid,
             generation,
             force_sync,
+            target: target_of(&b),
             tx,
             task,
         },
     );
     Ok(Action::await_change())
+}
+
+/// The binding now names another target: the one it wrote before gets
+/// its deletion policy (Delete: deleted, or our keys withdrawn from a Merge
+/// target; Retain: kept, our claim dropped), as if the binding had gone.
+/// Only a ConfigMap that still carries this binding's claim is touched.
+async fn release_old_target(b: &ConfigBinding, ctx: &Context, old: &TargetRef) {
+    let delete = b.spec.target.deletion_policy == DeletionPolicy::Delete;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    for attempt in 1..=5 {
+        match ctx.sink.release(old, delete).await {
+            Ok(()) => {
+                info!(binding = %b.name_any(), old = %old.name, new = %b.target_name(), delete, "target changed; old target released");
+                return;
+            }
+            Err(e) if e.is_not_found() => return,
+            Err(e) if attempt == 5 => {
+                ctx.metrics.error(e.reason());
+                warn!(binding = %b.name_any(), old = %old.name, error = %e, "target changed; the old target could not be released");
+            }
+            Err(_) => tokio::time::sleep(backoff.next_delay()).await,
+        }
+    }
 }
 
 async fn cleanup(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
@@ -172,6 +202,7 @@ pub(super) async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Resul
                     uid: b.uid().unwrap_or_default(),
                     generation: b.metadata.generation.unwrap_or(0),
                     force_sync: b.pending_force_sync().map(str::to_owned),
+                    target: target_of(&b),
                     tx,
                     task,
                 };

@@ -223,7 +223,7 @@ impl Action {
 /// Warning otherwise. A failure to record it is logged, not returned.
 pub async fn publish_event(
     recorder: &Recorder,
-    binding: &ConfigBinding,
+    binding: &impl Resource<DynamicType = ()>,
     health: &Health,
     action: Action,
 ) {

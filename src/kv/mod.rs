@@ -337,6 +337,11 @@ pub struct BucketInfo {
     /// no discard-old size limits), so a full state-sync can tell deleted
     /// keys from aged-out ones and prune safely.
     pub keeps_current_values: bool,
+    /// True when the bucket leaves a removal marker for every key that ages
+    /// out (`max_age` with limit markers, as `slipstream kv create-bucket
+    /// --max-age` creates it): an age-out is a deletion that watches see, so
+    /// a key missing from a state-sync is gone from KV and may be pruned.
+    pub marks_age_outs: bool,
 }
 
 #[async_trait]

@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::kv::{
     KvError,
     lease::{LeaseConfig, LeaseError},
+    nats::BucketConfig,
 };
 
 pub type Result<T, E = LeaderError> = std::result::Result<T, E>;
@@ -26,6 +27,16 @@ pub struct ElectionConfig {
     pub key: String,
     pub identity: String,
     pub lease: LeaseConfig,
+}
+
+/// The lease bucket: history 1 (only the current record matters) on
+/// `replicas` servers of a JetStream cluster, so losing a node does not
+/// lose the lease.
+pub fn lease_bucket(name: &str, replicas: usize) -> BucketConfig {
+    let mut config = BucketConfig::new(name);
+    config.history = 1;
+    config.replicas = replicas;
+    config
 }
 
 /// The lease timing for `--lease-ttl` and `--lease-renew`: the holder

@@ -20,7 +20,7 @@ use crate::kv::{
     KvStore,
     filter::validate_key,
     lease::LeaseConfig,
-    nats::{ConnectOptions, NatsConnector},
+    nats::{BucketConfig, ConnectOptions, NatsConnector},
 };
 
 /// A running election (or a fixed "always leader" when election is off).
@@ -44,12 +44,13 @@ impl std::fmt::Debug for LeaderElection {
 
 impl LeaderElection {
     /// Starts an election for the lease in `bucket` (opened, or created
-    /// with history 1, on a connection of its own). Must be called inside
+    /// with that config, on a connection of its own; see
+    /// [`lease_bucket`](super::lease_bucket)). Must be called inside
     /// a Tokio runtime. NATS errors do not fail the start: the election
     /// retries and reports them through [`status`](Self::status).
     pub fn start(
         config: ElectionConfig,
-        bucket: String,
+        bucket: BucketConfig,
         opts: ConnectOptions,
         metrics: LeaderMetrics,
     ) -> Self {

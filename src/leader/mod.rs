@@ -27,7 +27,7 @@ mod shared;
 pub mod status;
 mod tasks;
 
-pub use config::{ElectionConfig, LeaderError, Result, lease_config};
+pub use config::{ElectionConfig, LeaderError, Result, lease_bucket, lease_config};
 pub use election::LeaderElection;
 pub use metrics::{LeaderMetrics, TransitionLabels};
 pub use status::{LeaderStatus, NotReady, Role};

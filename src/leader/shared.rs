@@ -14,7 +14,10 @@ use super::{
     metrics::{LeaderMetrics, TransitionLabels},
     status::{LeaderStatus, Role},
 };
-use crate::kv::{KvStore, nats::NatsConnector};
+use crate::kv::{
+    KvStore,
+    nats::{BucketConfig, NatsConnector},
+};
 
 /// State shared by the election tasks and the handle.
 pub(super) struct Shared {
@@ -87,11 +90,11 @@ impl Shared {
 
 /// Where the election finds its lease bucket.
 pub(super) enum Source {
-    /// Connect, then open (or create, history 1) this bucket, retrying
-    /// until NATS answers. The lease has its own connection.
+    /// Connect, then open (or create with this config) the lease bucket,
+    /// retrying until NATS answers. The lease has its own connection.
     Nats {
         connector: Box<NatsConnector>,
-        bucket: String,
+        bucket: BucketConfig,
     },
     Store(Arc<dyn KvStore>),
 }

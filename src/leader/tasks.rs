@@ -19,7 +19,6 @@ use crate::{
     kv::{
         KvStore, KvUpdate, WatchEvent,
         lease::{Lease, LeaseError, LeaseRecord, unix_ms},
-        nats::BucketConfig,
     },
     util::{backoff::Backoff, time::sleep_until},
 };
@@ -270,8 +269,8 @@ async fn open_store(
         Source::Store(store) => return Some(store),
         Source::Nats { connector, bucket } => (connector, bucket),
     };
-    let mut config = BucketConfig::new(bucket.clone());
-    config.history = 1;
+    let config = bucket;
+    let bucket = &config.name;
     let mut backoff = Backoff::new(
         Duration::from_millis(100),
         shared.config.lease.renew_interval,

@@ -6,6 +6,7 @@
 mod common;
 
 mod kv;
+mod startup;
 mod sync;
 
 use std::{

@@ -175,6 +175,24 @@ async fn connection_state_follows_the_server_going_away_and_coming_back() {
     );
 }
 
+/// A frozen server (SIGSTOP: the socket stays open, nothing answers) is only
+/// noticed by unanswered pings. With the client's default 60 s ping interval
+/// that took two to three minutes, during which a NATS cluster client kept
+/// waiting on the frozen node instead of moving to a live one.
+#[tokio::test]
+async fn a_frozen_server_is_noticed_by_pings_well_before_two_minutes() {
+    let mut server = NatsServer::start();
+    let nats = connect(&server).await;
+    assert!(nats.is_connected());
+    server.pause();
+    let noticed = eventually(Duration::from_secs(40), || async { !nats.is_connected() }).await;
+    server.resume();
+    assert!(
+        noticed,
+        "a frozen server still counts as connected after 40 s"
+    );
+}
+
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
 fn write_pki(dir: &std::path::Path) {
     use rcgen::{

@@ -33,9 +33,9 @@ async fn missing_bucket_is_reported_and_recovers_once_created() {
 
 /// The CRD's schema refuses a bad bucket name, an empty prefix list and a
 /// prefix named twice (`x-kubernetes-list-type: set`) with a 422 on both
-/// servers, so nothing reaches the operator. The operator's own check of
-/// what the schema refuses is covered by the projection unit tests (an
-/// older CRD could let them in).
+/// servers, so nothing reaches the operator. The operator's own checks of
+/// what the schema refuses run in `loose_crd::emulator_only` (an older CRD
+/// could let them in).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_bucket_name_zero_and_duplicate_prefixes_never_sync() {
     let env = Env::start().await;

@@ -45,6 +45,7 @@ pub struct Scenario {
     nats: Option<NatsServer>,
     token: Option<String>,
     nats_down: bool,
+    loose_crd: bool,
 }
 
 impl Scenario {
@@ -71,11 +72,32 @@ impl Scenario {
         self
     }
 
+    /// The CRD without a schema, as an older or hand-edited CRD could be:
+    /// the API stores bindings this operator cannot read. Emulator only (a
+    /// test there has the API to itself; the real control plane is shared).
+    pub fn loose_crd(mut self) -> Self {
+        assert_eq!(
+            Kind::from_env(),
+            Kind::Emulator,
+            "a loose CRD would loosen the shared real control plane for every test"
+        );
+        self.loose_crd = true;
+        self
+    }
+
     pub async fn start(self) -> Env {
         init_tracing();
         let mut nats = self.nats.unwrap_or_else(NatsServer::start);
         let api = TestApi::start().await;
-        api.install_crd(&ConfigBinding::crd()).await;
+        let mut crd = ConfigBinding::crd();
+        if self.loose_crd {
+            for version in &mut crd.spec.versions {
+                version.schema = Some(serde_json::from_value(serde_json::json!({
+                    "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+                })).unwrap());
+            }
+        }
+        api.install_crd(&crd).await;
         let client = api.client();
         let mut opts = ConnectOptions::new(nats.url());
         opts.token = self.token;

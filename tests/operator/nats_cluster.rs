@@ -22,9 +22,9 @@ use slipstream::{
     controller::{self, Config, Context, KvConnector, NatsConnector},
     kv::{
         KvReader, KvWriter,
-        nats::{BucketConfig, ConnectOptions, NatsBucket, NatsKv},
+        nats::{ConnectOptions, NatsBucket, NatsKv},
     },
-    leader::{ElectionConfig, LeaderElection, LeaderMetrics, lease_config},
+    leader::{ElectionConfig, LeaderElection, LeaderMetrics, lease_bucket, lease_config},
     metrics::Metrics,
     policy::AccessPolicy,
 };
@@ -63,7 +63,8 @@ impl Replica {
                 // the product's defaults (--lease-ttl 15s --lease-renew 5s)
                 lease: lease_config(Duration::from_secs(15), Duration::from_secs(5)).unwrap(),
             },
-            LEASES.to_owned(),
+            // the product's own lease bucket, created with 3 replicas
+            lease_bucket(LEASES, 3),
             ConnectOptions::new(urls),
             LeaderMetrics::default(),
         );
@@ -460,16 +461,24 @@ async fn a_replicated_bucket_keeps_syncing_through_nats_node_kill_pause_and_rest
     let obs = Observers::connect(&cluster).await;
     let data_stream = format!("KV_{DATA}");
     let lease_stream = format!("KV_{LEASES}");
-    // Both buckets with 3 replicas, through our layer.
+    // Both buckets with 3 replicas, created by the product: the data
+    // bucket by `slipstream kv create-bucket --replicas 3`, the lease
+    // bucket by the replicas' elections (`lease_bucket(_, 3)`).
     let kv = &obs.0[0].1;
-    for (name, history) in [(DATA, 64), (LEASES, 1)] {
-        let mut config = BucketConfig::new(name);
-        config.replicas = 3;
-        config.history = history;
-        eventually(
-            &format!("bucket {name} created with 3 replicas"),
-            || async { kv.create_or_open(&config).await.ok() },
-        )
+    let replicas = [
+        Replica::start(&env, "op-a", &urls),
+        Replica::start(&env, "op-b", &urls),
+    ];
+    let created = std::process::Command::new(env!("CARGO_BIN_EXE_slipstream"))
+        .args(["kv", "--nats", &urls, "--bucket", DATA, "create-bucket"])
+        .args(["--history", "64", "--replicas", "3"])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "kv create-bucket: {created:?}");
+    for name in [DATA, LEASES] {
+        eventually(&format!("bucket {name}"), || async {
+            kv.open(name).await.ok()
+        })
         .await;
         let stream = format!("KV_{name}");
         let (leader, _) = obs.wait_leader(&stream, &[]).await;
@@ -491,10 +500,6 @@ async fn a_replicated_bucket_keeps_syncing_through_nats_node_kill_pause_and_rest
         buckets.push((name.clone(), kv.open(DATA).await.unwrap()));
     }
 
-    let replicas = [
-        Replica::start(&env, "op-a", &urls),
-        Replica::start(&env, "op-b", &urls),
-    ];
     let leaders = LeaderWatch::start([
         (replicas[0].name, replicas[0].election.gate()),
         (replicas[1].name, replicas[1].election.gate()),

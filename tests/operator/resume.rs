@@ -318,4 +318,57 @@ async fn force_sync_annotation_resyncs_and_rewrites_once() {
         1,
         "done once: the restart resumes from the ConfigMap"
     );
+
+/// Sets the ConfigMap's cursor annotation by hand.
+async fn edit_cursor(env: &Env, name: &str, cursor: &str) {
+    let edit = serde_json::json!({"metadata": {"annotations": {"slipstream.io/cursor": cursor}}});
+    env.configmaps()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .unwrap();
+}
+
+/// Waits until `name` holds `want` at cursor `at` and its status says
+/// Synced at that cursor.
+async fn wait_synced_at(env: &Env, name: &str, want: &BTreeMap<String, String>, at: u64) {
+    eventually(&format!("{name} synced at {at}"), || async {
+        let cm = env.cm(name).await?;
+        let b = env.binding(name).await;
+        let status = b.status.as_ref()?;
+        (&data(&cm) == want
+            && cursor(&cm) == Some(at)
+            && ready_reason(&b) == "Synced"
+            && status.cursor.as_deref() == Some(at.to_string().as_str()))
+        .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_edited_past_the_bucket_is_put_back_live_and_after_a_restart() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "t.a", "1").await;
+    let op = env
+        .operator_builder()
+        .status_interval(std::time::Duration::from_millis(100))
+        .start();
+    env.create_binding("t", "bucket: app\nprefixes: [t.]").await;
+    wait_exact(&env, "t", &map(&[("t.a", "1")])).await;
+
+    // While running: the next write puts the truth and its cursor back.
+    edit_cursor(&env, "t", "99999999").await;
+    let last = put(&kv, "t.b", "2").await;
+    wait_synced_at(&env, "t", &map(&[("t.a", "1"), ("t.b", "2")]), last).await;
+
+    // While down: the restart must not resume from the bogus cursor.
+    op.kill();
+    edit_cursor(&env, "t", "99999999").await;
+    let _op = env
+        .operator_builder()
+        .status_interval(std::time::Duration::from_millis(100))
+        .start();
+    let last = put(&kv, "t.c", "3").await;
+    let want = map(&[("t.a", "1"), ("t.b", "2"), ("t.c", "3")]);
+    wait_synced_at(&env, "t", &want, last).await;
 }

@@ -303,6 +303,9 @@ fn write_decision(model: &Model, r: &Replica, observed: Cm) -> Option<u8> {
         incarnation: None,
         applied_keys: None,
         leader: r.gate,
+        // every cursor in the model is a revision the bucket has (values
+        // index `VALUES`), so no cursor is ever past the last revision
+        bucket_last: Some(VALUES.len() as u64 - 1),
     });
     match decision {
         Decision::Write(Write::Apply {

@@ -50,6 +50,10 @@ pub struct Observation<'a> {
     pub applied_keys: Option<&'a [String]>,
     /// This replica holds the lease (checked right before each write).
     pub leader: bool,
+    /// The bucket's last revision, read after the ConfigMap was observed;
+    /// `None` until looked up (only needed when the ConfigMap's cursor is
+    /// ahead of ours).
+    pub bucket_last: Option<u64>,
 }
 
 /// What to do with the content.
@@ -75,6 +79,8 @@ pub enum Lookup {
     Target,
     /// Does this binding (named in the ConfigMap's claim) still exist?
     OtherBinding(String),
+    /// The bucket's last revision (fresh).
+    BucketLast,
 }
 
 /// Why content is not written.
@@ -156,16 +162,27 @@ pub fn decide(o: &Observation<'_>) -> Decision {
     }
     let other_incarnation =
         matches!((obs.incarnation, o.incarnation), (Some(a), Some(b)) if a != b);
+    // A cursor ahead of ours is another writer's newer content (refused),
+    // unless it is past the bucket's last revision: no writer ever saw
+    // that revision, so it was edited by hand and the KV truth goes back.
+    let mut bogus_cursor = false;
     if let (Some(theirs), Some(ours)) = (obs.cursor.version(), o.cursor.version())
         && theirs > ours
         && !other_incarnation
     {
-        return Decision::Refuse(Refusal::StaleWriter {
-            ours: ours.to_string(),
-            theirs: theirs.to_string(),
-        });
+        let Some(last) = o.bucket_last else {
+            return Decision::Observe(Lookup::BucketLast);
+        };
+        if theirs.as_u64().is_none_or(|t| t <= last) {
+            return Decision::Refuse(Refusal::StaleWriter {
+                ours: ours.to_string(),
+                theirs: theirs.to_string(),
+            });
+        }
+        bogus_cursor = true;
     }
-    let same = obs.holds(content, o.target.policy)
+    let same = !bogus_cursor
+        && obs.holds(content, o.target.policy)
         && obs.stamped(content)
         && obs.binding.as_deref() == Some(o.target.binding.as_str())
         && obs.generation == Some(o.target.generation)

@@ -98,6 +98,7 @@ struct Row {
     incarnation: Option<u64>,
     applied_keys: Option<Vec<String>>,
     leader: bool,
+    bucket_last: Option<u64>,
     want: Decision,
 }
 
@@ -114,6 +115,7 @@ impl Default for Row {
             incarnation: None,
             applied_keys: None,
             leader: true,
+            bucket_last: None,
             want: Decision::SkipUnchanged { cursor: cursor(5) },
         }
     }
@@ -224,8 +226,22 @@ fn rows() -> Vec<Row> {
             ..Row::default()
         },
         Row {
+            situation: "the ConfigMap holds a newer cursor: the bucket's last revision is read",
+            configmap: observed(written(Owner, &[("a", "9")], 9)),
+            want: Decision::Observe(Lookup::BucketLast),
+            ..Row::default()
+        },
+        Row {
+            situation: "a cursor past the bucket's last revision was edited by hand: the truth goes back",
+            configmap: observed(written(Owner, &[("a", "1")], 99_999_999)),
+            bucket_last: Some(7),
+            want: apply(),
+            ..Row::default()
+        },
+        Row {
             situation: "the ConfigMap holds a newer cursor (stale replica): refused",
             configmap: observed(written(Owner, &[("a", "9")], 9)),
+            bucket_last: Some(9),
             want: Decision::Refuse(Refusal::StaleWriter {
                 ours: "5".into(),
                 theirs: "9".into(),
@@ -318,6 +334,7 @@ fn decide_table() {
             incarnation: row.incarnation,
             applied_keys: row.applied_keys.as_deref(),
             leader: row.leader,
+            bucket_last: row.bucket_last,
         };
         assert_eq!(decide(&o), row.want, "{}", row.situation);
     }

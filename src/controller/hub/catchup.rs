@@ -167,17 +167,22 @@ async fn resume(
             return;
         }
     };
-    let first = info.first_revision.and_then(|v| v.as_u64());
     let last = info.last_revision.and_then(|v| v.as_u64()).unwrap_or(0);
+    // an empty stream retains nothing: every revision up to `last` is gone
+    // (aged out, say), so its first retained revision is the next one
+    let first = info
+        .first_revision
+        .and_then(|v| v.as_u64())
+        .unwrap_or(last + 1);
     requesters.retain_mut(|r| {
         let Some(from) = r.from.version().and_then(|v| v.as_u64()) else {
             return true;
         };
         // `from + 1` must still be retained (exactly one before the first
         // is fine); a cursor past the last revision means a new stream
-        let expired = first.is_some_and(|f| from.saturating_add(1) < f) || from > last;
+        let expired = from.saturating_add(1) < first || from > last;
         if expired {
-            let first_retained = VersionToken::from_u64(first.unwrap_or(last + 1));
+            let first_retained = VersionToken::from_u64(first);
             r.fail(KvError::CursorExpired {
                 cursor: VersionToken::from_u64(from),
                 first_retained,

@@ -84,9 +84,11 @@ impl Worker {
     }
 
     /// After `CursorExpired`: prune only when the bucket keeps every
-    /// current value, so a missing key really was deleted (invariant 3).
+    /// current value, or marks every age-out, so a missing key really was
+    /// deleted (invariant 3).
     pub(super) async fn repair_mode(&mut self, store: &Arc<dyn KvStore>) -> CatchupMode {
-        let prune = matches!(store.info().await, Ok(info) if info.keeps_current_values);
+        let prune = matches!(store.info().await,
+            Ok(info) if info.keeps_current_values || info.marks_age_outs);
         warn!(binding = %self.labels.binding, prune, "cursor expired; resyncing");
         self.ctx.metrics.error(Reason::CursorExpired);
         if !prune {
@@ -148,10 +150,14 @@ impl Worker {
                     if changed {
                         self.dirty_since.get_or_insert_with(Instant::now);
                     }
-                    // a state-sync started after the ConfigMap was read covers its cursor
+                    // a state-sync started after the ConfigMap was read covers
+                    // its cursor, unless that cursor is past the bucket's last
+                    // revision (edited by hand: never trusted)
                     if let TargetState::Present(obs) = &self.target_state
                         && !self.other_incarnation(obs)
                         && let Some(v) = obs.cursor.version()
+                        && let Ok(last) = self.bucket_last().await
+                        && v.as_u64().is_some_and(|v| v <= last)
                     {
                         self.mirror.advance(v);
                     }
@@ -176,6 +182,20 @@ impl Worker {
                 ..
             } => {
                 self.catchup = None;
+                // a resume cursor past the bucket's last revision was edited
+                // by hand: the entries rebuilt from it are not the KV truth
+                if let Ok(last) = self.bucket_last().await
+                    && self
+                        .mirror
+                        .cursor()
+                        .version()
+                        .and_then(|v| v.as_u64())
+                        .is_some_and(|v| v > last)
+                {
+                    warn!(binding = %self.labels.binding, cursor = %self.mirror.cursor(), last,
+                          "the ConfigMap's cursor is past the bucket's last revision; resyncing");
+                    self.mirror.clear();
+                }
                 if let Some(store) = self.store.clone() {
                     let mode = self.repair_mode(&store).await;
                     self.request_catchup(mode).await;
@@ -210,6 +230,13 @@ impl Worker {
     }
 
     /// The ConfigMap's cursor counts revisions of another bucket incarnation.
+    /// The bucket's last revision, read now (0 for an empty bucket).
+    pub(super) async fn bucket_last(&self) -> Result<u64, KvError> {
+        let store = self.store.as_ref().ok_or(KvError::NotConnected)?;
+        let info = store.info().await?;
+        Ok(info.last_revision.and_then(|v| v.as_u64()).unwrap_or(0))
+    }
+
     pub(super) fn other_incarnation(&self, obs: &Observed) -> bool {
         matches!((obs.incarnation, self.incarnation), (Some(a), Some(b)) if a != b)
     }

@@ -93,6 +93,9 @@ pub struct Worker {
     /// Keys of our last apply (Merge cannot tell ours from others' by
     /// looking); `None` until we wrote once, so the first flush writes.
     applied_keys: Option<Vec<String>>,
+    /// Keys of a Merge target owned by another field manager (with the
+    /// manager), left out of our last write.
+    refused: Vec<(String, String)>,
     head: Arc<std::sync::atomic::AtomicU64>,
     /// The bucket incarnation `seen` and `entries` belong to.
     incarnation: Option<u64>,
@@ -160,6 +163,7 @@ impl Worker {
             status_written_generation: status.observed_generation,
             status,
             applied_keys: None,
+            refused: Vec::new(),
             head,
             incarnation: None,
             received: 0,

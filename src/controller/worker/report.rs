@@ -82,7 +82,24 @@ impl Worker {
             self.status = status;
             self.mark_status_dirty();
         }
-        let health = if self.lingering {
+        let health = if !self.refused.is_empty() {
+            let named: Vec<String> = self
+                .refused
+                .iter()
+                .map(|(key, manager)| format!("{key:?} (field manager {manager:?})"))
+                .collect();
+            Health::err(
+                Reason::KeyOwnedByOther,
+                format!(
+                    "ConfigMap {:?} keys {} belong to another field manager: not written, \
+                     never deleted; the other {} keys are at cursor {cursor}",
+                    self.target.name,
+                    named.join(", "),
+                    content.keys
+                ),
+                true,
+            )
+        } else if self.lingering {
             Health::ok(
                 Reason::ResyncedWithoutPrune,
                 "the cursor expired on a bucket that ages out values: keys deleted while the \
@@ -193,7 +210,7 @@ impl Worker {
         if announce {
             publish_event(
                 &self.ctx.recorder,
-                &self.binding,
+                &*self.binding,
                 &self.health,
                 Action::Sync,
             )

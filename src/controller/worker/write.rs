@@ -20,7 +20,7 @@ use crate::{
         status::Health,
     },
     crd::{ConfigBinding, CreationPolicy},
-    projection::{Projected, ProjectionError},
+    projection::{KeyDecision, Projected, ProjectionError},
     reason::Reason,
     sink::configmap::{Observed, SinkError, foreign_keys},
 };
@@ -53,20 +53,39 @@ impl Worker {
     }
 
     /// The content to write: the projection of `entries`, stamped with what
-    /// a restart needs to trust it (the pure "build" step).
+    /// a restart needs to trust it (the pure "build" step). Entries whose
+    /// ConfigMap key is in `refused` (sorted) are left out entirely.
     pub(super) fn build<'a>(
         &self,
         entries: &'a BTreeMap<String, Bytes>,
+        refused: &[(String, String)],
     ) -> Result<Projected<'a>, ProjectionError> {
+        let kept = |kv_key: &str| {
+            refused.is_empty()
+                || !matches!(self.rules.map_key(kv_key), KeyDecision::Mapped(cm_key)
+                    if refused.binary_search_by(|(k, _)| k.as_str().cmp(&cm_key)).is_ok())
+        };
+        let entries = entries.iter().filter(|(k, _)| kept(k));
         let mut projected = self
             .rules
-            .project(entries.iter().map(|(k, v)| (k.as_str(), v.as_ref())))?;
+            .project(entries.clone().map(|(k, v)| (k.as_str(), v.as_ref())))?;
         projected.incarnation = self.incarnation;
         if self.target.policy == CreationPolicy::Merge || !self.rules.is_invertible() {
             // a restart needs this to map our keys back to KV keys
-            projected.sources = self.rules.sources(entries.keys().map(String::as_str));
+            projected.sources = self.rules.sources(entries.map(|(k, _)| k.as_str()));
         }
         Ok(projected)
+    }
+
+    /// Keys of a Merge target that another field manager owns: never
+    /// written, so never taken over and never deleted by us.
+    fn refused_keys(&self) -> Vec<(String, String)> {
+        match &self.target_state {
+            TargetState::Present(obs) if self.target.policy == CreationPolicy::Merge => {
+                obs.foreign_owned.clone()
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// The write path: build the content, [`decide`] what to do with it,
@@ -75,9 +94,16 @@ impl Worker {
     pub(super) async fn flush_entries(&mut self, entries: &BTreeMap<String, Bytes>) {
         // held through the write and its status write (bounded API concurrency)
         let _permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
-        let content = self.build(entries);
+        let mut refused = self.refused_keys();
+        let mut content = self.build(entries, &refused);
         let mut other_binding_exists = None;
+        let mut bucket_last = None;
         let decision = loop {
+            let now_refused = self.refused_keys();
+            if now_refused != refused {
+                refused = now_refused;
+                content = self.build(entries, &refused);
+            }
             let decision = decide(&Observation {
                 suspend: self.binding.spec.suspend,
                 content: content.as_ref(),
@@ -88,6 +114,7 @@ impl Worker {
                 incarnation: self.incarnation,
                 applied_keys: self.applied_keys.as_deref(),
                 leader: *self.ctx.gate.borrow(),
+                bucket_last,
             });
             match decision {
                 Decision::Observe(Lookup::Target) => {
@@ -108,9 +135,19 @@ impl Worker {
                 Decision::Observe(Lookup::OtherBinding(name)) => {
                     other_binding_exists = Some(self.other_binding_exists(&name).await);
                 }
+                Decision::Observe(Lookup::BucketLast) => match self.bucket_last().await {
+                    Ok(last) => bucket_last = Some(last),
+                    Err(e) => {
+                        self.ctx.metrics.error(Reason::from(&e));
+                        self.set_health(Health::err(Reason::from(&e), e.to_string(), false))
+                            .await;
+                        return self.retry_later();
+                    }
+                },
                 decision => break decision,
             }
         };
+        self.refused = refused;
         let write = match decision {
             Decision::Observe(_) => return,
             Decision::Refuse(refusal) => return self.refused(refusal).await,

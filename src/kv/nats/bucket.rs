@@ -177,6 +177,7 @@ impl KvReader for NatsBucket {
             last_revision: (state.last_sequence > 0)
                 .then(|| VersionToken::from_u64(state.last_sequence)),
             keeps_current_values: config.max_age.is_zero() && !evicts_on_limits,
+            marks_age_outs: config.subject_delete_marker_ttl.is_some() && !evicts_on_limits,
         })
     }
 

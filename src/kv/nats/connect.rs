@@ -139,6 +139,52 @@ fn validate_bucket_name(name: &str) -> Result<()> {
     }
 }
 
+/// How often the client pings the server. The client gives a connection up
+/// after two unanswered pings, so a frozen (SIGSTOPped) server is left for
+/// another cluster node within about three intervals instead of the default
+/// 60 s interval's three minutes.
+pub const PING_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The schemes a NATS server URL may name.
+const URL_SCHEMES: [&str; 4] = ["nats", "tls", "ws", "wss"];
+
+/// Parses a comma-separated list of NATS server URLs. Each is
+/// `scheme://host[:port]` with a NATS scheme, or `host:port`; anything else
+/// (a bare word, `http://`, a port past 65535) is refused here, before any
+/// connection attempt, so a typo fails at start instead of retrying forever.
+pub fn parse_server_urls(urls: &str) -> Result<Vec<async_nats::ServerAddr>> {
+    let bad = |url: &str, why: &str| {
+        KvError::ConnectionFailed(format!(
+            "NATS URL {url:?}: {why} (expected nats://host:port, tls://, ws://, wss:// or host:port)"
+        ))
+    };
+    let mut addrs = Vec::new();
+    for url in urls.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let full = match url.split_once("://") {
+            Some((scheme, _)) if URL_SCHEMES.contains(&scheme) => url.to_owned(),
+            Some((scheme, _)) => return Err(bad(url, &format!("scheme {scheme:?} is not NATS"))),
+            None if url
+                .rsplit_once(':')
+                .is_some_and(|(_, port)| !port.is_empty()) =>
+            {
+                format!("nats://{url}")
+            }
+            None => return Err(bad(url, "no scheme and no port")),
+        };
+        let addr = full
+            .parse::<async_nats::ServerAddr>()
+            .map_err(|e| bad(url, &e.to_string()))?;
+        if addr.host().is_empty() {
+            return Err(bad(url, "no host"));
+        }
+        addrs.push(addr);
+    }
+    if addrs.is_empty() {
+        return Err(KvError::ConnectionFailed("no NATS URL given".to_owned()));
+    }
+    Ok(addrs)
+}
+
 /// Reads the seed out of an nkey seed file (the first line starting with `S`).
 fn read_nkey_seed(path: &PathBuf) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -224,19 +270,7 @@ impl NatsKv {
         if let Some(name) = &opts.name {
             o = o.name(name);
         }
-        let addrs = opts
-            .url
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.parse::<async_nats::ServerAddr>()
-                    .map_err(|e| KvError::ConnectionFailed(format!("NATS URL {s:?}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if addrs.is_empty() {
-            return Err(KvError::ConnectionFailed("no NATS URL given".to_owned()));
-        }
+        let addrs = parse_server_urls(&opts.url)?;
 
         let (tx, status) = watch::channel(ConnectionStatus {
             state: ConnectionState::Connected,
@@ -248,6 +282,7 @@ impl NatsKv {
         // ends with our `Timeout`, whatever layer was waiting.
         let inner_timeout = opts.request_timeout * 2;
         o = o
+            .ping_interval(PING_INTERVAL)
             .connection_timeout(opts.request_timeout)
             .request_timeout(Some(inner_timeout))
             .event_callback(move |event| {
@@ -424,6 +459,29 @@ mod tests {
         assert!(!is_valid_bucket_name(""));
         assert!(!is_valid_bucket_name("a.b"));
         assert!(!is_valid_bucket_name("a b"));
+    }
+
+    #[test]
+    fn malformed_nats_urls_are_refused_before_connecting() {
+        for good in [
+            "nats://127.0.0.1:4222",
+            "127.0.0.1:4222",
+            "nats://a:1, tls://b:2",
+            "nats://nats.nats.svc",
+        ] {
+            assert!(parse_server_urls(good).is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("not-a-url", "no scheme and no port"),
+            ("http://127.0.0.1:4222", "not NATS"),
+            ("nats://127.0.0.1:99999", "port"),
+            ("nats://:4222", "host"),
+            ("", "no NATS URL"),
+        ] {
+            let err = parse_server_urls(bad).unwrap_err();
+            assert_eq!(err.reason(), "ConnectionFailed");
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -22,6 +22,8 @@ mod handle;
 mod watch;
 
 pub use bucket::NatsBucket;
-pub use connect::{BucketConfig, ConnectOptions, NatsKv, Storage};
+pub use connect::{
+    BucketConfig, ConnectOptions, NatsKv, PING_INTERVAL, Storage, parse_server_urls,
+};
 pub use connector::NatsConnector;
 pub use handle::{ConnectionState, ConnectionStatus, WatchStats};

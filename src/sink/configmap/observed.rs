@@ -9,8 +9,9 @@ use k8s_openapi::{
 };
 
 use super::annotations::{
-    BINDING_ANNOTATION, CURSOR_ANNOTATION, DIGEST_ANNOTATION, GENERATION_ANNOTATION,
-    INCARNATION_ANNOTATION, SKIPPED_ANNOTATION, SOURCES_ANNOTATION, projected_digest,
+    BINDING_ANNOTATION, CREATE_FIELD_MANAGER, CURSOR_ANNOTATION, DIGEST_ANNOTATION, FIELD_MANAGER,
+    GENERATION_ANNOTATION, INCARNATION_ANNOTATION, SKIPPED_ANNOTATION, SOURCES_ANNOTATION,
+    projected_digest,
 };
 use crate::{crd::CreationPolicy, digest::fast_hash, kv::WatchCursor, projection::Projected};
 
@@ -33,6 +34,9 @@ pub struct Observed {
     pub skipped: usize,
     /// The content as hashes, not a copy: a binding keeps this per target.
     pub content: ContentHashes,
+    /// Keys of `data` and `binaryData` another field manager owns (with
+    /// the manager's name), sorted: a Merge binding never writes them.
+    pub foreign_owned: Vec<(String, String)>,
 }
 
 /// A ConfigMap's `data` and `binaryData` as one `(key hash, value hash)` pair
@@ -205,6 +209,7 @@ impl Observed {
                 .find(|o| o.controller == Some(true))
                 .map(|o| o.uid.clone()),
             content,
+            foreign_owned: foreign_owned_keys(metadata),
         }
     }
 
@@ -233,6 +238,32 @@ impl Observed {
     pub fn has_foreign_keys(&self, content: &Projected<'_>) -> bool {
         self.content.count_present(content) < self.content.len()
     }
+}
+
+/// The `data` and `binaryData` keys that field managers other than ours own
+/// (`managedFields`), each with its manager; sorted by key.
+fn foreign_owned_keys(metadata: &ObjectMeta) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for entry in metadata.managed_fields.iter().flatten() {
+        let manager = entry.manager.as_deref().unwrap_or_default();
+        if manager == FIELD_MANAGER || manager == CREATE_FIELD_MANAGER {
+            continue;
+        }
+        let Some(fields) = entry.fields_v1.as_ref().and_then(|f| f.0.as_object()) else {
+            continue;
+        };
+        for map in ["f:data", "f:binaryData"] {
+            let keys = fields.get(map).and_then(|m| m.as_object()).into_iter();
+            for key in keys.flat_map(|m| m.keys()) {
+                if let Some(key) = key.strip_prefix("f:") {
+                    out.push((key.to_owned(), manager.to_owned()));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
 }
 
 /// Keys in `cm` that `content` does not have.
@@ -326,5 +357,49 @@ mod tests {
         assert!(!obs.holds(&content, CreationPolicy::Owner));
         assert!(obs.has_foreign_keys(&content));
         assert_eq!(foreign_keys(&cm, &content), ["theirs"]);
+    }
+
+    #[test]
+    fn keys_other_field_managers_own_are_named_with_their_manager() {
+        let entry = |manager: &str, fields: serde_json::Value| {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
+                manager: Some(manager.into()),
+                fields_v1: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
+                    fields,
+                )),
+                ..Default::default()
+            }
+        };
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                managed_fields: Some(vec![
+                    entry(
+                        "kubectl-create",
+                        serde_json::json!({"f:data": {".": {}, "f:a": {}, "f:secret": {}}}),
+                    ),
+                    entry(
+                        FIELD_MANAGER,
+                        serde_json::json!({"f:data": {"f:b": {}}, "f:metadata": {}}),
+                    ),
+                    entry("helm", serde_json::json!({"f:binaryData": {"f:bin": {}}})),
+                ]),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        };
+        let obs = Observed::from_configmap(&cm);
+        let owned: Vec<(&str, &str)> = obs
+            .foreign_owned
+            .iter()
+            .map(|(k, m)| (k.as_str(), m.as_str()))
+            .collect();
+        assert_eq!(
+            owned,
+            [
+                ("a", "kubectl-create"),
+                ("bin", "helm"),
+                ("secret", "kubectl-create")
+            ]
+        );
     }
 }
