@@ -318,6 +318,7 @@ async fn force_sync_annotation_resyncs_and_rewrites_once() {
         1,
         "done once: the restart resumes from the ConfigMap"
     );
+}
 
 /// Sets the ConfigMap's cursor annotation by hand.
 async fn edit_cursor(env: &Env, name: &str, cursor: &str) {
