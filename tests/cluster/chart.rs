@@ -164,13 +164,21 @@ async fn operator_as_the_charts_service_account_syncs_a_binding_end_to_end_witho
     )
     .await;
 
-    // the Ready condition went out as an Event (events.k8s.io)
+    // a failure goes out as an Event (events.k8s.io): the service account may
+    // write them (a first sync publishes none, so a missing bucket makes one)
+    create_binding(
+        &admin,
+        &ns,
+        "lost",
+        "bucket: no-such-bucket\nprefixes: [web.]",
+    )
+    .await;
     let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
-    eventually("a Synced event for the binding", || async {
+    eventually("a BucketNotFound event for the binding", || async {
         let list = events.list(&Default::default()).await.unwrap();
         list.items.into_iter().find(|e| {
-            e.reason.as_deref() == Some("Synced")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web")
+            e.reason.as_deref() == Some("BucketNotFound")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("lost")
         })
     })
     .await;
