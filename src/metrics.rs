@@ -48,6 +48,9 @@ pub struct Metrics {
     pub dropped_writes: Counter,
     /// Status writes put off because ConfigMap writes held the API.
     pub deferred_status_writes: Counter,
+    /// Finalizer and cleanup writes of new and deleted bindings put off
+    /// because ConfigMap writes held the API.
+    pub deferred_bookkeeping_writes: Counter,
     /// Seconds from receiving a KV update to the ConfigMap write that contains it.
     pub propagation_seconds: Histogram,
     /// NATS consumers (watches) open right now.
@@ -72,6 +75,7 @@ impl Metrics {
         let delivered = Family::<DeliveryLabels, Counter>::default();
         let dropped_writes = Counter::default();
         let deferred_status_writes = Counter::default();
+        let deferred_bookkeeping_writes = Counter::default();
         let propagation_seconds = Histogram::new([
             0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
@@ -104,6 +108,12 @@ impl Metrics {
             deferred_status_writes.clone(),
         );
         registry.register(
+            "bookkeeping_writes_deferred",
+            "Finalizer and cleanup writes of new and deleted bindings put off because \
+             ConfigMap writes held most of the API concurrency",
+            deferred_bookkeeping_writes.clone(),
+        );
+        registry.register(
             "propagation_seconds",
             "From the KV write (as NATS stored it) to the ConfigMap write containing it; \
              history replayed at startup counts from when it was received",
@@ -125,6 +135,7 @@ impl Metrics {
             delivered,
             dropped_writes,
             deferred_status_writes,
+            deferred_bookkeeping_writes,
             propagation_seconds,
             open_watches,
             leader,

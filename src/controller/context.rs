@@ -7,7 +7,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use kube::{
@@ -25,6 +25,12 @@ use crate::{
     sink::configmap::{ConfigMapSink, Observed, TargetRef},
     util::lock,
 };
+
+/// How often a deferred bookkeeping write looks at the API again.
+const BOOKKEEPING_BUSY_RETRY: Duration = Duration::from_millis(100);
+
+/// A busy API defers a bookkeeping write by at most this long.
+const MAX_BOOKKEEPING_DEFER: Duration = Duration::from_secs(5);
 
 /// Tunables of the controller.
 #[derive(Debug, Clone)]
@@ -128,6 +134,31 @@ impl Context {
             gate,
             config,
         })
+    }
+
+    /// ConfigMap writes hold a quarter or more of the API permits: the API
+    /// is working for the data, and a write that only keeps books (a status
+    /// that restates the cursor, a finalizer) would only add to its queue.
+    pub(super) fn api_busy(&self) -> bool {
+        let total = self.config.api_concurrency.max(1);
+        let in_use = total.saturating_sub(self.api_permits.available_permits());
+        in_use * 4 >= total
+    }
+
+    /// Waits, before a bookkeeping write of a new or deleted binding (its
+    /// finalizer, the cleanup of its target), while the API is busy with
+    /// the data of live bindings, at most [`MAX_BOOKKEEPING_DEFER`]: data
+    /// writes go first, and churn delays the new bindings, not the others.
+    pub(super) async fn yield_to_data_writes(&self) {
+        let deadline = Instant::now() + MAX_BOOKKEEPING_DEFER;
+        let mut deferred = false;
+        while self.api_busy() && Instant::now() < deadline {
+            if !deferred {
+                self.metrics.deferred_bookkeeping_writes.inc();
+                deferred = true;
+            }
+            tokio::time::sleep(BOOKKEEPING_BUSY_RETRY).await;
+        }
     }
 
     pub(super) fn next_id(&self) -> u64 {

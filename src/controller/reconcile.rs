@@ -217,6 +217,7 @@ pub(super) async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Resul
         if !has_finalizer {
             return Ok(Action::await_change());
         }
+        ctx.yield_to_data_writes().await;
         cleanup(b.clone(), ctx.clone()).await?;
         let rest: Vec<String> = finalizers.into_iter().filter(|f| f != FINALIZER).collect();
         finalizer::set(&ctx.client, &b, rest).await?;
@@ -225,6 +226,7 @@ pub(super) async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Resul
     if !has_finalizer {
         let mut all = finalizers;
         all.push(FINALIZER.to_owned());
+        ctx.yield_to_data_writes().await;
         finalizer::set(&ctx.client, &b, all).await?;
         // the update triggers the next reconcile
         return Ok(Action::await_change());

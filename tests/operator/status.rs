@@ -159,6 +159,53 @@ async fn status_waits_while_configmap_writes_fill_the_api_then_mirrors_every_cur
     }
 }
 
+/// Churn: the finalizer of a new binding waits while the live bindings'
+/// ConfigMap writes fill the API (at most a few seconds), then it syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_bindings_finalizer_gives_way_to_live_data_writes_then_it_syncs() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    let n = 8;
+    for i in 0..n {
+        put(&kv, &format!("p{i}.k"), "0").await;
+    }
+    put(&kv, "late.k", "1").await;
+    // one API permit: any ConfigMap write in flight fills the API
+    let op = env.operator_builder().api_concurrency(1).start();
+    for i in 0..n {
+        env.create_binding(&format!("b{i}"), &format!("bucket: app\nprefixes: [p{i}.]"))
+            .await;
+    }
+    for i in 0..n {
+        wait_reason(&env, &format!("b{i}"), "Synced").await;
+    }
+    // 8 writes of 40 ms wanted per 100 ms: the API stays full
+    env.api
+        .faults()
+        .set_write_latency(Duration::from_millis(40));
+    let load = {
+        let kv = kv.clone();
+        tokio::spawn(async move {
+            for round in 1..=30 {
+                for i in 0..n {
+                    put(&kv, &format!("p{i}.k"), &round.to_string()).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.create_binding("late", "bucket: app\nprefixes: [late.]")
+        .await;
+    wait_reason(&env, "late", "Synced").await;
+    assert!(
+        op.metrics.deferred_bookkeeping_writes.get() > 0,
+        "the new binding's finalizer did not give way to the ConfigMap writes"
+    );
+    load.await.unwrap();
+    env.api.faults().set_write_latency(Duration::ZERO);
+}
+
 /// An Event for each change a user needs to see: a failure and the recovery
 /// from it, but not the first sync of a new binding, which the Ready
 /// condition already tells (a cold start of N bindings would otherwise cost

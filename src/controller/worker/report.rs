@@ -160,15 +160,6 @@ impl Worker {
         self.status_dirty_since.get_or_insert_with(Instant::now);
     }
 
-    /// ConfigMap writes hold a quarter or more of the API permits: the API
-    /// is working for the data, and a cursor-only status write would only
-    /// add to its queue.
-    pub(super) fn api_busy(&self) -> bool {
-        let total = self.ctx.config.api_concurrency.max(1);
-        let in_use = total.saturating_sub(self.ctx.api_permits.available_permits());
-        in_use * 4 >= total
-    }
-
     /// A status write that only restates the cursor, counts or sync time:
     /// ConfigMap writes go first. While the API is busy it waits (the
     /// ConfigMap's cursor annotation is the truth; status mirrors it), but
@@ -176,7 +167,7 @@ impl Worker {
     pub(super) async fn write_trailing_status(&mut self) {
         let limit = self.ctx.config.status_interval * MAX_STATUS_DEFER;
         let waiting = self.status_dirty_since.map(|since| since.elapsed());
-        if waiting.is_some_and(|w| w < limit) && self.api_busy() {
+        if waiting.is_some_and(|w| w < limit) && self.ctx.api_busy() {
             self.ctx.metrics.deferred_status_writes.inc();
             self.status_due = Some(Instant::now() + STATUS_BUSY_RETRY);
             return;
