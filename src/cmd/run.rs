@@ -2,8 +2,6 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::Context as _;
-use axum::{Router, http::StatusCode, routing::get};
 use clap::{Args, ValueEnum};
 use tokio::sync::watch;
 use tracing::info;
@@ -13,7 +11,7 @@ use crate::{
     controller::{self, Config, Context},
     kv::nats::NatsConnector,
     leader::LeaderStatus,
-    metrics::Metrics,
+    metrics::{Metrics, http},
     policy::AccessPolicy,
     util::shutdown::shutdown_signal,
 };
@@ -71,37 +69,24 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// Binds the metrics address before anything else starts, so an address in
-/// use is an error at start, not a silently missing `/healthz`.
-async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot serve /metrics, /healthz, /readyz on --metrics-addr {addr}")
-    })
+/// `/readyz` of the operator: the leader election's readiness.
+fn readiness(leader: watch::Receiver<LeaderStatus>) -> http::Readiness {
+    Arc::new(move || leader.borrow().readiness().map_err(|why| why.to_string()))
 }
 
-async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    metrics: Metrics,
-    leader: watch::Receiver<LeaderStatus>,
-) -> anyhow::Result<()> {
-    let readyz = move || {
-        let ready = leader.borrow().readiness();
-        async move {
-            match ready {
-                Ok(()) => (StatusCode::OK, "ok".to_owned()),
-                Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
-            }
-        }
-    };
-    let app = Router::new()
-        .route("/metrics", get(move || async move { metrics.encode() }))
-        .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
-        .route("/readyz", get(readyz));
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving /metrics, /healthz, /readyz");
+/// The kube client: inferred config, a user agent naming the replica (so
+/// API server audit logs tell writers apart), request metrics.
+async fn kube_client(identity: &str, metrics: &Metrics) -> anyhow::Result<kube::Client> {
+    let mut kube_config = kube::Config::infer().await?;
+    let user_agent = format!("slipstream/{} ({identity})", env!("CARGO_PKG_VERSION"));
+    if let Ok(value) = axum::http::HeaderValue::from_str(&user_agent) {
+        kube_config
+            .headers
+            .push((axum::http::header::USER_AGENT, value));
     }
-    axum::serve(listener, app).await?;
-    Ok(())
+    Ok(kube::client::ClientBuilder::try_from(kube_config)?
+        .with_layer(&metrics.api.layer())
+        .build())
 }
 
 pub async fn main(args: RunArgs) -> anyhow::Result<()> {
@@ -111,26 +96,15 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         None => AccessPolicy::allow_all(),
     };
     args.nats.check_url()?;
-    let listener = bind_metrics(args.metrics_addr).await?;
+    let listener = http::bind(args.metrics_addr, "--metrics-addr").await?;
     let metrics = Metrics::new();
     let leader = args.leader.start(
         args.nats.connect_options("slipstream-leader"),
         metrics.leader.clone(),
     )?;
-    // The user agent names the replica, so API server audit logs tell writers apart.
-    let mut kube_config = kube::Config::infer().await?;
-    let user_agent = format!(
-        "slipstream/{} ({})",
-        env!("CARGO_PKG_VERSION"),
-        args.leader.identity()
-    );
-    if let Ok(value) = axum::http::HeaderValue::from_str(&user_agent) {
-        kube_config
-            .headers
-            .push((axum::http::header::USER_AGENT, value));
-    }
-    let client = kube::Client::try_from(kube_config)?;
-    let mut server = tokio::spawn(serve_metrics(listener, metrics.clone(), leader.status()));
+    let client = kube_client(&args.leader.identity(), &metrics).await?;
+    let router = http::router(metrics.exposition(), readiness(leader.status()));
+    let mut server = tokio::spawn(http::serve(listener, router));
     let gate = leader.gate();
     let kv = Arc::new(NatsConnector::new(
         args.nats.connect_options("slipstream-operator"),

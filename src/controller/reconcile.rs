@@ -20,6 +20,7 @@ use super::{
 };
 use crate::{
     crd::{ConfigBinding, DeletionPolicy},
+    metrics::BindingLabels,
     policy::{AccessPolicy, PolicyError},
     projection::{ProjectionRules, SpecError},
     reason::Reason,
@@ -86,6 +87,9 @@ async fn report_invalid(b: &ConfigBinding, ctx: &Context, invalid: &Invalid) -> 
     let before = status.condition(ready).cloned();
     let health = Health::err(reason, message, true);
     set_conditions(&mut status, &health, b.metadata.generation);
+    let (namespace, binding) = binding_key(b);
+    ctx.metrics
+        .set_conditions(&BindingLabels { namespace, binding }, &status.conditions);
     status.observed_generation = b.metadata.generation;
     let changed = before.as_ref().map(|c| (&c.reason, &c.message, &c.status))
         != status
@@ -174,6 +178,7 @@ async fn release_old_target(b: &ConfigBinding, ctx: &Context, old: &TargetRef) {
 async fn cleanup(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
     let key = binding_key(&b);
     ctx.stop_worker(&key);
+    ctx.metrics.forget_binding(&key.0, &key.1);
     let delete = b.spec.target.deletion_policy == DeletionPolicy::Delete;
     match ctx.sink.release(&target_of(&b), delete).await {
         Ok(()) => {}
@@ -188,7 +193,9 @@ pub(super) async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Resul
     if !*ctx.gate.borrow() {
         // standby: keep the projection warm, write nothing (not even the finalizer)
         if b.metadata.deletion_timestamp.is_some() {
-            ctx.stop_worker(&binding_key(&b));
+            let key = binding_key(&b);
+            ctx.stop_worker(&key);
+            ctx.metrics.forget_binding(&key.0, &key.1);
         } else {
             let key = binding_key(&b);
             let running = lock(&ctx.workers).get(&key).is_some_and(|h| {
