@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use tokio::sync::watch;
 use tracing::info;
 
@@ -13,14 +13,11 @@ use crate::{
     leader::LeaderStatus,
     metrics::{Metrics, http},
     policy::AccessPolicy,
-    util::shutdown::shutdown_signal,
+    util::{
+        logging::{LogArgs, Output},
+        shutdown::shutdown_signal,
+    },
 };
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -45,28 +42,13 @@ pub struct RunArgs {
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "SLIPSTREAM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
-    #[arg(
-        long,
-        env = "SLIPSTREAM_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
     #[command(flatten)]
     pub leader: LeaderArgs,
     /// Watch only this namespace.
     #[arg(long, env = "SLIPSTREAM_NAMESPACE")]
     pub namespace: Option<String>,
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
 }
 
 /// `/readyz` of the operator: the leader election's readiness.
@@ -90,7 +72,7 @@ async fn kube_client(identity: &str, metrics: &Metrics) -> anyhow::Result<kube::
 }
 
 pub async fn main(args: RunArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
+    args.log.init(Output::Stdout)?;
     let policy = match &args.policy_file {
         Some(path) => AccessPolicy::from_file(path)?,
         None => AccessPolicy::allow_all(),
@@ -119,7 +101,8 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     let ctx = Context::new(client, kv, policy, metrics, gate, config);
     let mut failed = None;
     tokio::select! {
-        () = controller::run(ctx) => {}
+        // the controller stops on SIGTERM or SIGINT itself
+        () = controller::run(ctx) => info!("shutdown signal received"),
         () = shutdown_signal() => info!("shutdown signal received"),
         served = &mut server => {
             failed = Some(match served {

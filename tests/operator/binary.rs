@@ -36,22 +36,22 @@ impl Drop for Proc {
 
 fn spawn_operator(env: &Env, kubeconfig: &std::path::Path, metrics_port: u16) -> Proc {
     let mut cmd = operator_command(env, kubeconfig, metrics_port);
-    cmd.env("RUST_LOG", "warn")
+    cmd.arg("--leader-election=false")
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     Proc(cmd.spawn().unwrap())
 }
 
-/// `slipstream run` against the scenario: a single instance (no leader
-/// election), coalesce 20 ms, watching [`Env::ns`], serving metrics on
-/// `metrics_port`.
+/// `slipstream run` against the scenario: coalesce 20 ms, watching
+/// [`Env::ns`], serving metrics on `metrics_port` (add
+/// `--leader-election=false` for a single instance).
 pub fn operator_command(env: &Env, kubeconfig: &std::path::Path, metrics_port: u16) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_slipstream"));
     cmd.args([
         "run",
         "--nats",
         &env.nats.url(),
-        "--leader-election=false",
         "--coalesce",
         "20ms",
         "--metrics-addr",

@@ -2,6 +2,8 @@
 //! in both text formats, per-binding series that go with the binding, the
 //! process and API client series; JSON log lines.
 
+use std::time::Duration;
+
 use crate::{
     binary::{Answer, Proc, http_get, metric_f64, operator_command},
     common::free_port,
@@ -56,7 +58,8 @@ async fn metrics_follow_accept_and_forget_a_deleted_binding() {
     env.api.write_kubeconfig(&kubeconfig).unwrap();
     let port = free_port();
     let mut cmd = operator_command(&env, &kubeconfig, port);
-    cmd.env("RUST_LOG", "warn")
+    cmd.arg("--leader-election=false")
+        .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let _operator = Proc(cmd.spawn().unwrap());
@@ -156,4 +159,137 @@ async fn metrics_follow_accept_and_forget_a_deleted_binding() {
         "{}",
         after.body
     );
+}
+
+/// Checks one JSON log line against the rules: an object, flat, one
+/// `message`, no Rust `Option`s, `namespace` and `binding` together.
+fn check_line(raw: &str) -> serde_json::Map<String, serde_json::Value> {
+    let value: serde_json::Value =
+        serde_json::from_str(raw).unwrap_or_else(|e| panic!("not JSON ({e}): {raw}"));
+    let line = value
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {raw}"))
+        .clone();
+    for key in ["timestamp", "level", "target", "message"] {
+        assert!(
+            line.get(key).is_some_and(|v| v.is_string()),
+            "no {key}: {raw}"
+        );
+    }
+    assert_eq!(raw.matches("\"message\":").count(), 1, "one message: {raw}");
+    for (key, value) in &line {
+        assert!(
+            !value.is_object() && !value.is_array(),
+            "{key} nested: {raw}"
+        );
+        if let Some(s) = value.as_str() {
+            assert!(!s.starts_with("Some("), "{key} is a Rust Option: {raw}");
+        }
+    }
+    for key in ["fields", "span", "spans"] {
+        assert!(!line.contains_key(key), "{key}: {raw}");
+    }
+    assert_eq!(
+        line.contains_key("binding"),
+        line.contains_key("namespace"),
+        "binding and namespace go together: {raw}"
+    );
+    line
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_flat_name_the_binding_and_sigterm_is_not_a_warning() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "web.a", "1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    env.api.write_kubeconfig(&kubeconfig).unwrap();
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let mut cmd = operator_command(&env, &kubeconfig, free_port());
+    // leader election on: its shutdown gives the lease up, at INFO
+    cmd.args([
+        "--leader-election=true",
+        "--log-format",
+        "json",
+        "--log-level",
+        "info,slipstream=debug",
+    ])
+    .env("RUST_LOG", "error")
+    .stdout(std::fs::File::create(&out_path).unwrap())
+    .stderr(std::fs::File::create(&err_path).unwrap());
+    let mut operator = Proc(cmd.spawn().unwrap());
+    env.create_binding("web", "bucket: app\nprefixes: [web.]")
+        .await;
+    wait_data(&env, "web", &map(&[("web.a", "1")])).await;
+    put(&kv, "web.a", "2").await;
+    wait_data(&env, "web", &map(&[("web.a", "2")])).await;
+    // let the status write after the sync land in the log too
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = operator.0.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = operator.0.wait().unwrap();
+        std::mem::forget(operator);
+        status
+    })
+    .await
+    .unwrap();
+    assert!(exited.success(), "SIGTERM is a clean exit: {exited}");
+
+    let stdout = std::fs::read_to_string(&out_path).unwrap();
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    let lines: Vec<_> = stdout
+        .lines()
+        .chain(stderr.lines())
+        .filter(|l| !l.trim().is_empty())
+        .map(|raw| (raw, check_line(raw)))
+        .collect();
+    let ns = env.ns();
+    let about_web: Vec<_> = lines
+        .iter()
+        .filter(|(_, l)| l.get("binding").and_then(|b| b.as_str()) == Some("web"))
+        .collect();
+    assert!(
+        !about_web.is_empty(),
+        "no line names the binding:\n{stdout}"
+    );
+    for (raw, line) in &about_web {
+        assert_eq!(line["namespace"], ns, "{raw}");
+    }
+    // the worker's own lines carry the binding through its span
+    let worker: Vec<_> = lines
+        .iter()
+        .filter(|(_, l)| {
+            l["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("slipstream::controller::worker"))
+        })
+        .collect();
+    assert!(!worker.is_empty(), "no worker line at debug:\n{stdout}");
+    for (raw, line) in &worker {
+        assert_eq!(
+            line.get("binding").and_then(|b| b.as_str()),
+            Some("web"),
+            "{raw}"
+        );
+        assert_eq!(line["namespace"], ns, "{raw}");
+    }
+    // a plain SIGTERM: logged at INFO, nothing above INFO in the whole run
+    let signal = lines
+        .iter()
+        .find(|(_, l)| l["message"] == "shutdown signal received")
+        .unwrap_or_else(|| panic!("no shutdown line:\n{stdout}"));
+    assert_eq!(signal.1["level"], "INFO");
+    for (raw, line) in &lines {
+        assert!(
+            line["level"] == "INFO" || line["level"] == "DEBUG",
+            "a clean run logs nothing above INFO: {raw}"
+        );
+    }
 }
