@@ -2,9 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::Context as _;
-use axum::{Router, http::StatusCode, routing::get};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use tokio::sync::watch;
 use tracing::info;
 
@@ -13,16 +11,13 @@ use crate::{
     controller::{self, Config, Context},
     kv::nats::NatsConnector,
     leader::LeaderStatus,
-    metrics::Metrics,
+    metrics::{Metrics, http},
     policy::AccessPolicy,
-    util::shutdown::shutdown_signal,
+    util::{
+        logging::{LogArgs, Output},
+        shutdown::shutdown_signal,
+    },
 };
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -47,13 +42,8 @@ pub struct RunArgs {
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "SLIPSTREAM_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
-    #[arg(
-        long,
-        env = "SLIPSTREAM_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
     #[command(flatten)]
     pub leader: LeaderArgs,
     /// Watch only this namespace.
@@ -61,76 +51,42 @@ pub struct RunArgs {
     pub namespace: Option<String>,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+/// `/readyz` of the operator: the leader election's readiness.
+fn readiness(leader: watch::Receiver<LeaderStatus>) -> http::Readiness {
+    Arc::new(move || leader.borrow().readiness().map_err(|why| why.to_string()))
 }
 
-/// Binds the metrics address before anything else starts, so an address in
-/// use is an error at start, not a silently missing `/healthz`.
-async fn bind_metrics(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot serve /metrics, /healthz, /readyz on --metrics-addr {addr}")
-    })
-}
-
-async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    metrics: Metrics,
-    leader: watch::Receiver<LeaderStatus>,
-) -> anyhow::Result<()> {
-    let readyz = move || {
-        let ready = leader.borrow().readiness();
-        async move {
-            match ready {
-                Ok(()) => (StatusCode::OK, "ok".to_owned()),
-                Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why.to_string()),
-            }
-        }
-    };
-    let app = Router::new()
-        .route("/metrics", get(move || async move { metrics.encode() }))
-        .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
-        .route("/readyz", get(readyz));
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving /metrics, /healthz, /readyz");
-    }
-    axum::serve(listener, app).await?;
-    Ok(())
-}
-
-pub async fn main(args: RunArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
-    let policy = match &args.policy_file {
-        Some(path) => AccessPolicy::from_file(path)?,
-        None => AccessPolicy::allow_all(),
-    };
-    args.nats.check_url()?;
-    let listener = bind_metrics(args.metrics_addr).await?;
-    let metrics = Metrics::new();
-    let leader = args.leader.start(
-        args.nats.connect_options("slipstream-leader"),
-        metrics.leader.clone(),
-    )?;
-    // The user agent names the replica, so API server audit logs tell writers apart.
+/// The kube client: inferred config, a user agent naming the replica (so
+/// API server audit logs tell writers apart), request metrics.
+async fn kube_client(identity: &str, metrics: &Metrics) -> anyhow::Result<kube::Client> {
     let mut kube_config = kube::Config::infer().await?;
-    let user_agent = format!(
-        "slipstream/{} ({})",
-        env!("CARGO_PKG_VERSION"),
-        args.leader.identity()
-    );
+    let user_agent = format!("slipstream/{} ({identity})", env!("CARGO_PKG_VERSION"));
     if let Ok(value) = axum::http::HeaderValue::from_str(&user_agent) {
         kube_config
             .headers
             .push((axum::http::header::USER_AGENT, value));
     }
-    let client = kube::Client::try_from(kube_config)?;
-    let mut server = tokio::spawn(serve_metrics(listener, metrics.clone(), leader.status()));
+    Ok(kube::client::ClientBuilder::try_from(kube_config)?
+        .with_layer(&metrics.api.layer())
+        .build())
+}
+
+pub async fn main(args: RunArgs) -> anyhow::Result<()> {
+    args.log.init(Output::Stdout)?;
+    let policy = match &args.policy_file {
+        Some(path) => AccessPolicy::from_file(path)?,
+        None => AccessPolicy::allow_all(),
+    };
+    args.nats.check_url()?;
+    let listener = http::bind(args.metrics_addr, "--metrics-addr").await?;
+    let metrics = Metrics::new();
+    let leader = args.leader.start(
+        args.nats.connect_options("slipstream-leader"),
+        metrics.leader.clone(),
+    )?;
+    let client = kube_client(&args.leader.identity(), &metrics).await?;
+    let router = http::router(metrics.exposition(), readiness(leader.status()));
+    let mut server = tokio::spawn(http::serve(listener, router));
     let gate = leader.gate();
     let kv = Arc::new(NatsConnector::new(
         args.nats.connect_options("slipstream-operator"),
@@ -145,7 +101,8 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     let ctx = Context::new(client, kv, policy, metrics, gate, config);
     let mut failed = None;
     tokio::select! {
-        () = controller::run(ctx) => {}
+        // the controller stops on SIGTERM or SIGINT itself
+        () = controller::run(ctx) => info!("shutdown signal received"),
         () = shutdown_signal() => info!("shutdown signal received"),
         served = &mut server => {
             failed = Some(match served {

@@ -33,7 +33,12 @@ use crate::{
     },
     projection::{KeyDecision, Projected, ProjectionRules},
     sink::dir::{DirSink, Written},
-    util::{backoff::Backoff, shutdown::shutdown_signal, time::sleep_until},
+    util::{
+        backoff::Backoff,
+        logging::{LogArgs, Output},
+        shutdown::shutdown_signal,
+        time::sleep_until,
+    },
 };
 
 #[derive(Args, Debug)]
@@ -66,6 +71,8 @@ pub struct SyncArgs {
     /// is detected by checksum on restart and resynced.
     #[arg(long, env = "SLIPSTREAM_SYNC_FSYNC")]
     pub fsync: bool,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 fn parse_key_policy(s: &str) -> Result<KeyPolicy, String> {
@@ -459,14 +466,8 @@ where
 }
 
 pub async fn main(args: SyncArgs) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
+    // stderr: stdout carries the `--once` summary
+    args.log.init(Output::Stderr)?;
     let config = SyncConfig {
         bucket: args.bucket,
         prefixes: args.prefixes,

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     crd::{ConfigBinding, ConfigBindingSpec, ConfigBindingStatus},
+    metrics::BindingLabels,
     reason::Reason,
     util::lock,
 };
@@ -99,8 +100,14 @@ impl Splitter {
         };
         match (&listed.parsed, delete) {
             (Ok(b), false) => Some(E::Apply((**b).clone())),
-            (Ok(b), true) => Some(E::Delete((**b).clone())),
-            (Err(_), true) => Some(E::Delete(listed.stand_in())),
+            (Ok(b), true) => {
+                self.gone(ctx, &listed);
+                Some(E::Delete((**b).clone()))
+            }
+            (Err(_), true) => {
+                self.gone(ctx, &listed);
+                Some(E::Delete(listed.stand_in()))
+            }
             (Err(why), false) => {
                 self.report(ctx, &listed, why).await;
                 // no longer served: stop what an older, valid version started
@@ -109,6 +116,14 @@ impl Splitter {
                 Some(E::Delete(listed.stand_in()))
             }
         }
+    }
+
+    /// The binding is gone from the API: nothing of it may keep running or
+    /// keep its metric series.
+    fn gone(&self, ctx: &Context, listed: &ListedBinding) {
+        let key = (listed.namespace().unwrap_or_default(), listed.name_any());
+        ctx.stop_worker(&key);
+        ctx.metrics.forget_binding(&key.0, &key.1);
     }
 
     async fn report(&self, ctx: &Context, listed: &ListedBinding, why: &str) {
@@ -121,13 +136,18 @@ impl Splitter {
         let reason = Reason::InvalidSpec;
         let message = format!("the ConfigBinding does not match this operator's schema: {why}");
         ctx.metrics.error(reason);
-        warn!(binding = %name, %namespace, reason = reason.as_str(), message, "binding not served");
-        if !*ctx.gate.borrow() {
-            return;
-        }
+        warn!(binding = %name, %namespace, reason = reason.as_str(), detail = %message, "binding not served");
         let health = Health::err(reason, message, true);
         let mut status = ConfigBindingStatus::default();
         set_conditions(&mut status, &health, listed.metadata.generation);
+        let labels = BindingLabels {
+            namespace: namespace.clone(),
+            binding: name.clone(),
+        };
+        ctx.metrics.set_conditions(&labels, &status.conditions);
+        if !*ctx.gate.borrow() {
+            return;
+        }
         let api: Api<ListedBinding> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = serde_json::json!({"status": {"conditions": status.conditions}});
         if let Err(e) = api

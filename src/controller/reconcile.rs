@@ -10,7 +10,7 @@ use std::{
 
 use kube::{ResourceExt, runtime::controller::Action};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use super::{
     context::{Context, WorkerHandle, binding_key, target_of},
@@ -20,11 +20,12 @@ use super::{
 };
 use crate::{
     crd::{ConfigBinding, DeletionPolicy},
+    metrics::BindingLabels,
     policy::{AccessPolicy, PolicyError},
     projection::{ProjectionRules, SpecError},
     reason::Reason,
     sink::configmap::{SinkError, TargetRef},
-    util::{backoff::Backoff, lock},
+    util::{backoff::Backoff, lock, logging::binding_span},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -80,12 +81,15 @@ fn validate(b: &ConfigBinding, policy: &AccessPolicy) -> Result<ProjectionRules,
 async fn report_invalid(b: &ConfigBinding, ctx: &Context, invalid: &Invalid) -> Result<()> {
     let (reason, message) = (invalid.reason(), invalid.to_string());
     ctx.metrics.error(reason);
-    warn!(binding = %b.name_any(), namespace = ?b.namespace(), reason = reason.as_str(), message, "binding not served");
+    warn!(reason = reason.as_str(), detail = %message, "binding not served");
     let mut status = b.status.clone().unwrap_or_default();
     let ready = ConditionType::Ready.as_str();
     let before = status.condition(ready).cloned();
     let health = Health::err(reason, message, true);
     set_conditions(&mut status, &health, b.metadata.generation);
+    let (namespace, binding) = binding_key(b);
+    ctx.metrics
+        .set_conditions(&BindingLabels { namespace, binding }, &status.conditions);
     status.observed_generation = b.metadata.generation;
     let changed = before.as_ref().map(|c| (&c.reason, &c.message, &c.status))
         != status
@@ -132,8 +136,8 @@ async fn apply(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
     let (tx, rx) = mpsc::unbounded_channel();
     let head = Arc::new(AtomicU64::new(0));
     let w = Worker::new(ctx.clone(), b.clone(), rules, rx, head);
-    let task = tokio::spawn(w.run());
-    info!(binding = %key.1, namespace = %key.0, generation, "binding started");
+    let task = tokio::spawn(w.run().instrument(binding_span(&key.0, &key.1)));
+    info!(generation, "binding started");
     lock(&ctx.workers).insert(
         key,
         WorkerHandle {
@@ -158,13 +162,13 @@ async fn release_old_target(b: &ConfigBinding, ctx: &Context, old: &TargetRef) {
     for attempt in 1..=5 {
         match ctx.sink.release(old, delete).await {
             Ok(()) => {
-                info!(binding = %b.name_any(), old = %old.name, new = %b.target_name(), delete, "target changed; old target released");
+                info!(old = %old.name, new = %b.target_name(), delete, "target changed; old target released");
                 return;
             }
             Err(e) if e.is_not_found() => return,
             Err(e) if attempt == 5 => {
                 ctx.metrics.error(e.reason());
-                warn!(binding = %b.name_any(), old = %old.name, error = %e, "target changed; the old target could not be released");
+                warn!(old = %old.name, error = %e, "target changed; the old target could not be released");
             }
             Err(_) => tokio::time::sleep(backoff.next_delay()).await,
         }
@@ -174,21 +178,31 @@ async fn release_old_target(b: &ConfigBinding, ctx: &Context, old: &TargetRef) {
 async fn cleanup(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
     let key = binding_key(&b);
     ctx.stop_worker(&key);
+    ctx.metrics.forget_binding(&key.0, &key.1);
     let delete = b.spec.target.deletion_policy == DeletionPolicy::Delete;
     match ctx.sink.release(&target_of(&b), delete).await {
         Ok(()) => {}
         Err(e) if e.is_not_found() => {}
         Err(e) => return Err(e.into()),
     }
-    info!(binding = %key.1, namespace = %key.0, delete, "binding removed");
+    info!(delete, "binding removed");
     Ok(Action::await_change())
 }
 
 pub(super) async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
+    let (namespace, name) = binding_key(&b);
+    reconcile_binding(b, ctx)
+        .instrument(binding_span(&namespace, &name))
+        .await
+}
+
+async fn reconcile_binding(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
     if !*ctx.gate.borrow() {
         // standby: keep the projection warm, write nothing (not even the finalizer)
         if b.metadata.deletion_timestamp.is_some() {
-            ctx.stop_worker(&binding_key(&b));
+            let key = binding_key(&b);
+            ctx.stop_worker(&key);
+            ctx.metrics.forget_binding(&key.0, &key.1);
         } else {
             let key = binding_key(&b);
             let running = lock(&ctx.workers).get(&key).is_some_and(|h| {
@@ -197,7 +211,7 @@ pub(super) async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Resul
             if !running && let Ok(rules) = validate(&b, &ctx.policy) {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let w = Worker::new(ctx.clone(), b.clone(), rules, rx, Arc::default());
-                let task = tokio::spawn(w.run());
+                let task = tokio::spawn(w.run().instrument(binding_span(&key.0, &key.1)));
                 let handle = WorkerHandle {
                     uid: b.uid().unwrap_or_default(),
                     generation: b.metadata.generation.unwrap_or(0),
@@ -236,6 +250,7 @@ pub(super) async fn reconcile(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Resul
 
 pub(super) fn error_policy(b: Arc<ConfigBinding>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(err.reason());
-    warn!(binding = %b.name_any(), reason = err.reason().as_str(), error = %err, "reconcile failed; retrying");
+    let (namespace, binding) = binding_key(&b);
+    warn!(%namespace, %binding, reason = err.reason().as_str(), error = %err, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))
 }

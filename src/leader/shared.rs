@@ -62,6 +62,9 @@ impl Shared {
         });
         if now_leader {
             info!(identity = %self.config.identity, key = %self.config.key, "leadership acquired: this replica writes");
+        } else if self.stopping.load(Ordering::SeqCst) {
+            // a shutdown (SIGTERM) gives the lease up on purpose
+            info!(identity = %self.config.identity, key = %self.config.key, "shutting down: this replica stopped writing");
         } else {
             warn!(identity = %self.config.identity, key = %self.config.key, "leadership lost or given up: this replica stopped writing");
         }

@@ -1,8 +1,9 @@
 //! Small pieces every layer shares, each with one home: time helpers,
-//! lock helpers, backoff, flag durations, the shutdown signal.
+//! lock helpers, backoff, flag durations, the shutdown signal, logging setup.
 
 pub mod backoff;
 pub mod duration;
+pub mod logging;
 pub mod shutdown;
 pub mod time;
 

@@ -19,10 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::{common::free_port, *};
 
 /// The operator process; SIGKILLed and reaped on drop.
-struct Proc(Child);
+pub struct Proc(pub Child);
 
 impl Proc {
-    fn sigkill(&mut self) {
+    pub fn sigkill(&mut self) {
         let _ = self.0.kill(); // SIGKILL
         let _ = self.0.wait();
     }
@@ -35,37 +35,83 @@ impl Drop for Proc {
 }
 
 fn spawn_operator(env: &Env, kubeconfig: &std::path::Path, metrics_port: u16) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_slipstream"))
-        .args([
-            "run",
-            "--nats",
-            &env.nats.url(),
-            "--coalesce",
-            "20ms",
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics_port}"),
-            "--namespace",
-            env.ns(),
-        ])
-        .env("KUBECONFIG", kubeconfig)
+    let mut cmd = operator_command(env, kubeconfig, metrics_port);
+    cmd.arg("--leader-election=false")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Proc(child)
+        .stderr(Stdio::null());
+    Proc(cmd.spawn().unwrap())
 }
 
-async fn scrape(port: u16) -> Option<String> {
+/// `slipstream run` against the scenario: coalesce 20 ms, watching
+/// [`Env::ns`], serving metrics on `metrics_port` (add
+/// `--leader-election=false` for a single instance).
+pub fn operator_command(env: &Env, kubeconfig: &std::path::Path, metrics_port: u16) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_slipstream"));
+    cmd.args([
+        "run",
+        "--nats",
+        &env.nats.url(),
+        "--coalesce",
+        "20ms",
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+        "--namespace",
+        env.ns(),
+    ])
+    .env("KUBECONFIG", kubeconfig)
+    .env_remove("SLIPSTREAM_LOG_LEVEL")
+    .env_remove("SLIPSTREAM_LOG_FORMAT");
+    cmd
+}
+
+/// An HTTP answer: the head (status line and headers, lower-cased) and body.
+pub struct Answer {
+    pub head: String,
+    pub body: String,
+}
+
+impl Answer {
+    /// The value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == name).then_some(v.trim())
+        })
+    }
+}
+
+/// `GET path` on the operator's metrics port, with an optional `Accept`.
+pub async fn http_get(port: u16, path: &str, accept: Option<&str>) -> Option<Answer> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{accept}Connection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).await.ok()?;
-    Some(out)
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    Some(Answer {
+        head: head.to_ascii_lowercase(),
+        body: body.to_owned(),
+    })
+}
+
+async fn scrape(port: u16) -> Option<String> {
+    http_get(port, "/metrics", None).await.map(|a| a.body)
+}
+
+/// The value of the first sample line starting with `line_prefix`.
+pub fn metric_f64(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn metric(text: &str, line_prefix: &str) -> Option<u64> {

@@ -14,6 +14,7 @@ mod harness;
 mod invariants;
 mod loose_crd;
 mod nats_cluster;
+mod observability;
 mod ownership;
 mod resume;
 mod status;

@@ -132,6 +132,9 @@ impl Worker {
             || self.binding.metadata.generation != self.status_written_generation;
         let mut status = self.status.clone();
         set_conditions(&mut status, &health, self.binding.metadata.generation);
+        self.ctx
+            .metrics
+            .set_conditions(&self.labels, &status.conditions);
         status.observed_generation = self.binding.metadata.generation;
         if health != self.health {
             self.health = health;

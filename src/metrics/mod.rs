@@ -1,14 +1,66 @@
 //! Prometheus metrics of the operator, served on `/metrics`.
+//!
+//! The parts: this module (the operator's metrics and the registry they
+//! live in), [`exposition`] (OpenMetrics or classic text, by `Accept`),
+//! [`http`] (the `/metrics`, `/healthz`, `/readyz` listener), [`process`]
+//! (CPU, memory, fds from `/proc/self`), [`api_client`] (Kubernetes API
+//! requests by verb and code).
 
-use std::sync::Arc;
+pub mod api_client;
+pub mod exposition;
+pub mod http;
+pub mod process;
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-use crate::reason::Reason;
+pub use api_client::ApiClientMetrics;
+pub use exposition::{Exposition, Format};
+
+use crate::{crd::Condition, reason::Reason};
+
+/// Condition types a binding reports (`slipstream_binding_condition`).
+const CONDITION_TYPES: [&str; 3] = ["Ready", "Reconciling", "Stalled"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub namespace: String,
+    pub binding: String,
+    /// `Ready`, `Reconciling` or `Stalled`.
+    pub r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+    /// The Rust target the binary was built for (`x86_64-linux`, ...).
+    pub target: String,
+}
+
+/// A registry with what every slipstream process exports: the process
+/// metrics (unprefixed, as client libraries name them) and
+/// `slipstream_build_info`. Register the rest under the `slipstream`
+/// prefix with `registry.sub_registry_with_prefix("slipstream")`.
+pub fn base_registry() -> Registry {
+    let mut root = Registry::default();
+    root.register_collector(Box::new(process::ProcessCollector));
+    let build = Family::<BuildLabels, Gauge>::default();
+    build
+        .get_or_create(&BuildLabels {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            target: format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+        })
+        .set(1);
+    root.sub_registry_with_prefix("slipstream").register(
+        "build_info",
+        "Always 1; the labels say which slipstream build runs",
+        build,
+    );
+    root
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BindingLabels {
@@ -33,7 +85,7 @@ pub struct DeliveryLabels {
 /// Every metric the operator exports. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Arc<Registry>,
+    exposition: Exposition,
     /// Applied cursor per binding (the revision in its ConfigMap annotation).
     pub applied_cursor: Family<BindingLabels, Gauge>,
     /// Revisions the binding's ConfigMap is behind the newest revision seen on its bucket.
@@ -55,8 +107,14 @@ pub struct Metrics {
     pub propagation_seconds: Histogram,
     /// NATS consumers (watches) open right now.
     pub open_watches: Gauge,
+    /// 1 while the binding is Ready, else 0.
+    pub ready: Family<BindingLabels, Gauge>,
+    /// 1 per condition type whose status is True, else 0.
+    pub conditions: Family<ConditionLabels, Gauge>,
     /// Leader election: is_leader, lease transitions, renew failures.
     pub leader: crate::leader::LeaderMetrics,
+    /// Requests of the Kubernetes client built with [`ApiClientMetrics::layer`].
+    pub api: ApiClientMetrics,
 }
 
 impl Default for Metrics {
@@ -67,7 +125,8 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("slipstream");
+        let mut root = base_registry();
+        let registry = root.sub_registry_with_prefix("slipstream");
         let applied_cursor = Family::<BindingLabels, Gauge>::default();
         let lag_revisions = Family::<BindingLabels, Gauge>::default();
         let writes = Family::<BindingLabels, Counter>::default();
@@ -80,6 +139,18 @@ impl Metrics {
             0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
         let open_watches = Gauge::default();
+        let ready = Family::<BindingLabels, Gauge>::default();
+        let conditions = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "binding_ready",
+            "Whether the binding's Ready condition is True (1) or not (0)",
+            ready.clone(),
+        );
+        registry.register(
+            "binding_condition",
+            "Whether the binding's condition of this type is True (1) or not (0)",
+            conditions.clone(),
+        );
         registry.register(
             "binding_applied_cursor",
             "KV revision recorded in the binding's ConfigMap",
@@ -125,9 +196,11 @@ impl Metrics {
             open_watches.clone(),
         );
         let leader = crate::leader::LeaderMetrics::default();
-        leader.register(&mut registry);
+        leader.register(registry);
+        let api = ApiClientMetrics::default();
+        api.register(registry);
         Self {
-            registry: Arc::new(registry),
+            exposition: Exposition::new(root),
             applied_cursor,
             lag_revisions,
             writes,
@@ -138,7 +211,43 @@ impl Metrics {
             deferred_bookkeeping_writes,
             propagation_seconds,
             open_watches,
+            ready,
+            conditions,
             leader,
+            api,
+        }
+    }
+
+    /// Mirrors a binding's conditions into `binding_ready` and
+    /// `binding_condition`.
+    pub fn set_conditions(&self, labels: &BindingLabels, conditions: &[Condition]) {
+        let is_true = |t: &str| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == t && c.status == "True")
+        };
+        self.ready
+            .get_or_create(labels)
+            .set(i64::from(is_true("Ready")));
+        for t in CONDITION_TYPES {
+            self.conditions
+                .get_or_create(&condition_labels(labels, t))
+                .set(i64::from(is_true(t)));
+        }
+    }
+
+    /// Drops every series labelled with this binding (it was deleted).
+    pub fn forget_binding(&self, namespace: &str, binding: &str) {
+        let labels = BindingLabels {
+            namespace: namespace.to_owned(),
+            binding: binding.to_owned(),
+        };
+        self.applied_cursor.remove(&labels);
+        self.lag_revisions.remove(&labels);
+        self.writes.remove(&labels);
+        self.ready.remove(&labels);
+        for t in CONDITION_TYPES {
+            self.conditions.remove(&condition_labels(&labels, t));
         }
     }
 
@@ -182,13 +291,22 @@ impl Metrics {
             .unwrap_or(0)
     }
 
-    /// The Prometheus text exposition.
+    /// The registry, to serve or encode.
+    pub fn exposition(&self) -> Exposition {
+        self.exposition.clone()
+    }
+
+    /// The exposition in OpenMetrics text.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        self.exposition.encode(Format::OpenMetrics)
+    }
+}
+
+fn condition_labels(labels: &BindingLabels, type_: &str) -> ConditionLabels {
+    ConditionLabels {
+        namespace: labels.namespace.clone(),
+        binding: labels.binding.clone(),
+        r#type: type_.to_owned(),
     }
 }
 
@@ -212,5 +330,41 @@ mod tests {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
         assert_eq!(m.delivered_count("app", "shared"), 3);
+    }
+
+    fn condition(type_: &str, status: &str) -> Condition {
+        Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            reason: "R".to_owned(),
+            ..Condition::default()
+        }
+    }
+
+    #[test]
+    fn binding_series_come_and_go_with_the_binding() {
+        let m = Metrics::new();
+        let web = BindingLabels {
+            namespace: "shop".into(),
+            binding: "web".into(),
+        };
+        m.writes.get_or_create(&web).inc();
+        m.applied_cursor.get_or_create(&web).set(7);
+        m.set_conditions(
+            &web,
+            &[condition("Ready", "True"), condition("Stalled", "False")],
+        );
+        let text = m.encode();
+        for line in [
+            "slipstream_binding_ready{namespace=\"shop\",binding=\"web\"} 1",
+            "slipstream_binding_condition{namespace=\"shop\",binding=\"web\",type=\"Ready\"} 1",
+            "slipstream_binding_condition{namespace=\"shop\",binding=\"web\",type=\"Stalled\"} 0",
+            "slipstream_build_info{version=",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        m.forget_binding("shop", "web");
+        let text = m.encode();
+        assert!(!text.contains("binding=\"web\""), "{text}");
     }
 }
