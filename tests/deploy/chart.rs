@@ -11,7 +11,7 @@ use slipstream::policy::AccessPolicy;
 use crate::{chart_dir, parse_documents, root, run_helm};
 
 /// Renders the chart with `--set`-style overrides.
-fn render(sets: &[&str]) -> Result<Vec<Value>, String> {
+pub(crate) fn render(sets: &[&str]) -> Result<Vec<Value>, String> {
     let chart = chart_dir();
     let mut args = vec![
         "template",
@@ -27,34 +27,41 @@ fn render(sets: &[&str]) -> Result<Vec<Value>, String> {
     run_helm(&args).map(|out| parse_documents(&out))
 }
 
-fn render_ok(sets: &[&str]) -> Vec<Value> {
+pub(crate) fn render_ok(sets: &[&str]) -> Vec<Value> {
     render(sets).unwrap_or_else(|e| panic!("helm template {sets:?} failed: {e}"))
 }
 
-fn kinds(docs: &[Value]) -> BTreeSet<String> {
+pub(crate) fn kinds(docs: &[Value]) -> BTreeSet<String> {
     docs.iter()
         .map(|d| d["kind"].as_str().unwrap().to_owned())
         .collect()
 }
 
-fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+pub(crate) fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     let found: Vec<_> = docs.iter().filter(|d| d["kind"] == kind).collect();
     assert_eq!(found.len(), 1, "expected one {kind}, got {}", found.len());
     found[0]
 }
 
-fn deployment(docs: &[Value]) -> Deployment {
+/// The object of `kind` called `name`.
+pub(crate) fn named<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+pub(crate) fn deployment(docs: &[Value]) -> Deployment {
     serde_json::from_value(one(docs, "Deployment").clone()).expect("a valid apps/v1 Deployment")
 }
 
-fn operator_container(d: &Deployment) -> Container {
+pub(crate) fn operator_container(d: &Deployment) -> Container {
     let spec = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(spec.containers.len(), 1);
     spec.containers[0].clone()
 }
 
 /// (name, literal value or "secret:NAME/KEY" or "field:PATH").
-fn env_of(c: &Container) -> Vec<(String, String)> {
+pub(crate) fn env_of(c: &Container) -> Vec<(String, String)> {
     c.env
         .clone()
         .unwrap_or_default()
@@ -74,7 +81,7 @@ fn env_of(c: &Container) -> Vec<(String, String)> {
         .collect()
 }
 
-fn env_value(c: &Container, name: &str) -> Option<String> {
+pub(crate) fn env_value(c: &Container, name: &str) -> Option<String> {
     env_of(c)
         .into_iter()
         .find(|(n, _)| n == name)
@@ -108,7 +115,7 @@ fn secret_mounts(d: &Deployment) -> Vec<(String, String)> {
 }
 
 /// Value sets that switch on every optional part of the chart.
-const EVERYTHING_ON: &[&str] = &[
+pub(crate) const EVERYTHING_ON: &[&str] = &[
     "nats.auth.mode=creds",
     "nats.auth.existingSecret=nats-creds",
     "nats.tls.caSecret=nats-ca",
@@ -158,7 +165,8 @@ fn default_install_renders_the_operator_objects() {
 fn rbac_grants_exactly_the_operator_verbs_and_no_wildcard() {
     for sets in [&[][..], EVERYTHING_ON] {
         let docs = render_ok(sets);
-        let role: ClusterRole = serde_json::from_value(one(&docs, "ClusterRole").clone()).unwrap();
+        let role: ClusterRole =
+            serde_json::from_value(named(&docs, "ClusterRole", "slipstream").clone()).unwrap();
         let mut granted = BTreeSet::new();
         for rule in role.rules.unwrap() {
             let groups = rule.api_groups.unwrap_or_default();

@@ -27,6 +27,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{ include "slipstream.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "slipstream.serviceAccountName" -}}
@@ -38,7 +41,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "slipstream.image" -}}
-{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- /* toString: `--set image.tag=1.2` gives a number */}}
+{{- $tag := default .Chart.AppVersion (toString .Values.image.tag) }}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
 {{- else }}
@@ -49,4 +53,30 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* Whether the access policy ConfigMap is rendered. */}}
 {{- define "slipstream.hasPolicy" -}}
 {{- if .Values.policy }}true{{ end }}
+{{- end }}
+
+{{/* Namespace of an optional monitoring object: its own value or the release's. */}}
+{{- define "slipstream.monitoringNamespace" -}}
+{{- default .root.Release.Namespace .namespace }}
+{{- end }}
+
+{{/*
+Fails with a clear message when the PodDisruptionBudget could never allow an
+eviction (JSON schema cannot compare two values).
+*/}}
+{{- define "slipstream.checkDisruptionBudget" -}}
+{{- $pdb := .Values.podDisruptionBudget }}
+{{- $replicas := int .Values.replicaCount }}
+{{- if and $pdb.enabled (hasKey $pdb "minAvailable") }}
+{{- $min := $pdb.minAvailable }}
+{{- if kindIs "string" $min }}
+{{- /* Kubernetes rounds a percentage of minAvailable up. */}}
+{{- $pct := int (trimSuffix "%" $min) }}
+{{- if ge (div (add (mul $pct $replicas) 99) 100) $replicas }}
+{{- fail (printf "podDisruptionBudget.minAvailable %s of replicaCount %d rounds up to every replica, so no node running a replica could be drained: lower it or use maxUnavailable" $min $replicas) }}
+{{- end }}
+{{- else if ge (int $min) $replicas }}
+{{- fail (printf "podDisruptionBudget.minAvailable (%d) must be below replicaCount (%d), or no node running a replica could be drained" (int $min) $replicas) }}
+{{- end }}
+{{- end }}
 {{- end }}
