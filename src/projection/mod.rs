@@ -27,6 +27,7 @@
 //! longer than 253 characters once escaped) is skipped and listed.
 
 mod keys;
+mod sources;
 
 use std::{borrow::Cow, collections::BTreeMap};
 
@@ -34,6 +35,7 @@ pub use keys::{
     MAX_KEY_LEN, configmap_key_problem, escape_key, unescape_key, valid_bucket_name,
     valid_dns_subdomain,
 };
+pub use sources::MAX_SOURCES_BYTES;
 
 use crate::{
     crd::{ConfigBindingSpec, KeyPolicy, MAX_BUCKET_LEN, MAX_PREFIX_LEN, MAX_PREFIXES},
@@ -42,9 +44,6 @@ use crate::{
 
 /// The most bytes of values a ConfigMap may hold; the API server rejects more.
 pub const MAX_CONFIGMAP_BYTES: usize = 1024 * 1024;
-/// Most bytes of the sources annotation (a ConfigMap's annotations share
-/// 256 KiB); past it a restart re-reads the full state instead.
-pub const MAX_SOURCES_BYTES: usize = 128 * 1024;
 
 /// A binding spec the operator cannot serve. Reason word: `InvalidSpec`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -307,10 +306,11 @@ impl ProjectionRules {
     }
 
     /// Which prefix each written ConfigMap key came from, as JSON
-    /// `{"<prefix>": ["<configmap key>", ...]}`: what a restart needs to map
-    /// the ConfigMap back to KV keys when the keys alone cannot tell (Merge
-    /// targets hold other writers' keys; stripped keys of several prefixes).
-    /// `None` when it would exceed [`MAX_SOURCES_BYTES`].
+    /// `{"<prefix>": ["<configmap key>", ...]}` (deflated when large, see
+    /// [`sources`]): what a restart needs to map the ConfigMap back to KV
+    /// keys when the keys alone cannot tell (Merge targets hold other
+    /// writers' keys; stripped keys of several prefixes). `None` when it
+    /// would exceed [`MAX_SOURCES_BYTES`].
     pub fn sources<'a>(&self, kv_keys: impl IntoIterator<Item = &'a str>) -> Option<String> {
         let mut by_prefix: BTreeMap<&str, Vec<Cow<'a, str>>> = BTreeMap::new();
         for kv_key in kv_keys {
@@ -320,14 +320,14 @@ impl ProjectionRules {
                 by_prefix.entry(prefix).or_default().push(cm_key);
             }
         }
-        let text = serde_json::to_string(&by_prefix).ok()?;
-        (text.len() <= MAX_SOURCES_BYTES).then_some(text)
+        sources::encode(serde_json::to_string(&by_prefix).ok()?)
     }
 
     /// `(configmap key, kv key)` pairs from a [`Self::sources`] text; `None`
     /// when it does not parse or names a key these rules would not write.
     pub fn parse_sources(&self, text: &str) -> Option<Vec<(String, String)>> {
-        let by_prefix: BTreeMap<String, Vec<String>> = serde_json::from_str(text).ok()?;
+        let json = sources::decode(text)?;
+        let by_prefix: BTreeMap<String, Vec<String>> = serde_json::from_str(&json).ok()?;
         let mut out = Vec::new();
         for (prefix, cm_keys) in by_prefix {
             if !self.prefixes.contains(&prefix) {

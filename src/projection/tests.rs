@@ -218,9 +218,38 @@ fn sources_map_stripped_keys_of_several_prefixes_back() {
 }
 
 #[test]
+fn sources_of_tens_of_thousands_of_keys_fit_and_map_back() {
+    let r = rules(&["a.", "b."], true, KeyPolicy::Escape);
+    let keys: Vec<String> = (0..30_000)
+        .map(|i| format!("{}service.setting-{i:06}", ["a.", "b."][i % 2]))
+        .collect();
+    let text = r.sources(keys.iter().map(String::as_str)).unwrap();
+    assert!(text.len() <= MAX_SOURCES_BYTES, "{}", text.len());
+    let mut back: Vec<String> = r
+        .parse_sources(&text)
+        .unwrap()
+        .into_iter()
+        .map(|(_, kv)| kv)
+        .collect();
+    back.sort();
+    let mut want = keys.clone();
+    want.sort();
+    assert_eq!(back, want);
+}
+
+#[test]
 fn sources_too_large_for_an_annotation_are_left_out() {
     let r = rules(&["p."], false, KeyPolicy::Escape);
-    let keys: Vec<String> = (0..20_000).map(|i| format!("p.key-{i:08}")).collect();
+    // keys that share nothing but the prefix barely compress
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let keys: Vec<String> = (0..40_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            format!("p.{x:016x}")
+        })
+        .collect();
     assert_eq!(r.sources(keys.iter().map(String::as_str)), None);
     assert!(r.sources(keys[..100].iter().map(String::as_str)).is_some());
 }

@@ -96,6 +96,43 @@ async fn merge_and_multi_prefix_strip_bindings_resume_with_only_the_delta() {
     wait_exact(&env, "strip", &stripped).await;
 }
 
+/// 15,000 keys from two stripped prefixes: the sources annotation (which
+/// prefix each key came from) still fits, so a restart replays the delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_of_15000_keys_resumes_with_only_the_delta() {
+    let env = Env::start().await;
+    let kv = env.bucket("big").await;
+    let mut want = BTreeMap::new();
+    for i in 0..7_500 {
+        put(&kv, &format!("a.setting-{i:05}"), "1").await;
+        put(&kv, &format!("b.option-{i:05}"), "1").await;
+        want.insert(format!("setting-{i:05}"), "1".to_owned());
+        want.insert(format!("option-{i:05}"), "1".to_owned());
+    }
+    let op = env.operator();
+    env.create_binding("big", "bucket: big\nprefixes: [a., b.]\nstripPrefix: true")
+        .await;
+    let cm = wait_exact(&env, "big", &want).await;
+    let sources = cm.metadata.annotations.unwrap_or_default();
+    assert!(
+        sources.contains_key("slipstream.io/sources"),
+        "the sources annotation is written for 15,000 keys"
+    );
+    op.kill();
+
+    for i in 0..3 {
+        put(&kv, &format!("b.option-{i:05}"), "2").await;
+        want.insert(format!("option-{i:05}"), "2".to_owned());
+    }
+    let op = env.operator();
+    wait_exact(&env, "big", &want).await;
+    assert_eq!(
+        op.metrics.delivered_count("big", "catchup"),
+        3,
+        "the restart replays the 3 changes, not 15,000 keys"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configmap_edited_while_the_operator_was_down_is_repaired_on_restart() {
     let env = Env::start().await;
