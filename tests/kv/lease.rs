@@ -180,17 +180,45 @@ async fn the_background_loop_keeps_the_lease_and_releases_it_on_stop() {
     assert!(b_.try_acquire().await.unwrap());
 }
 
+/// A contender's lease, and those it went silent in: a paused process that
+/// wakes up believes it still holds until its own deadline, so the samplers
+/// keep looking at them.
+struct Slot {
+    current: Arc<Lease>,
+    silent: Vec<Arc<Lease>>,
+}
+
+impl Slot {
+    fn new(lease: Lease) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Self {
+            current: Arc::new(lease),
+            silent: Vec::new(),
+        }))
+    }
+
+    fn held(&self) -> bool {
+        self.current.is_held() || self.silent.iter().any(|l| l.is_held())
+    }
+
+    /// Goes silent in the current lease and starts afresh.
+    fn crash(&mut self, fresh: Lease) {
+        let old = std::mem::replace(&mut self.current, Arc::new(fresh));
+        self.silent.retain(|l| l.is_held());
+        self.silent.push(old);
+    }
+}
+
 /// One contender: acquires, holds for a while renewing, then releases or
 /// "crashes" (goes silent and comes back as a fresh process). Counts each
 /// term it starts in `terms`, which contenders may share.
 async fn contend(
-    slot: Arc<Mutex<Arc<Lease>>>,
+    slot: Arc<Mutex<Slot>>,
     make: impl Fn() -> Lease,
     terms: Arc<AtomicU64>,
     done: impl Fn() -> bool,
 ) {
     while !done() {
-        let lease = slot.lock().unwrap().clone();
+        let lease = slot.lock().unwrap().current.clone();
         match lease.try_acquire().await {
             Ok(true) => {}
             _ => {
@@ -215,7 +243,7 @@ async fn contend(
         }
         if crash {
             // Silent: no release, the record must expire before a takeover.
-            *slot.lock().unwrap() = Arc::new(make());
+            slot.lock().unwrap().crash(make());
         } else {
             let _ = lease.release().await;
             // Give the others, polling every retry interval, their chance:
@@ -223,7 +251,7 @@ async fn contend(
             tokio::time::sleep(lease.config().retry_interval * 2).await;
         }
     }
-    let lease = slot.lock().unwrap().clone();
+    let lease = slot.lock().unwrap().current.clone();
     let _ = lease.release().await;
 }
 
@@ -241,7 +269,7 @@ async fn eight_contenders_in_one_process_never_hold_the_lease_at_once() {
         let s: Arc<dyn KvStore> = Arc::new(bucket(&server, "leases").await);
         let id = format!("c{i}");
         let make = move || Lease::new(s.clone(), "leader", id.clone(), fast()).unwrap();
-        let slot = Arc::new(Mutex::new(Arc::new(make())));
+        let slot = Slot::new(make());
         slots.push(slot.clone());
         let done = {
             let terms = terms.clone();
@@ -255,7 +283,7 @@ async fn eight_contenders_in_one_process_never_hold_the_lease_at_once() {
         let (stop, max_holders, slots) = (stop.clone(), max_holders.clone(), slots.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let holders = slots.iter().filter(|s| s.lock().unwrap().is_held()).count() as u64;
+                let holders = slots.iter().filter(|s| s.lock().unwrap().held()).count() as u64;
                 max_holders.fetch_max(holders, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_micros(500)).await;
             }
@@ -340,7 +368,7 @@ async fn lease_contender_child(url: String, out: String, id: String, stop_file: 
         let id = id.clone();
         move || Lease::new(s.clone(), "leader", id.clone(), fast()).unwrap()
     };
-    let slot = Arc::new(Mutex::new(Arc::new(make())));
+    let slot = Slot::new(make());
     let out = std::path::PathBuf::from(out);
     let stop = Arc::new(AtomicBool::new(false));
     // Held intervals as seen by `is_held()`, the check before each write.
@@ -349,7 +377,7 @@ async fn lease_contender_child(url: String, out: String, id: String, stop_file: 
         tokio::spawn(async move {
             let mut open: Option<(u64, u64)> = None;
             while !stop.load(Ordering::Relaxed) {
-                let held = slot.lock().unwrap().is_held();
+                let held = slot.lock().unwrap().held();
                 let now = wall_micros();
                 open = match (open, held) {
                     (None, true) => Some((now, now)),
