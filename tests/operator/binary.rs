@@ -216,3 +216,33 @@ async fn sigkilled_binary_restarts_from_its_cursor_and_never_goes_backward() {
         assert!(w[0] <= w[1], "cursor went backward: {} -> {}", w[0], w[1]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_started_with_default_flags_elect_one_writer() {
+    let env = Env::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    env.api.write_kubeconfig(&kubeconfig).unwrap();
+    let ports = [free_port(), free_port()];
+    let _operators: Vec<Proc> = ports
+        .iter()
+        .map(|&port| {
+            let mut cmd = operator_command(&env, &kubeconfig, port);
+            cmd.env("RUST_LOG", "warn")
+                .env_remove("SLIPSTREAM_LEADER_ELECTION")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            Proc(cmd.spawn().unwrap())
+        })
+        .collect();
+    let roles = eventually("one leader and one standby", || async {
+        let mut roles = Vec::new();
+        for port in ports {
+            roles.push(metric(&scrape(port).await?, "slipstream_is_leader ")?);
+        }
+        roles.sort_unstable();
+        (roles == [0, 1]).then_some(roles)
+    })
+    .await;
+    assert_eq!(roles, [0, 1]);
+}
