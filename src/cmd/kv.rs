@@ -31,31 +31,48 @@ pub struct KvArgs {
 #[derive(Subcommand, Debug)]
 pub enum KvCommand {
     /// Write a value (read from stdin when VALUE is left out); prints the revision.
-    Put { key: String, value: Option<String> },
+    Put {
+        /// The key.
+        key: String,
+        /// The value [default: stdin].
+        value: Option<String>,
+    },
     /// Print a value exactly as stored (a newline is added only on a terminal).
-    Get { key: String },
+    Get {
+        /// The key.
+        key: String,
+    },
     /// Delete a key; prints the revision of the delete marker.
-    Del { key: String },
+    Del {
+        /// The key.
+        key: String,
+    },
     /// List live keys, optionally under a prefix.
-    Ls { prefix: Option<String> },
+    Ls {
+        /// Only keys starting with this.
+        prefix: Option<String>,
+    },
     /// Print the current values, then every change, until Ctrl-C.
-    Watch { prefix: Option<String> },
+    Watch {
+        /// Only keys starting with this.
+        prefix: Option<String>,
+    },
     /// Create the bucket (no error when it exists).
     CreateBucket {
         /// Revisions kept per key.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, env = "SLIPSTREAM_KV_HISTORY", default_value_t = 1)]
         history: u8,
         /// Remove entries older than this (e.g. 24h); default: keep forever.
         /// The bucket then leaves a removal marker for each key that ages
         /// out (kept as long as max_age, at least 1 s), so watchers such as
         /// the operator remove the key too.
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, env = "SLIPSTREAM_KV_MAX_AGE", value_parser = parse_duration)]
         max_age: Option<Duration>,
         /// Keep the bucket in memory instead of on disk.
-        #[arg(long)]
+        #[arg(long, env = "SLIPSTREAM_KV_MEMORY")]
         memory: bool,
         /// Servers of a JetStream cluster that keep a copy (1, 3 or 5).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+        #[arg(long, env = "SLIPSTREAM_KV_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
         replicas: u8,
     },
 }
