@@ -53,50 +53,63 @@ impl Cli {
     }
 }
 
-/// NATS connection flags, shared by every subcommand that talks to NATS.
+/// NATS connection flags, shared by every subcommand that talks to NATS
+/// (global: `slipstream kv put --nats URL ...` works too).
 #[derive(Args, Clone, Debug)]
 pub struct NatsArgs {
     /// NATS server URL(s), comma separated.
     #[arg(
         long = "nats",
+        global = true,
         env = "SLIPSTREAM_NATS_URL",
         default_value = "nats://127.0.0.1:4222"
     )]
     pub url: String,
     /// Credentials file (JWT + nkey seed).
-    #[arg(long = "nats-creds", env = "SLIPSTREAM_NATS_CREDS")]
+    #[arg(long = "nats-creds", global = true, env = "SLIPSTREAM_NATS_CREDS")]
     pub creds: Option<PathBuf>,
     /// Token authentication.
     #[arg(
         long = "nats-token",
+        global = true,
         env = "SLIPSTREAM_NATS_TOKEN",
         hide_env_values = true
     )]
     pub token: Option<String>,
     /// User name (with --nats-password).
-    #[arg(long = "nats-user", env = "SLIPSTREAM_NATS_USER")]
+    #[arg(long = "nats-user", global = true, env = "SLIPSTREAM_NATS_USER")]
     pub user: Option<String>,
     /// Password (with --nats-user).
     #[arg(
         long = "nats-password",
+        global = true,
         env = "SLIPSTREAM_NATS_PASSWORD",
         hide_env_values = true
     )]
     pub password: Option<String>,
     /// File holding an nkey seed.
-    #[arg(long = "nats-nkey-seed-file", env = "SLIPSTREAM_NATS_NKEY_SEED_FILE")]
+    #[arg(
+        long = "nats-nkey-seed-file",
+        global = true,
+        env = "SLIPSTREAM_NATS_NKEY_SEED_FILE"
+    )]
     pub nkey_seed_file: Option<PathBuf>,
     /// CA bundle for the server certificate.
-    #[arg(long = "nats-tls-ca", env = "SLIPSTREAM_NATS_TLS_CA")]
+    #[arg(long = "nats-tls-ca", global = true, env = "SLIPSTREAM_NATS_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
     /// Client certificate (mutual TLS).
-    #[arg(long = "nats-tls-cert", env = "SLIPSTREAM_NATS_TLS_CERT")]
+    #[arg(
+        long = "nats-tls-cert",
+        global = true,
+        env = "SLIPSTREAM_NATS_TLS_CERT"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// Client key (mutual TLS).
-    #[arg(long = "nats-tls-key", env = "SLIPSTREAM_NATS_TLS_KEY")]
+    #[arg(long = "nats-tls-key", global = true, env = "SLIPSTREAM_NATS_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// Deadline for each NATS call.
-    #[arg(long = "nats-timeout", env = "SLIPSTREAM_NATS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long = "nats-timeout", global = true,
+        env = "SLIPSTREAM_NATS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
 }
 
