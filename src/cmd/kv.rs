@@ -74,7 +74,7 @@ pub enum KvCommand {
     /// limits) and state (keys, records, bytes, first and last revision).
     Info,
     /// Write a value only if the key's latest revision is REVISION
-    /// (compare-and-set; 0: only if the key has no record); prints the new revision.
+    /// (compare-and-set; 0: only if the key has no live value); prints the new revision.
     Update {
         /// The key.
         key: String,
