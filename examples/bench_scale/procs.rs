@@ -99,6 +99,7 @@ impl Operator {
             .unwrap();
         let child = Command::new(bin)
             .arg("run")
+            .arg("--leader-election=false")
             .arg("--nats")
             .arg(nats_url)
             .arg("--metrics-addr")

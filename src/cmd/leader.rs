@@ -17,13 +17,14 @@ use crate::{
 /// Leader election flags of `slipstream run`.
 #[derive(Args, Clone, Debug)]
 pub struct LeaderArgs {
-    /// Elect one writing replica with a lease in NATS KV. Required when more
-    /// than one replica runs; when off, this replica always writes.
+    /// Elect one writing replica with a lease in NATS KV (on by default, so
+    /// a second instance never becomes a second writer). `=false` for a
+    /// single instance: it then always writes.
     #[arg(
         long = "leader-election",
         env = "SLIPSTREAM_LEADER_ELECTION",
         num_args = 0..=1,
-        default_value = "false",
+        default_value = "true",
         default_missing_value = "true",
         value_parser = BoolishValueParser::new()
     )]
@@ -64,7 +65,7 @@ pub struct LeaderArgs {
 impl Default for LeaderArgs {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             bucket: "slipstream-leases".to_owned(),
             replicas: 1,
             key: None,
@@ -171,9 +172,10 @@ mod tests {
     }
 
     #[test]
-    fn flags_default_to_an_election_off_with_15s_ttl_and_5s_renew() {
+    fn flags_default_to_an_election_on_with_15s_ttl_and_5s_renew() {
         let a = parse(&[]).unwrap();
-        assert!(!a.enabled);
+        assert!(a.enabled);
+        assert!(LeaderArgs::default().enabled);
         assert_eq!(a.bucket, "slipstream-leases");
         assert_eq!(a.lease_key(), "slipstream.leader");
         let c = a.lease_config().unwrap();

@@ -11,7 +11,9 @@
 
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -20,7 +22,7 @@ use bytes::Bytes;
 use clap::Args;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{NatsArgs, parse_duration};
 use crate::{
@@ -31,6 +33,7 @@ use crate::{
         mirror::{Merge, Mirror},
         nats::NatsConnector,
     },
+    metrics::{http, sync::SyncMetrics},
     projection::{KeyDecision, Projected, ProjectionRules},
     sink::dir::{DirSink, Written},
     util::{
@@ -48,29 +51,41 @@ pub struct SyncArgs {
     /// KV bucket to read.
     #[arg(long, env = "SLIPSTREAM_SYNC_BUCKET")]
     pub bucket: String,
-    /// Key prefix to project (repeat, or list several after one flag).
-    #[arg(long = "prefix", required = true, num_args = 1..)]
+    /// Key prefix to project (repeat, or list several after one flag; the
+    /// env var takes a comma-separated list).
+    #[arg(
+        long = "prefix",
+        env = "SLIPSTREAM_SYNC_PREFIXES",
+        required = true,
+        num_args = 1..,
+        value_delimiter = ','
+    )]
     pub prefixes: Vec<String>,
     /// Directory to write (created when missing).
     #[arg(long, env = "SLIPSTREAM_SYNC_DIR")]
     pub dir: PathBuf,
     /// Drop the matched prefix from file names.
-    #[arg(long)]
+    #[arg(long, env = "SLIPSTREAM_SYNC_STRIP_PREFIX")]
     pub strip_prefix: bool,
     /// Keys that are not valid file (ConfigMap) names: Escape, Skip or Fail.
-    #[arg(long, default_value = "Escape", value_parser = parse_key_policy)]
+    #[arg(long, env = "SLIPSTREAM_SYNC_KEY_POLICY", default_value = "Escape", value_parser = parse_key_policy)]
     pub key_policy: KeyPolicy,
     /// Burst coalescing window: updates within it become one write.
     #[arg(long, env = "SLIPSTREAM_COALESCE", default_value = "50ms", value_parser = parse_duration)]
     pub coalesce: Duration,
     /// Write the current state once, print a summary and exit.
-    #[arg(long)]
+    #[arg(long, env = "SLIPSTREAM_SYNC_ONCE")]
     pub once: bool,
     /// fsync every version before switching to it (survives power loss;
     /// costs a few ms per file). Without it, a version torn by a power loss
     /// is detected by checksum on restart and resynced.
     #[arg(long, env = "SLIPSTREAM_SYNC_FSYNC")]
     pub fsync: bool,
+    /// Serve /metrics, /healthz and /readyz here (e.g. 0.0.0.0:8081);
+    /// /readyz answers 200 once the directory holds a complete state.
+    /// Default: no listener.
+    #[arg(long, env = "SLIPSTREAM_SYNC_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -197,10 +212,11 @@ struct Syncer {
     /// cursor did not move, so a restored directory is re-checked).
     flushed: bool,
     report: SyncReport,
+    metrics: SyncMetrics,
 }
 
 impl Syncer {
-    fn open(config: SyncConfig) -> anyhow::Result<Self> {
+    fn open(config: SyncConfig, metrics: SyncMetrics) -> anyhow::Result<Self> {
         let rules = config.rules()?;
         let sink = DirSink::open(&config.dir)?.durable(config.fsync);
         let mut syncer = Self {
@@ -211,6 +227,7 @@ impl Syncer {
             written: WatchCursor::none(),
             flushed: false,
             report: SyncReport::default(),
+            metrics,
         };
         syncer.restore()?;
         Ok(syncer)
@@ -264,6 +281,7 @@ impl Syncer {
         self.mirror = Mirror::restored(entries, cursor);
         self.written = cursor;
         self.report.resumed_from = cursor;
+        self.record_written();
         Ok(())
     }
 
@@ -279,6 +297,7 @@ impl Syncer {
             return false;
         }
         self.report.updates += 1;
+        self.metrics.updates.inc();
         true
     }
 
@@ -299,6 +318,7 @@ impl Syncer {
             Ok(p) => p,
             Err(e) => {
                 self.report.refused += 1;
+                self.metrics.refused.inc();
                 warn!(reason = e.reason().as_str(), error = %e, "not writing: the last good content stays");
                 return Ok(());
             }
@@ -329,6 +349,7 @@ impl Syncer {
         let written = self.sink.write(&files, &blob)?;
         if let Written::Swapped(version) = &written {
             self.report.swaps += 1;
+            self.metrics.swaps.inc();
             info!(
                 %version,
                 files = files.len(),
@@ -340,7 +361,17 @@ impl Syncer {
         }
         self.written = self.mirror.cursor();
         self.report.files = files.len();
+        self.record_written();
         Ok(())
+    }
+
+    /// The directory holds a complete state at `written`.
+    fn record_written(&self) {
+        let revision = self.written.version().and_then(|v| v.as_u64()).unwrap_or(0);
+        self.metrics
+            .cursor
+            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+        self.metrics.ready.set(1);
     }
 }
 
@@ -369,7 +400,21 @@ pub async fn run<F>(
 where
     F: Future<Output = ()>,
 {
-    let mut syncer = Syncer::open(config)?;
+    run_with_metrics(store, config, once, SyncMetrics::default(), shutdown).await
+}
+
+/// [`run`], counting into `metrics`.
+pub async fn run_with_metrics<F>(
+    store: &dyn KvWatcher,
+    config: SyncConfig,
+    once: bool,
+    metrics: SyncMetrics,
+    shutdown: F,
+) -> anyhow::Result<SyncReport>
+where
+    F: Future<Output = ()>,
+{
+    let mut syncer = Syncer::open(config, metrics)?;
     let coalesce = syncer.config.coalesce;
     let prefixes = syncer.config.prefixes.clone();
     tokio::pin!(shutdown);
@@ -396,6 +441,7 @@ where
             Err(e) if once => return Err(e).context("watch failed"),
             Err(e) => {
                 let delay = backoff.next_delay();
+                syncer.metrics.watch_restarts.inc();
                 warn!(reason = e.reason(), error = %e, retry_in = ?delay, "watch failed");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
@@ -447,11 +493,13 @@ where
                 }
                 Some(Err(e)) if once => return Err(e).context("watch failed"),
                 Some(Err(e)) => {
+                    syncer.metrics.watch_restarts.inc();
                     warn!(reason = e.reason(), error = %e, "watch interrupted: resuming");
                     continue 'watch;
                 }
                 None if once => anyhow::bail!("watch ended before the initial state was delivered"),
                 None => {
+                    syncer.metrics.watch_restarts.inc();
                     warn!("watch ended: resuming");
                     continue 'watch;
                 }
@@ -477,9 +525,28 @@ pub async fn main(args: SyncArgs) -> anyhow::Result<()> {
         coalesce: args.coalesce,
         fsync: args.fsync,
     };
-    // Fail on bad rules and a malformed URL before connecting.
+    // Fail on bad rules, a malformed URL and a listener that cannot bind
+    // before connecting.
     config.rules()?;
     args.nats.check_url()?;
+    let metrics = SyncMetrics::default();
+    if let Some(addr) = args.metrics_addr {
+        let listener = http::bind(addr, "--metrics-addr").await?;
+        let ready = metrics.clone();
+        let readiness: http::Readiness = Arc::new(move || {
+            if ready.is_ready() {
+                Ok(())
+            } else {
+                Err("the directory does not hold a complete state yet".to_owned())
+            }
+        });
+        let router = http::router(metrics.exposition(), readiness);
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, router).await {
+                error!(error = format!("{e:#}"), "the /metrics listener stopped");
+            }
+        });
+    }
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -510,7 +577,7 @@ pub async fn main(args: SyncArgs) -> anyhow::Result<()> {
         }
     };
     info!(bucket = %config.bucket, prefixes = ?config.prefixes, dir = %config.dir.display(), "syncing");
-    let report = run(&bucket, config, args.once, shutdown).await?;
+    let report = run_with_metrics(&bucket, config, args.once, metrics, shutdown).await?;
     info!(%report, "stopped");
     if args.once {
         println!("{report}");

@@ -4,12 +4,13 @@
 //! live in), [`exposition`] (OpenMetrics or classic text, by `Accept`),
 //! [`http`] (the `/metrics`, `/healthz`, `/readyz` listener), [`process`]
 //! (CPU, memory, fds from `/proc/self`), [`api_client`] (Kubernetes API
-//! requests by verb and code).
+//! requests by verb and code), [`sync`] (`slipstream sync`'s own).
 
 pub mod api_client;
 pub mod exposition;
 pub mod http;
 pub mod process;
+pub mod sync;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,

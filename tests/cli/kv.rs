@@ -89,3 +89,117 @@ fn kv_against_a_missing_bucket_says_so() {
     assert!(!out.status.success());
     assert!(stderr.contains("opening bucket \"app\""), "{stderr}");
 }
+
+#[test]
+fn kv_history_purge_info_and_cas_update() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let kv = |rest: &[&str]| text(slipstream_ok(&kv_args(&url, rest), None));
+    kv(&["create-bucket", "--history", "5"]);
+
+    // info on the empty bucket: its settings, no revisions yet
+    let info = kv(&["info"]);
+    for line in [
+        "bucket: app\n",
+        "history: 5\n",
+        "max_age: forever\n",
+        "storage: file\n",
+        "replicas: 1\n",
+        "keys: 0\n",
+        "first_revision: -\n",
+        "last_revision: -",
+    ] {
+        assert!(info.contains(line), "{line:?} missing in\n{info}");
+    }
+
+    let r1 = kv(&["put", "web.a", "one"]);
+    let r2 = kv(&["put", "web.a", "two"]);
+    kv(&["put", "web.b", "x"]);
+    let r4 = kv(&["del", "web.a"]);
+    let history = kv(&["history", "web.a"]);
+    let want = format!(
+        "PUT web.a @{} one\nPUT web.a @{} two\nDEL web.a @{}\n",
+        r1.trim(),
+        r2.trim(),
+        r4.trim()
+    );
+    assert_eq!(history, want);
+    let info = kv(&["info"]);
+    assert!(info.contains("keys: 2\n"), "{info}");
+    assert!(info.contains("records: 4\n"), "{info}");
+    assert!(info.contains("first_revision: 1\n"), "{info}");
+    assert!(
+        info.contains(&format!("last_revision: {}", r4.trim())),
+        "{info}"
+    );
+
+    // CAS: the right revision writes, a stale one is refused and says where the key is
+    assert_eq!(kv(&["get", "web.b"]), "x");
+    let hist_b = kv(&["history", "web.b"]);
+    let b_at = hist_b
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
+    let new = kv(&["update", "web.b", "y", "--revision", &b_at]);
+    assert!(new.trim().parse::<u64>().unwrap() > r4.trim().parse().unwrap());
+    assert_eq!(kv(&["get", "web.b"]), "y");
+    let stale = slipstream(
+        &kv_args(&url, &["update", "web.b", "z", "--revision", &b_at]),
+        None,
+    );
+    assert!(!stale.status.success());
+    let err = String::from_utf8_lossy(&stale.stderr);
+    assert!(
+        err.contains("refused") && err.contains(&format!("revision {}", new.trim())),
+        "{err}"
+    );
+    assert_eq!(
+        kv(&["get", "web.b"]),
+        "y",
+        "a refused update writes nothing"
+    );
+    // --revision 0: only when the key has no live value
+    kv(&["update", "web.new", "fresh", "--revision", "0"]);
+    let taken = slipstream(
+        &kv_args(&url, &["update", "web.new", "again", "--revision", "0"]),
+        None,
+    );
+    assert!(!taken.status.success());
+
+    // purge: one marker left, older records gone
+    let purged = kv(&["purge", "web.a"]);
+    let history = kv(&["history", "web.a"]);
+    assert_eq!(history, format!("PURGE web.a @{}\n", purged.trim()));
+    assert_eq!(kv(&["ls", "web."]), "web.b\nweb.new\n");
+
+    let none = slipstream(&kv_args(&url, &["history", "never.written"]), None);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no record"));
+}
+
+#[test]
+fn kv_global_flags_may_follow_the_verb_and_a_missing_bucket_flag_is_named() {
+    let server = NatsServer::start();
+    let url = server.url();
+    slipstream_ok(
+        &["kv", "create-bucket", "--nats", &url, "--bucket", "late"],
+        None,
+    );
+    slipstream_ok(
+        &["kv", "put", "k", "v", "--bucket", "late", "--nats", &url],
+        None,
+    );
+    let got = slipstream_ok(
+        &["kv", "--nats", &url, "get", "--bucket", "late", "k"],
+        None,
+    );
+    assert_eq!(text(got), "v");
+    let out = slipstream(&["kv", "--nats", &url, "ls"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--bucket"), "{err}");
+}

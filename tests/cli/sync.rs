@@ -22,8 +22,12 @@ use slipstream::{
 use tokio::{sync::oneshot, task::JoinHandle};
 
 use crate::{
-    bucket, bucket_with, common::NatsServer, eventually, files, read_dir_files, slipstream,
-    slipstream_ok, summary,
+    bucket, bucket_with,
+    common::{
+        NatsServer, free_port,
+        http::{Answer, http_get, metric_f64},
+    },
+    eventually, files, read_dir_files, slipstream, slipstream_ok, summary,
 };
 
 fn config(dir: &Path, prefixes: &[&str], strip_prefix: bool) -> SyncConfig {
@@ -605,4 +609,118 @@ async fn bad_input_gives_a_clear_error_and_writes_nothing() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
     assert!(read_dir_files(tmp.path()).is_empty());
+}
+
+/// Polls `GET path` until `check` holds for the answer, for up to 15 s.
+async fn wait_http(
+    port: u16,
+    path: &str,
+    accept: Option<&str>,
+    check: impl Fn(&Answer) -> bool,
+) -> Answer {
+    let start = Instant::now();
+    loop {
+        if let Some(a) = http_get(port, path, accept).await
+            && check(&a)
+        {
+            return a;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "timed out waiting on {path}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_sidecar_configured_by_env_serves_metrics_and_readiness_and_logs_json() {
+    let server = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("config");
+    let port = free_port();
+    // every setting from the environment, none from flags
+    let mut child = std::process::Command::new(crate::BIN)
+        .arg("sync")
+        .env("SLIPSTREAM_NATS_URL", server.url())
+        .env("SLIPSTREAM_SYNC_BUCKET", "side")
+        .env("SLIPSTREAM_SYNC_PREFIXES", "web.,api.")
+        .env("SLIPSTREAM_SYNC_STRIP_PREFIX", "true")
+        .env("SLIPSTREAM_SYNC_DIR", &dir)
+        .env("SLIPSTREAM_SYNC_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("SLIPSTREAM_LOG_FORMAT", "json")
+        .env("SLIPSTREAM_LOG_LEVEL", "debug")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // no bucket yet: alive, not ready
+    wait_http(port, "/healthz", None, |a| a.status() == 200).await;
+    let not_ready = wait_http(port, "/readyz", None, |a| a.status() != 0).await;
+    assert_eq!(not_ready.status(), 503, "{}", not_ready.body);
+
+    let b = bucket(&server, "side").await;
+    b.put("web.a", Bytes::from("1")).await.unwrap();
+    b.put("api.b", Bytes::from("2")).await.unwrap();
+    b.put("other.c", Bytes::from("3")).await.unwrap();
+    eventually("both prefixes synced", || {
+        read_dir_files(&dir) == files(&[("a", b"1"), ("b", b"2")])
+    })
+    .await;
+    wait_http(port, "/readyz", None, |a| a.status() == 200).await;
+    let om = wait_http(
+        port,
+        "/metrics",
+        Some("application/openmetrics-text; version=1.0.0"),
+        |a| metric_f64(&a.body, "slipstream_sync_cursor ").is_some_and(|c| c >= 2.0),
+    )
+    .await;
+    assert_eq!(
+        om.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    assert!(om.body.ends_with("# EOF\n"));
+    assert!(metric_f64(&om.body, "slipstream_sync_swaps_total ").is_some_and(|n| n >= 1.0));
+    assert!(metric_f64(&om.body, "slipstream_sync_updates_total ").is_some_and(|n| n >= 2.0));
+    assert_eq!(metric_f64(&om.body, "slipstream_sync_ready "), Some(1.0));
+    assert!(om.body.contains("slipstream_build_info{"));
+    let classic = http_get(port, "/metrics", None).await.unwrap();
+    assert_eq!(
+        classic.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    assert!(
+        classic
+            .body
+            .contains("# TYPE slipstream_sync_swaps_total counter\n")
+    );
+    assert!(!classic.body.contains("# EOF"));
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let stderr = {
+        use std::io::Read;
+        let mut s = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
+        s
+    };
+    assert!(child.wait().unwrap().success(), "{stderr}");
+    let mut messages = Vec::new();
+    for raw in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let line: serde_json::Value =
+            serde_json::from_str(raw).unwrap_or_else(|e| panic!("not JSON ({e}): {raw}"));
+        assert!(
+            line["level"].is_string() && line["timestamp"].is_string(),
+            "{raw}"
+        );
+        assert_eq!(raw.matches("\"message\":").count(), 1, "{raw}");
+        messages.push(line["message"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        messages.iter().any(|m| m == "wrote a new version"),
+        "{stderr}"
+    );
+    assert!(messages.iter().any(|m| m == "not syncing yet"), "{stderr}");
 }

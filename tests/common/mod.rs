@@ -8,6 +8,7 @@
     clippy::panic
 )]
 
+pub mod http;
 pub mod nats;
 pub mod nats_cluster;
 pub mod util;

@@ -14,9 +14,11 @@ use slipstream::kv::{
     KvReader,
     nats::{BucketConfig, NatsBucket},
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{common::free_port, *};
+use crate::{
+    common::{free_port, http::http_get},
+    *,
+};
 
 /// The operator process; SIGKILLed and reaped on drop.
 pub struct Proc(pub Child);
@@ -65,53 +67,8 @@ pub fn operator_command(env: &Env, kubeconfig: &std::path::Path, metrics_port: u
     cmd
 }
 
-/// An HTTP answer: the head (status line and headers, lower-cased) and body.
-pub struct Answer {
-    pub head: String,
-    pub body: String,
-}
-
-impl Answer {
-    /// The value of header `name` (lower case).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            (k.trim() == name).then_some(v.trim())
-        })
-    }
-}
-
-/// `GET path` on the operator's metrics port, with an optional `Accept`.
-pub async fn http_get(port: u16, path: &str, accept: Option<&str>) -> Option<Answer> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let accept = accept
-        .map(|a| format!("Accept: {a}\r\n"))
-        .unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{accept}Connection: close\r\n\r\n");
-    s.write_all(request.as_bytes()).await.ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    Some(Answer {
-        head: head.to_ascii_lowercase(),
-        body: body.to_owned(),
-    })
-}
-
 async fn scrape(port: u16) -> Option<String> {
     http_get(port, "/metrics", None).await.map(|a| a.body)
-}
-
-/// The value of the first sample line starting with `line_prefix`.
-pub fn metric_f64(text: &str, line_prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))?
-        .rsplit(' ')
-        .next()?
-        .parse()
-        .ok()
 }
 
 fn metric(text: &str, line_prefix: &str) -> Option<u64> {
@@ -215,4 +172,34 @@ async fn sigkilled_binary_restarts_from_its_cursor_and_never_goes_backward() {
     for w in seen.windows(2) {
         assert!(w[0] <= w[1], "cursor went backward: {} -> {}", w[0], w[1]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_started_with_default_flags_elect_one_writer() {
+    let env = Env::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    env.api.write_kubeconfig(&kubeconfig).unwrap();
+    let ports = [free_port(), free_port()];
+    let _operators: Vec<Proc> = ports
+        .iter()
+        .map(|&port| {
+            let mut cmd = operator_command(&env, &kubeconfig, port);
+            cmd.env("RUST_LOG", "warn")
+                .env_remove("SLIPSTREAM_LEADER_ELECTION")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            Proc(cmd.spawn().unwrap())
+        })
+        .collect();
+    let roles = eventually("one leader and one standby", || async {
+        let mut roles = Vec::new();
+        for port in ports {
+            roles.push(metric(&scrape(port).await?, "slipstream_is_leader ")?);
+        }
+        roles.sort_unstable();
+        (roles == [0, 1]).then_some(roles)
+    })
+    .await;
+    assert_eq!(roles, [0, 1]);
 }

@@ -5,8 +5,11 @@
 use std::time::Duration;
 
 use crate::{
-    binary::{Answer, Proc, http_get, metric_f64, operator_command},
-    common::free_port,
+    binary::{Proc, operator_command},
+    common::{
+        free_port,
+        http::{Answer, http_get, metric_f64},
+    },
     *,
 };
 

@@ -12,13 +12,15 @@
 //! - [`watch`]: the ordered push consumer behind every watch and scan;
 //! - [`bucket`]: [`NatsBucket`], the KV traits over JetStream;
 //! - [`connect`]: [`NatsKv`], connecting and opening buckets;
-//! - [`connector`]: [`NatsConnector`], one lazy connection for the operator.
+//! - [`connector`]: [`NatsConnector`], one lazy connection for the operator;
+//! - [`inspect`]: a key's history and a bucket's settings (`slipstream kv`).
 
 mod bucket;
 mod codec;
 mod connect;
 mod connector;
 mod handle;
+mod inspect;
 mod watch;
 
 pub use bucket::NatsBucket;
@@ -27,3 +29,4 @@ pub use connect::{
 };
 pub use connector::NatsConnector;
 pub use handle::{ConnectionState, ConnectionStatus, WatchStats};
+pub use inspect::BucketStatus;
