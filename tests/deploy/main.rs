@@ -9,6 +9,7 @@ mod common;
 mod chart;
 mod chart_values;
 mod examples;
+mod monitoring;
 
 use std::{
     path::{Path, PathBuf},
