@@ -7,6 +7,7 @@
 mod common;
 
 mod chart;
+mod chart_docs;
 mod chart_values;
 mod examples;
 mod monitoring;
