@@ -9,6 +9,7 @@ mod common;
 mod chart;
 mod chart_docs;
 mod chart_values;
+mod dist;
 mod examples;
 mod monitoring;
 
