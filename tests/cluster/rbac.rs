@@ -87,25 +87,9 @@ async fn service_account_cannot_read_secrets_or_write_outside_its_resources() {
     let release = default_release().await;
     let ns = cp.create_namespace("rbac-deny").await;
     let admin = KubeconfigFile::admin(cp, &ns);
-    let user = format!("--as={}", release.service_account_user());
-    let can = |verb: &str, resource: &str, scope: &str| -> bool {
-        // `kubectl auth can-i VERB a/b` reads b as an object name
-        let (resource, subresource) = match resource.split_once('/') {
-            Some((r, sub)) => (r, Some(format!("--subresource={sub}"))),
-            None => (resource, None),
-        };
-        let mut args = vec!["auth", "can-i", verb, resource, &user];
-        args.extend(subresource.as_deref());
-        match scope {
-            "cluster" => args.push("--all-namespaces"),
-            ns => args.extend(["--namespace", ns]),
-        }
-        match admin.kubectl(&args) {
-            Ok(out) => out.trim() == "yes",
-            Err(e) if e.trim_end().ends_with("no") => false,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let user = release.service_account_user();
+    let can =
+        |verb: &str, resource: &str, scope: &str| user_can(&admin, &user, verb, resource, scope);
     let system = release.namespace.as_str();
     let denied = [
         ("get", "secrets", ns.as_str()),
@@ -280,22 +264,6 @@ async fn chart_rbac_suffices_where_admission_enforces_owner_reference_permission
             .owner_references()
             .is_empty()
     );
-}
-
-/// `kubectl auth can-i VERB RESOURCE --as USER --namespace NS`.
-fn user_can(admin: &KubeconfigFile, user: &str, verb: &str, resource: &str, ns: &str) -> bool {
-    let (resource, subresource) = match resource.split_once('/') {
-        Some((r, sub)) => (r, Some(format!("--subresource={sub}"))),
-        None => (resource, None),
-    };
-    let as_user = format!("--as={user}");
-    let mut args = vec!["auth", "can-i", verb, resource, &as_user, "--namespace", ns];
-    args.extend(subresource.as_deref());
-    match admin.kubectl(&args) {
-        Ok(out) => out.trim() == "yes",
-        Err(e) if e.trim_end().ends_with("no") => false,
-        Err(e) => panic!("{e}"),
-    }
 }
 
 /// The chart's `<release>-view` and `<release>-edit` ClusterRoles, as the
