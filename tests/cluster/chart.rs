@@ -20,30 +20,37 @@ const EVERYTHING_ON: &[&str] = &[
     "nats.tls.clientCertSecret=nats-client",
     "networkPolicy.enabled=true",
     "metrics.serviceMonitor.enabled=true",
+    "prometheusRule.enabled=true",
+    "grafanaDashboard.enabled=true",
     "policy.namespaces.shop[0].bucket=app-config",
     "policy.namespaces.shop[0].prefixes[0]=web.",
 ];
 
-/// The Prometheus Operator's CRD reduced to what lets the API server store a
-/// ServiceMonitor: its group, kind and scope, with the schema left open (the
-/// real one is 1,000 lines of someone else's API; this does not check our
-/// fields against it).
-const SERVICE_MONITOR_CRD: &str = r#"
+/// A Prometheus Operator CRD (ServiceMonitor, PrometheusRule) reduced to
+/// what lets the API server store the object: its group, kind and scope,
+/// with the schema left open (the real ones are thousands of lines of
+/// someone else's API; this does not check our fields against them).
+fn prometheus_operator_crd(kind: &str, plural: &str) -> String {
+    format!(
+        r#"
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata:
-  name: servicemonitors.monitoring.coreos.com
+  name: {plural}.monitoring.coreos.com
 spec:
   group: monitoring.coreos.com
   scope: Namespaced
-  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
+  names: {{kind: {kind}, listKind: {kind}List, plural: {plural}, singular: {singular}}}
   versions:
     - name: v1
       served: true
       storage: true
       schema:
-        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
-"#;
+        openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}
+"#,
+        singular = kind.to_lowercase()
+    )
+}
 
 fn kinds(release: &Release) -> BTreeSet<String> {
     release
@@ -107,17 +114,25 @@ async fn chart_with_every_option_on_installs_on_the_real_server() {
     let cp = ControlPlane::shared().await;
     default_release().await; // the CRD exists; this install skips it
     let admin = KubeconfigFile::admin(cp, "default");
-    admin
-        .kubectl_stdin(&["apply", "-f", "-"], SERVICE_MONITOR_CRD)
-        .unwrap();
-    admin
-        .kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=120s",
-            "crd/servicemonitors.monitoring.coreos.com",
-        ])
-        .unwrap();
+    for (kind, plural) in [
+        ("ServiceMonitor", "servicemonitors"),
+        ("PrometheusRule", "prometheusrules"),
+    ] {
+        admin
+            .kubectl_stdin(
+                &["apply", "-f", "-"],
+                &prometheus_operator_crd(kind, plural),
+            )
+            .unwrap();
+        admin
+            .kubectl(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=120s",
+                &format!("crd/{plural}.monitoring.coreos.com"),
+            ])
+            .unwrap();
+    }
 
     let ns = format!("everything-{}", unique());
     let release =
@@ -125,7 +140,13 @@ async fn chart_with_every_option_on_installs_on_the_real_server() {
             .await
             .unwrap();
     let kinds = kinds(&release);
-    for k in ["ServiceMonitor", "NetworkPolicy", "ConfigMap", "Deployment"] {
+    for k in [
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+        "ConfigMap",
+        "Deployment",
+    ] {
         assert!(kinds.contains(k), "{k} installed: {kinds:?}");
     }
     assert_all_stored(cp, &release);
@@ -197,6 +218,93 @@ async fn operator_as_the_charts_service_account_syncs_a_binding_end_to_end_witho
     })
     .await;
 
+    operator.assert_running();
+    let forbidden = operator.forbidden_lines();
+    assert!(
+        forbidden.is_empty(),
+        "the API server refused the operator:\n{}",
+        forbidden.join("\n")
+    );
+}
+
+/// `watchNamespace`: the operator runs as a ServiceAccount that holds only a
+/// Role in the watched namespace, and still syncs, finalizes and deletes
+/// there without a single 403; it has no cluster-wide grant at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaced_release_syncs_its_namespace_with_a_role_only() {
+    let cp = ControlPlane::shared().await;
+    default_release().await; // the CRD exists; this install skips it
+    let watched = cp.create_namespace("watched").await;
+    let release_ns = format!("namespaced-{}", unique());
+    let sets = [
+        format!("watchNamespace={watched}"),
+        "rbac.aggregateToDefaultRoles=false".to_owned(),
+    ];
+    let release = tokio::task::spawn_blocking(move || {
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        Release::install(cp, "namespaced", &release_ns, &sets)
+    })
+    .await
+    .unwrap();
+    let kinds = kinds(&release);
+    assert!(
+        kinds.contains("Role") && kinds.contains("RoleBinding"),
+        "{kinds:?}"
+    );
+    assert!(
+        !kinds.contains("ClusterRole") && !kinds.contains("ClusterRoleBinding"),
+        "{kinds:?}"
+    );
+
+    let admin_kubectl = KubeconfigFile::admin(cp, &watched);
+    let user = release.service_account_user();
+    let cb = "configbindings.slipstream.io";
+    assert!(user_can(&admin_kubectl, &user, "watch", cb, &watched));
+    assert!(user_can(
+        &admin_kubectl,
+        &user,
+        "create",
+        "configmaps",
+        &watched
+    ));
+    assert!(!user_can(&admin_kubectl, &user, "list", cb, "cluster"));
+    assert!(!user_can(
+        &admin_kubectl,
+        &user,
+        "create",
+        "configmaps",
+        &release.namespace
+    ));
+
+    let admin = cp.client_in(&watched).await;
+    let (nats, bucket) = nats_with_bucket().await;
+    put(&bucket, "web.greeting", "hello").await;
+    let kubeconfig = release.service_account_kubeconfig(cp, &watched).await;
+    let mut operator = Operator::start(&release, &kubeconfig, &nats.url(), &watched);
+    create_binding(
+        &admin,
+        &watched,
+        "web",
+        "bucket: app-config\nprefixes: [web.]\nstripPrefix: true",
+    )
+    .await;
+    wait_data(&admin, &watched, "web", &map(&[("greeting", "hello")])).await;
+    wait_finalizer(&admin, &watched, "web").await;
+    put(&bucket, "web.greeting", "bonjour").await;
+    wait_data(&admin, &watched, "web", &map(&[("greeting", "bonjour")])).await;
+
+    let bindings: Api<ConfigBinding> = Api::namespaced(admin.clone(), &watched);
+    bindings
+        .delete("web", &DeleteParams::default())
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &watched);
+    eventually("binding and ConfigMap gone", || async {
+        let gone = bindings.get_opt("web").await.unwrap().is_none()
+            && cms.get_opt("web").await.unwrap().is_none();
+        gone.then_some(())
+    })
+    .await;
     operator.assert_running();
     let forbidden = operator.forbidden_lines();
     assert!(

@@ -87,25 +87,9 @@ async fn service_account_cannot_read_secrets_or_write_outside_its_resources() {
     let release = default_release().await;
     let ns = cp.create_namespace("rbac-deny").await;
     let admin = KubeconfigFile::admin(cp, &ns);
-    let user = format!("--as={}", release.service_account_user());
-    let can = |verb: &str, resource: &str, scope: &str| -> bool {
-        // `kubectl auth can-i VERB a/b` reads b as an object name
-        let (resource, subresource) = match resource.split_once('/') {
-            Some((r, sub)) => (r, Some(format!("--subresource={sub}"))),
-            None => (resource, None),
-        };
-        let mut args = vec!["auth", "can-i", verb, resource, &user];
-        args.extend(subresource.as_deref());
-        match scope {
-            "cluster" => args.push("--all-namespaces"),
-            ns => args.extend(["--namespace", ns]),
-        }
-        match admin.kubectl(&args) {
-            Ok(out) => out.trim() == "yes",
-            Err(e) if e.trim_end().ends_with("no") => false,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let user = release.service_account_user();
+    let can =
+        |verb: &str, resource: &str, scope: &str| user_can(&admin, &user, verb, resource, scope);
     let system = release.namespace.as_str();
     let denied = [
         ("get", "secrets", ns.as_str()),
@@ -237,7 +221,9 @@ async fn chart_rbac_suffices_where_admission_enforces_owner_reference_permission
 
     // the control: without delete on ConfigMaps that update is refused
     let roles: Api<ClusterRole> = Api::all(cp.client().await);
-    let name = release.one("ClusterRole")["metadata"]["name"]
+    // the operator's own ClusterRole: the one its ClusterRoleBinding names
+    // (the release also has the aggregated view and edit roles)
+    let name = release.one("ClusterRoleBinding")["roleRef"]["name"]
         .as_str()
         .unwrap();
     let mut role = roles.get(name).await.unwrap();
@@ -278,4 +264,62 @@ async fn chart_rbac_suffices_where_admission_enforces_owner_reference_permission
             .owner_references()
             .is_empty()
     );
+}
+
+/// The chart's `<release>-view` and `<release>-edit` ClusterRoles, as the
+/// real ClusterRole aggregation controller folds them into the built-in
+/// `view` and `edit` roles: a namespace viewer reads ConfigBindings, an
+/// editor writes them, and neither touches their status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_viewers_and_editors_get_configbindings_through_the_aggregated_roles() {
+    let cp = ControlPlane::shared().await;
+    default_release().await;
+    let ns = cp.create_namespace("rbac-aggregate").await;
+    let admin = KubeconfigFile::admin(cp, &ns);
+    let (viewer, editor) = (
+        format!("viewer-{}", unique()),
+        format!("editor-{}", unique()),
+    );
+    for (user, role) in [(&viewer, "view"), (&editor, "edit")] {
+        admin
+            .kubectl(&[
+                "create",
+                "rolebinding",
+                &format!("{role}-{user}"),
+                &format!("--clusterrole={role}"),
+                &format!("--user={user}"),
+                "--namespace",
+                &ns,
+            ])
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let cb = "configbindings.slipstream.io";
+    // The aggregation controller fills `edit` and `view` asynchronously.
+    eventually("the aggregated rules reach edit and view", || {
+        let ready = user_can(&admin, &editor, "create", cb, &ns)
+            && user_can(&admin, &viewer, "list", cb, &ns);
+        async move { ready.then_some(()) }
+    })
+    .await;
+    let status = format!("{cb}/status");
+    let expect = [
+        (&viewer, "get", cb, true),
+        (&viewer, "watch", cb, true),
+        (&viewer, "get", status.as_str(), true),
+        (&viewer, "create", cb, false),
+        (&viewer, "delete", cb, false),
+        (&editor, "get", cb, true),
+        (&editor, "update", cb, true),
+        (&editor, "patch", cb, true),
+        (&editor, "delete", cb, true),
+        (&editor, "deletecollection", cb, true),
+        (&editor, "patch", status.as_str(), false),
+        (&editor, "update", status.as_str(), false),
+    ];
+    let wrong: Vec<String> = expect
+        .iter()
+        .filter(|(user, verb, resource, want)| user_can(&admin, user, verb, resource, &ns) != *want)
+        .map(|(user, verb, resource, want)| format!("{user} {verb} {resource}: want {want}"))
+        .collect();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }

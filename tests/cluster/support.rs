@@ -182,17 +182,12 @@ impl Release {
         template.extend(["--namespace", namespace]);
         template.extend(&values);
         let rendered = admin.helm(&template).unwrap_or_else(|e| panic!("{e}"));
+        // No --namespace: kubectl would refuse the objects the chart puts in
+        // another namespace (watchNamespace's Role, a ServiceMonitor's own
+        // namespace); the rest land in the kubeconfig's default, `namespace`.
         admin
             .kubectl_stdin(
-                &[
-                    "create",
-                    "--dry-run=server",
-                    "--validate=strict",
-                    "--namespace",
-                    namespace,
-                    "-f",
-                    "-",
-                ],
+                &["create", "--dry-run=server", "--validate=strict", "-f", "-"],
                 &rendered,
             )
             .unwrap_or_else(|e| panic!("the real server rejects the chart {sets:?}: {e}"));
@@ -526,4 +521,33 @@ pub async fn wait_synced(client: &Client, ns: &str, name: &str) -> ConfigBinding
         },
     )
     .await
+}
+
+/// `kubectl auth can-i VERB RESOURCE --as USER` in namespace `scope`, or
+/// cluster-wide for `scope` "cluster". `RESOURCE` may name a subresource
+/// (`configbindings.slipstream.io/status`).
+pub fn user_can(
+    admin: &KubeconfigFile,
+    user: &str,
+    verb: &str,
+    resource: &str,
+    scope: &str,
+) -> bool {
+    // `kubectl auth can-i VERB a/b` reads b as an object name
+    let (resource, subresource) = match resource.split_once('/') {
+        Some((r, sub)) => (r, Some(format!("--subresource={sub}"))),
+        None => (resource, None),
+    };
+    let as_user = format!("--as={user}");
+    let mut args = vec!["auth", "can-i", verb, resource, &as_user];
+    args.extend(subresource.as_deref());
+    match scope {
+        "cluster" => args.push("--all-namespaces"),
+        ns => args.extend(["--namespace", ns]),
+    }
+    match admin.kubectl(&args) {
+        Ok(out) => out.trim() == "yes",
+        Err(e) if e.trim_end().ends_with("no") => false,
+        Err(e) => panic!("{e}"),
+    }
 }

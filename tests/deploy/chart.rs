@@ -122,6 +122,8 @@ pub(crate) const EVERYTHING_ON: &[&str] = &[
     "nats.tls.clientCertSecret=nats-client",
     "networkPolicy.enabled=true",
     "metrics.serviceMonitor.enabled=true",
+    "prometheusRule.enabled=true",
+    "grafanaDashboard.enabled=true",
     "policy.namespaces.shop[0].bucket=app-config",
     "policy.namespaces.shop[0].prefixes[0]=web.",
 ];

@@ -7,8 +7,11 @@
 mod common;
 
 mod chart;
+mod chart_docs;
 mod chart_values;
+mod dist;
 mod examples;
+mod monitoring;
 
 use std::{
     path::{Path, PathBuf},

@@ -80,3 +80,8 @@ eviction (JSON schema cannot compare two values).
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The Prometheus job of the operator's series: the ServiceMonitor names it after the Service. */}}
+{{- define "slipstream.metricsJob" -}}
+{{- include "slipstream.fullname" . }}-metrics
+{{- end }}
