@@ -44,6 +44,10 @@ pub struct Metrics {
     pub errors: Family<ReasonLabels, Counter>,
     /// KV updates received from NATS, by bucket and watch kind.
     pub delivered: Family<DeliveryLabels, Counter>,
+    /// Workload rollouts written (`target.rollout`).
+    pub rollouts_triggered: Family<BindingLabels, Counter>,
+    /// Content changes that got no rollout of their own (coalesced into a later one).
+    pub rollouts_coalesced: Family<BindingLabels, Counter>,
     /// Writes a standby (not leader) skipped.
     pub dropped_writes: Counter,
     /// Status writes put off because ConfigMap writes held the API.
@@ -70,6 +74,8 @@ impl Metrics {
         let writes = Family::<BindingLabels, Counter>::default();
         let errors = Family::<ReasonLabels, Counter>::default();
         let delivered = Family::<DeliveryLabels, Counter>::default();
+        let rollouts_triggered = Family::<BindingLabels, Counter>::default();
+        let rollouts_coalesced = Family::<BindingLabels, Counter>::default();
         let dropped_writes = Counter::default();
         let deferred_status_writes = Counter::default();
         let propagation_seconds = Histogram::new([
@@ -88,6 +94,16 @@ impl Metrics {
         );
         registry.register("configmap_writes", "ConfigMap writes", writes.clone());
         registry.register("errors", "Errors by reason", errors.clone());
+        registry.register(
+            "rollouts_triggered",
+            "Workload rollouts written (the pod-template digest annotation set)",
+            rollouts_triggered.clone(),
+        );
+        registry.register(
+            "rollouts_coalesced",
+            "Content changes coalesced into a later rollout by minInterval",
+            rollouts_coalesced.clone(),
+        );
         registry.register(
             "kv_updates_delivered",
             "KV updates received from NATS",
@@ -123,6 +139,8 @@ impl Metrics {
             writes,
             errors,
             delivered,
+            rollouts_triggered,
+            rollouts_coalesced,
             dropped_writes,
             deferred_status_writes,
             propagation_seconds,
@@ -171,6 +189,28 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// Workload rollouts one binding wrote so far.
+    pub fn rollout_count(&self, namespace: &str, binding: &str) -> u64 {
+        self.rollouts_triggered
+            .get(&BindingLabels {
+                namespace: namespace.to_owned(),
+                binding: binding.to_owned(),
+            })
+            .map(|c| c.get())
+            .unwrap_or(0)
+    }
+
+    /// Content changes of one binding coalesced away so far.
+    pub fn coalesced_count(&self, namespace: &str, binding: &str) -> u64 {
+        self.rollouts_coalesced
+            .get(&BindingLabels {
+                namespace: namespace.to_owned(),
+                binding: binding.to_owned(),
+            })
+            .map(|c| c.get())
+            .unwrap_or(0)
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -190,6 +230,12 @@ mod tests {
         let m = Metrics::new();
         m.error(Reason::TooLarge);
         m.delivered("app", "shared", 3);
+        let web = BindingLabels {
+            namespace: "shop".into(),
+            binding: "web".into(),
+        };
+        m.rollouts_triggered.get_or_create(&web).inc();
+        m.rollouts_coalesced.get_or_create(&web).inc_by(9);
         let text = m.encode();
         for name in [
             "slipstream_errors_total{reason=\"TooLarge\"} 1",
@@ -197,9 +243,13 @@ mod tests {
             "slipstream_dropped_writes_total",
             "slipstream_status_writes_deferred_total",
             "slipstream_propagation_seconds_bucket",
+            "slipstream_rollouts_triggered_total{namespace=\"shop\",binding=\"web\"} 1",
+            "slipstream_rollouts_coalesced_total{namespace=\"shop\",binding=\"web\"} 9",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
         assert_eq!(m.delivered_count("app", "shared"), 3);
+        assert_eq!(m.rollout_count("shop", "web"), 1);
+        assert_eq!(m.coalesced_count("shop", "web"), 9);
     }
 }
