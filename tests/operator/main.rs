@@ -16,6 +16,7 @@ mod loose_crd;
 mod nats_cluster;
 mod ownership;
 mod resume;
+mod rollout;
 mod status;
 mod sync;
 
