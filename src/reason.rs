@@ -48,6 +48,8 @@ reasons! {
     Suspended,
     /// A resync could not tell deleted keys from aged-out ones.
     ResyncedWithoutPrune,
+    /// The workloads of `target.rollout` carry the content's digest.
+    RolledOut,
 
     // The KV layer (`KvError`).
     NotConnected,
@@ -72,6 +74,8 @@ reasons! {
     InvalidBucketName,
     InvalidPrefixes,
     InvalidTargetName,
+    /// `target.rollout` is malformed (interval, names, duplicates).
+    InvalidRollout,
     /// The object does not deserialize (an older or hand-edited CRD).
     InvalidSpec,
 
@@ -90,6 +94,8 @@ reasons! {
     Invalid,
     KubernetesError,
     StatusWriteFailed,
+    /// A workload named in `target.rollout` does not exist.
+    WorkloadNotFound,
 }
 
 impl fmt::Display for Reason {

@@ -6,7 +6,8 @@
 //! validation, worker lifecycle), [`finalizer`] (on before any write), [`worker`] (one per binding: catch-up,
 //! coalescing, the write path), [`decide`] (the write path's pure step),
 //! [`status`] (conditions, status writes, Events), [`hub`] (bucket watches),
-//! [`startup`] (the ConfigMaps read back in bulk at start).
+//! [`startup`] (the ConfigMaps read back in bulk at start), [`rollout`]
+//! (rolling the workloads that consume a binding's ConfigMap).
 
 pub mod context;
 pub mod decide;
@@ -14,6 +15,7 @@ pub mod finalizer;
 pub mod hub;
 pub mod listed;
 pub mod reconcile;
+pub mod rollout;
 pub mod startup;
 pub mod status;
 pub mod worker;

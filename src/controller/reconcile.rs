@@ -15,6 +15,7 @@ use tracing::{Instrument, info, warn};
 use super::{
     context::{Context, WorkerHandle, binding_key, target_of},
     finalizer::{self, FINALIZER},
+    rollout::{Plan, PlanError},
     status::{self, ConditionType, Health, publish_event, set_conditions, write_status},
     worker::Worker,
 };
@@ -54,6 +55,8 @@ enum Invalid {
     Spec(#[from] SpecError),
     #[error("{0}; nothing is read")]
     Denied(#[from] PolicyError),
+    #[error(transparent)]
+    Rollout(#[from] PlanError),
 }
 
 impl Invalid {
@@ -61,6 +64,7 @@ impl Invalid {
         match self {
             Invalid::Spec(e) => e.reason(),
             Invalid::Denied(e) => e.reason(),
+            Invalid::Rollout(e) => e.reason(),
         }
     }
 }
@@ -68,6 +72,7 @@ impl Invalid {
 /// Spec and access policy.
 fn validate(b: &ConfigBinding, policy: &AccessPolicy) -> Result<ProjectionRules, Invalid> {
     let rules = ProjectionRules::from_spec(&b.spec)?;
+    Plan::from_spec(&b.spec)?;
     policy.check(
         &b.namespace().unwrap_or_default(),
         &b.spec.bucket,

@@ -32,6 +32,10 @@ pub enum ConditionType {
     Reconciling,
     /// Retrying will not help: a human must change something.
     Stalled,
+    /// The workloads of `target.rollout` carry the content's digest
+    /// (`RolledOut`), or why not (`WorkloadNotFound`, `Forbidden`, ...).
+    /// Only on bindings that name workloads; Ready does not depend on it.
+    Rollout,
 }
 
 impl ConditionType {
@@ -40,6 +44,7 @@ impl ConditionType {
             ConditionType::Ready => "Ready",
             ConditionType::Reconciling => "Reconciling",
             ConditionType::Stalled => "Stalled",
+            ConditionType::Rollout => "Rollout",
         }
     }
 }
@@ -120,30 +125,7 @@ impl Health {
 pub fn set_conditions(status: &mut ConfigBindingStatus, health: &Health, generation: Option<i64>) {
     let now = now_rfc3339_seconds();
     let mut set = |type_: ConditionType, on: bool, reason: Reason, message: &str| {
-        let value = status_word(on);
-        match status
-            .conditions
-            .iter_mut()
-            .find(|c| c.type_ == type_.as_str())
-        {
-            Some(c) => {
-                if c.status != value {
-                    c.last_transition_time = Some(now.clone());
-                }
-                c.status = value.into();
-                c.reason = reason.as_str().into();
-                c.message = message.into();
-                c.observed_generation = generation;
-            }
-            None => status.conditions.push(Condition {
-                type_: type_.as_str().into(),
-                status: value.into(),
-                reason: reason.as_str().into(),
-                message: message.into(),
-                last_transition_time: Some(now.clone()),
-                observed_generation: generation,
-            }),
-        }
+        set_condition_at(status, type_, on, reason, message, generation, &now);
     };
     set(
         ConditionType::Ready,
@@ -168,6 +150,54 @@ pub fn set_conditions(status: &mut ConfigBindingStatus, health: &Health, generat
     }
 }
 
+/// Sets one condition; its transition time moves only when its status flips.
+pub fn set_condition(
+    status: &mut ConfigBindingStatus,
+    type_: ConditionType,
+    on: bool,
+    reason: Reason,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let now = now_rfc3339_seconds();
+    set_condition_at(status, type_, on, reason, message, generation, &now);
+}
+
+fn set_condition_at(
+    status: &mut ConfigBindingStatus,
+    type_: ConditionType,
+    on: bool,
+    reason: Reason,
+    message: &str,
+    generation: Option<i64>,
+    now: &str,
+) {
+    let value = status_word(on);
+    match status
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == type_.as_str())
+    {
+        Some(c) => {
+            if c.status != value {
+                c.last_transition_time = Some(now.to_owned());
+            }
+            c.status = value.into();
+            c.reason = reason.as_str().into();
+            c.message = message.into();
+            c.observed_generation = generation;
+        }
+        None => status.conditions.push(Condition {
+            type_: type_.as_str().into(),
+            status: value.into(),
+            reason: reason.as_str().into(),
+            message: message.into(),
+            last_transition_time: Some(now.to_owned()),
+            observed_generation: generation,
+        }),
+    }
+}
+
 /// Writes status with a merge patch; absent fields are cleared explicitly.
 pub async fn write_status(
     client: &kube::Client,
@@ -185,6 +215,7 @@ pub async fn write_status(
             "skippedCount",
             "skippedKeys",
             "lastForceSync",
+            "rollouts",
             "conditions",
         ] {
             map.entry(field).or_insert(serde_json::Value::Null);
@@ -208,6 +239,8 @@ pub enum Action {
     Validate,
     /// Syncing content.
     Sync,
+    /// Rolling the workloads of `target.rollout`.
+    Rollout,
 }
 
 impl Action {
@@ -215,6 +248,7 @@ impl Action {
         match self {
             Action::Validate => "Validate",
             Action::Sync => "Sync",
+            Action::Rollout => "Rollout",
         }
     }
 }

@@ -97,6 +97,10 @@ pub struct Metrics {
     pub errors: Family<ReasonLabels, Counter>,
     /// KV updates received from NATS, by bucket and watch kind.
     pub delivered: Family<DeliveryLabels, Counter>,
+    /// Workload rollouts written (`target.rollout`).
+    pub rollouts_triggered: Family<BindingLabels, Counter>,
+    /// Content changes that got no rollout of their own (coalesced into a later one).
+    pub rollouts_coalesced: Family<BindingLabels, Counter>,
     /// Writes a standby (not leader) skipped.
     pub dropped_writes: Counter,
     /// Status writes put off because ConfigMap writes held the API.
@@ -133,6 +137,8 @@ impl Metrics {
         let writes = Family::<BindingLabels, Counter>::default();
         let errors = Family::<ReasonLabels, Counter>::default();
         let delivered = Family::<DeliveryLabels, Counter>::default();
+        let rollouts_triggered = Family::<BindingLabels, Counter>::default();
+        let rollouts_coalesced = Family::<BindingLabels, Counter>::default();
         let dropped_writes = Counter::default();
         let deferred_status_writes = Counter::default();
         let deferred_bookkeeping_writes = Counter::default();
@@ -164,6 +170,16 @@ impl Metrics {
         );
         registry.register("configmap_writes", "ConfigMap writes", writes.clone());
         registry.register("errors", "Errors by reason", errors.clone());
+        registry.register(
+            "rollouts_triggered",
+            "Workload rollouts written (the pod-template digest annotation set)",
+            rollouts_triggered.clone(),
+        );
+        registry.register(
+            "rollouts_coalesced",
+            "Content changes coalesced into a later rollout by minInterval",
+            rollouts_coalesced.clone(),
+        );
         registry.register(
             "kv_updates_delivered",
             "KV updates received from NATS",
@@ -207,6 +223,8 @@ impl Metrics {
             writes,
             errors,
             delivered,
+            rollouts_triggered,
+            rollouts_coalesced,
             dropped_writes,
             deferred_status_writes,
             deferred_bookkeeping_writes,
@@ -246,6 +264,8 @@ impl Metrics {
         self.applied_cursor.remove(&labels);
         self.lag_revisions.remove(&labels);
         self.writes.remove(&labels);
+        self.rollouts_triggered.remove(&labels);
+        self.rollouts_coalesced.remove(&labels);
         self.ready.remove(&labels);
         for t in CONDITION_TYPES {
             self.conditions.remove(&condition_labels(&labels, t));
@@ -283,13 +303,17 @@ impl Metrics {
 
     /// ConfigMap writes of one binding so far.
     pub fn write_count(&self, namespace: &str, binding: &str) -> u64 {
-        self.writes
-            .get(&BindingLabels {
-                namespace: namespace.to_owned(),
-                binding: binding.to_owned(),
-            })
-            .map(|c| c.get())
-            .unwrap_or(0)
+        binding_count(&self.writes, namespace, binding)
+    }
+
+    /// Workload rollouts one binding wrote so far.
+    pub fn rollout_count(&self, namespace: &str, binding: &str) -> u64 {
+        binding_count(&self.rollouts_triggered, namespace, binding)
+    }
+
+    /// Content changes of one binding coalesced away so far.
+    pub fn coalesced_count(&self, namespace: &str, binding: &str) -> u64 {
+        binding_count(&self.rollouts_coalesced, namespace, binding)
     }
 
     /// The registry, to serve or encode.
@@ -309,6 +333,17 @@ fn condition_labels(labels: &BindingLabels, type_: &str) -> ConditionLabels {
         binding: labels.binding.clone(),
         r#type: type_.to_owned(),
     }
+}
+
+/// One binding's count in a per-binding counter family.
+fn binding_count(family: &Family<BindingLabels, Counter>, namespace: &str, binding: &str) -> u64 {
+    family
+        .get(&BindingLabels {
+            namespace: namespace.to_owned(),
+            binding: binding.to_owned(),
+        })
+        .map(|c| c.get())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

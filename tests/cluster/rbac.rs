@@ -4,12 +4,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use apiserver::real::{ControlPlane, Options};
-use k8s_openapi::api::{core::v1::ConfigMap, rbac::v1::ClusterRole};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::ConfigMap, rbac::v1::ClusterRole};
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, PostParams},
 };
-use slipstream::crd::ConfigBinding;
+use slipstream::{
+    controller::rollout::annotation_key, crd::ConfigBinding, sink::configmap::DIGEST_ANNOTATION,
+};
 
 use crate::support::*;
 
@@ -32,6 +34,14 @@ const OPERATOR_USES: &[(&str, &[&str])] = &[
     ),
     // kube-runtime's event Recorder writes events.k8s.io/v1 Events
     ("events.events.k8s.io", &["create", "patch"]),
+];
+
+/// What `rollout.enabled` adds: read a workload, then apply its one
+/// pod-template annotation.
+const ROLLOUT_USES: &[(&str, &[&str])] = &[
+    ("deployments.apps", &["get", "patch"]),
+    ("statefulsets.apps", &["get", "patch"]),
+    ("daemonsets.apps", &["get", "patch"]),
 ];
 
 /// What every authenticated user may do (the `system:basic-user` role).
@@ -322,4 +332,65 @@ async fn namespace_viewers_and_editors_get_configbindings_through_the_aggregated
         .map(|(user, verb, resource, want)| format!("{user} {verb} {resource}: want {want}"))
         .collect();
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// `rollout.enabled` grants get and patch on the apps workloads and nothing
+/// more, and that is enough: the binary, running as the release's
+/// ServiceAccount, rolls a Deployment without one refused request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_values_grant_workload_get_and_patch_and_that_suffices() {
+    let cp = ControlPlane::shared().await;
+    let release = tokio::task::block_in_place(|| {
+        let ns = format!("slipstream-rollout-{}", unique());
+        let release = Release::install(cp, "slipstream-rollout", &ns, &["rollout.enabled=true"]);
+        wait_crd_established(cp);
+        release
+    });
+    let ns = cp.create_namespace("rbac-rollout").await;
+    let admin = KubeconfigFile::admin(cp, &ns);
+    let user = format!("--as={}", release.service_account_user());
+    let list = admin
+        .kubectl(&["auth", "can-i", "--list", &user, "--namespace", &ns])
+        .unwrap();
+    let mut expected = rules_of(OPERATOR_USES);
+    expected.extend(rules_of(ROLLOUT_USES));
+    expected.extend(rules_of(EVERY_USER));
+    assert_eq!(resource_rules(&list), expected, "\n{list}");
+
+    let client = cp.client_in(&ns).await;
+    let deployment: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "app", "image": "busybox:1.36"}]},
+            },
+        },
+    }))
+    .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let (nats, bucket) = nats_with_bucket().await;
+    put(&bucket, "web.a", "1").await;
+    let kubeconfig = release.service_account_kubeconfig(cp, &ns).await;
+    let mut operator = Operator::start(&release, &kubeconfig, &nats.url(), &ns);
+    let spec = "bucket: app-config\nprefixes: [web.]\ntarget:\n  rollout:\n    workloads: [{kind: Deployment, name: web}]\n    minInterval: 1s";
+    create_binding(&client, &ns, "web", spec).await;
+    let cm = wait_data(&client, &ns, "web", &map(&[("web.a", "1")])).await;
+    let digest = cm.annotations()[DIGEST_ANNOTATION].clone();
+    let key = annotation_key("web");
+    eventually("the Deployment carries the digest", || async {
+        let d = deployments.get("web").await.ok()?;
+        let annotations = d.spec?.template.metadata?.annotations?;
+        (annotations.get(&key) == Some(&digest)).then_some(())
+    })
+    .await;
+    operator.assert_running();
+    let forbidden = operator.forbidden_lines();
+    assert!(forbidden.is_empty(), "{}", forbidden.join("\n"));
 }

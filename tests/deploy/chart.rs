@@ -126,6 +126,7 @@ pub(crate) const EVERYTHING_ON: &[&str] = &[
     "grafanaDashboard.enabled=true",
     "policy.namespaces.shop[0].bucket=app-config",
     "policy.namespaces.shop[0].prefixes[0]=web.",
+    "rollout.enabled=true",
 ];
 
 #[test]
@@ -206,6 +207,11 @@ fn rbac_grants_exactly_the_operator_verbs_and_no_wildcard() {
             &["get", "list", "watch", "create", "patch", "delete"],
         );
         allow("events.k8s.io", "events", &["create", "patch"]);
+        if sets.contains(&"rollout.enabled=true") {
+            for workload in ["deployments", "statefulsets", "daemonsets"] {
+                allow("apps", workload, &["get", "patch"]);
+            }
+        }
         assert_eq!(granted, expected);
 
         let binding = one(&docs, "ClusterRoleBinding");

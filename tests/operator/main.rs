@@ -17,6 +17,7 @@ mod nats_cluster;
 mod observability;
 mod ownership;
 mod resume;
+mod rollout;
 mod status;
 mod sync;
 

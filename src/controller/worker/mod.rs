@@ -42,6 +42,7 @@ use crate::{
 mod catchup;
 mod report;
 mod resume;
+mod rollout;
 mod write;
 
 use catchup::Catchup;
@@ -107,6 +108,8 @@ pub struct Worker {
     /// A `slipstream.io/force-sync` value to carry out: no resume from the
     /// ConfigMap, and one write of the full state even if nothing differs.
     force_sync: Option<String>,
+    /// `target.rollout`: the workloads rolled when the content changes.
+    rollout: Option<rollout::Rollouts>,
 }
 
 fn min_deadline(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -131,7 +134,15 @@ impl Worker {
         let namespace = binding.namespace().unwrap_or_default();
         let name = binding.name_any();
         let target = target_of(&binding);
-        let status = binding.status.clone().unwrap_or_default();
+        let mut status = binding.status.clone().unwrap_or_default();
+        // validated by reconcile before the worker starts
+        let plan = super::rollout::Plan::from_spec(&binding.spec)
+            .ok()
+            .flatten();
+        let rollout = plan.map(|p| rollout::Rollouts::new(p, &name));
+        let before = status.clone();
+        rollout::Rollouts::prune_status(rollout.as_ref(), &mut status);
+        let status_dirty_since = (status != before).then(Instant::now);
         Self {
             labels: BindingLabels {
                 namespace,
@@ -157,7 +168,7 @@ impl Worker {
             conflicts: 0,
             health: Health::from_status(&status),
             lingering: false,
-            status_dirty_since: None,
+            status_dirty_since,
             status_written_at: None,
             status_due: None,
             status_written_generation: status.observed_generation,
@@ -169,6 +180,7 @@ impl Worker {
             received: 0,
             finalized: finalizer::has(&binding),
             force_sync: binding.pending_force_sync().map(str::to_owned),
+            rollout,
             binding,
         }
     }
@@ -199,6 +211,7 @@ impl Worker {
         loop {
             let deadline =
                 min_deadline(min_deadline(self.flush_at, self.retry_at), self.status_due);
+            let rollout_due = self.rollout_due();
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     None => break,
@@ -226,6 +239,7 @@ impl Worker {
                         Box::pin(self.write_trailing_status()).await;
                     }
                 },
+                _ = sleep_until(rollout_due) => Box::pin(self.fire_rollouts()).await,
                 changed = gate.changed() => {
                     if changed.is_err() {
                         break;

@@ -118,6 +118,7 @@ impl Worker {
             Health::ok(Reason::Synced, message)
         };
         self.set_health(health).await;
+        self.offer_rollouts(content).await;
     }
 
     /// Records the condition in status. Written at once when readiness,

@@ -146,7 +146,8 @@ impl Registry {
                 true,
                 false,
             ),
-            // Served so deploy examples can be applied; no controller runs them.
+            // Served so deploy examples can be applied and rollouts patch
+            // their pod templates; no controller runs them.
             builtin(
                 "apps",
                 "v1",
@@ -156,6 +157,16 @@ impl Registry {
                 true,
                 true,
             ),
+            builtin(
+                "apps",
+                "v1",
+                "StatefulSet",
+                "statefulsets",
+                &["sts"],
+                true,
+                true,
+            ),
+            builtin("apps", "v1", "DaemonSet", "daemonsets", &["ds"], true, true),
             builtin(
                 "apiextensions.k8s.io",
                 "v1",

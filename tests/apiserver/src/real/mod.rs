@@ -38,7 +38,9 @@ pub const KUBERNETES_VERSION: &str = "v1.35.4";
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Also run kube-controller-manager with the garbage collector, the
-    /// namespace controller and the service-account controllers.
+    /// namespace controller, the service-account controllers and the
+    /// deployment controller (a changed pod template makes a new
+    /// ReplicaSet; no ReplicaSet controller, so no pods).
     pub controller_manager: bool,
     /// etcd fsyncs every write (off for tests: `--unsafe-no-fsync`; on for
     /// benchmarks that measure what a user's etcd costs).
@@ -199,7 +201,7 @@ impl ControlPlane {
                 "--bind-address=127.0.0.1".into(),
                 format!("--secure-port={}", free()?),
                 format!("--cert-dir={}", dir.join("kcm-certs").display()),
-                "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-token-controller,serviceaccount-controller,clusterrole-aggregation-controller".into(),
+                "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-token-controller,serviceaccount-controller,clusterrole-aggregation-controller,deployment-controller".into(),
                 format!("--service-account-private-key-file={}", p(&pki.sa_key_file)),
                 format!("--root-ca-file={}", p(&pki.ca_file)),
                 "--use-service-account-credentials=false".into(),

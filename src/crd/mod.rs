@@ -15,6 +15,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod rollout;
+pub use rollout::*;
+
 /// Longest NATS bucket name the operator accepts.
 pub const MAX_BUCKET_LEN: usize = 64;
 /// Most prefixes one binding may serve.
@@ -135,6 +138,10 @@ pub struct Target {
     /// What happens to the written keys when the binding is deleted.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Workloads (in the binding's namespace) to roll when the ConfigMap's
+    /// content changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -184,8 +191,16 @@ pub struct ConfigBindingStatus {
     /// The `slipstream.io/force-sync` value last carried out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_force_sync: Option<String>,
+    /// Per workload of `target.rollout`: the last content digest rolled and when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["kind", "name"]
+    ))]
+    pub rollouts: Vec<RolloutStatus>,
     /// `Ready` (content synced), `Reconciling` (working on it) and
-    /// `Stalled` (needs a human), with reason words; one of each type.
+    /// `Stalled` (needs a human), with reason words; one of each type;
+    /// `Rollout` when `target.rollout` names workloads.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend(
         "x-kubernetes-list-type" = "map",
@@ -198,7 +213,7 @@ pub struct ConfigBindingStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Ready`, `Reconciling` or `Stalled`.
+    /// `Ready`, `Reconciling`, `Stalled` or `Rollout`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
@@ -312,6 +327,18 @@ mod tests {
         assert_eq!(columns[6]["priority"], 1, "the message only in -o wide");
         assert_eq!(crd["spec"]["names"]["categories"][0], "slipstream");
         assert_eq!(props["prefixes"]["x-kubernetes-list-type"], "set");
+        let rollout = &props["target"]["properties"]["rollout"]["properties"];
+        let workload = &rollout["workloads"]["items"];
+        let fields: Vec<&String> = workload["properties"].as_object().unwrap().keys().collect();
+        assert_eq!(
+            fields,
+            ["kind", "name"],
+            "a workload cannot name a namespace"
+        );
+        // kept rather than pruned, so the operator can refuse it out loud
+        assert_eq!(workload["x-kubernetes-preserve-unknown-fields"], true);
+        assert_eq!(rollout["workloads"]["x-kubernetes-list-type"], "map");
+        assert_eq!(rollout["minInterval"]["default"], "30s");
         let conditions = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
             ["properties"]["conditions"];
         assert_eq!(conditions["x-kubernetes-list-type"], "map");
