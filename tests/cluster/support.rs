@@ -20,7 +20,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{ObjectMeta, PostParams},
+    api::{DeleteParams, ObjectMeta, PostParams},
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -382,6 +382,17 @@ impl Operator {
             .collect()
     }
 
+    /// Still running, and the API server refused it nothing.
+    pub fn assert_never_refused(&mut self) {
+        self.assert_running();
+        let forbidden = self.forbidden_lines();
+        assert!(
+            forbidden.is_empty(),
+            "the API server refused the operator:\n{}",
+            forbidden.join("\n")
+        );
+    }
+
     /// SIGKILL: nothing is cleaned up, finalizers stay.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -498,6 +509,26 @@ pub async fn wait_data(
             .filter(|cm| &data(cm) == want)
     })
     .await
+}
+
+/// Deletes binding `name` and waits until the finalizer has deleted its
+/// ConfigMap (of the same name) and let the binding go.
+pub async fn delete_binding_and_wait_gone(client: &Client, ns: &str, name: &str) {
+    let bindings: Api<ConfigBinding> = Api::namespaced(client.clone(), ns);
+    bindings
+        .delete(name, &DeleteParams::default())
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    eventually(
+        &format!("binding and ConfigMap {ns}/{name} gone"),
+        || async {
+            let gone = bindings.get_opt(name).await.unwrap().is_none()
+                && cms.get_opt(name).await.unwrap().is_none();
+            gone.then_some(())
+        },
+    )
+    .await;
 }
 
 /// Waits until the binding carries the operator's finalizer.

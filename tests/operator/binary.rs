@@ -16,7 +16,10 @@ use slipstream::kv::{
 };
 
 use crate::{
-    common::{free_port, http::http_get},
+    common::{
+        free_port,
+        http::{http_get, metric_f64},
+    },
     *,
 };
 
@@ -71,13 +74,9 @@ async fn scrape(port: u16) -> Option<String> {
     http_get(port, "/metrics", None).await.map(|a| a.body)
 }
 
+/// A counter or gauge of the exposition, as a whole number.
 fn metric(text: &str, line_prefix: &str) -> Option<u64> {
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))?
-        .rsplit(' ')
-        .next()?
-        .parse()
-        .ok()
+    metric_f64(text, line_prefix).map(|v| v as u64)
 }
 
 async fn kv_truth(kv: &NatsBucket) -> BTreeMap<String, String> {

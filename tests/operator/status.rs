@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use slipstream::kv::nats::NatsBucket;
+
 use crate::*;
 
 /// An in-process operator with its own status interval.
@@ -109,37 +111,57 @@ async fn condition_change_is_written_at_once_with_the_deferred_cursor() {
     wait_event(&env, "b", "KeyCollision").await;
 }
 
+/// Bindings that keep the API full in the tests below.
+const BUSY: usize = 8;
+
+/// Creates bindings `b0`..`b7` on prefixes `p0.`..`p7.` of bucket `app`,
+/// waits until they are synced by an operator started with one API permit
+/// (so any ConfigMap write in flight fills the API), then puts 40 ms of
+/// latency on every API write.
+async fn fill_the_api_with_bindings(env: &Env) {
+    for i in 0..BUSY {
+        env.create_binding(&format!("b{i}"), &format!("bucket: app\nprefixes: [p{i}.]"))
+            .await;
+    }
+    for i in 0..BUSY {
+        wait_reason(env, &format!("b{i}"), "Synced").await;
+    }
+    env.api
+        .faults()
+        .set_write_latency(Duration::from_millis(40));
+}
+
+/// Puts `rounds` new values into every busy binding, one round per 100 ms:
+/// 8 writes of 40 ms wanted per 100 ms keep the API full.
+async fn keep_the_api_full(kv: NatsBucket, rounds: u32) {
+    for round in 1..=rounds {
+        for i in 0..BUSY {
+            put(&kv, &format!("p{i}.k"), &round.to_string()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Bucket `app` with one key under each busy binding's prefix.
+async fn busy_bucket(env: &Env) -> NatsBucket {
+    let kv = env.bucket("app").await;
+    for i in 0..BUSY {
+        put(&kv, &format!("p{i}.k"), "0").await;
+    }
+    kv
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_waits_while_configmap_writes_fill_the_api_then_mirrors_every_cursor() {
     let env = Env::start().await;
-    let kv = env.bucket("app").await;
-    let n = 8;
-    for i in 0..n {
-        put(&kv, &format!("p{i}.k"), "0").await;
-    }
-    // one API permit: any ConfigMap write in flight fills the API
+    let kv = busy_bucket(&env).await;
     let op = env
         .operator_builder()
         .status_interval(Duration::from_millis(200))
         .api_concurrency(1)
         .start();
-    for i in 0..n {
-        env.create_binding(&format!("b{i}"), &format!("bucket: app\nprefixes: [p{i}.]"))
-            .await;
-    }
-    for i in 0..n {
-        wait_reason(&env, &format!("b{i}"), "Synced").await;
-    }
-    // every binding stays dirty: 8 writes of 40 ms wanted per 100 ms
-    env.api
-        .faults()
-        .set_write_latency(Duration::from_millis(40));
-    for round in 1..=20 {
-        for i in 0..n {
-            put(&kv, &format!("p{i}.k"), &round.to_string()).await;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    fill_the_api_with_bindings(&env).await;
+    keep_the_api_full(kv.clone(), 20).await;
     let deferred = op.metrics.deferred_status_writes.get();
     assert!(
         deferred > 0,
@@ -147,7 +169,7 @@ async fn status_waits_while_configmap_writes_fill_the_api_then_mirrors_every_cur
     );
     env.api.faults().set_write_latency(Duration::ZERO);
     // with the API free again every status catches up with its ConfigMap
-    for i in 0..n {
+    for i in 0..BUSY {
         let name = format!("b{i}");
         let key = format!("p{i}.k");
         let cm = wait_data(&env, &name, &map(&[(key.as_str(), "20")])).await;
@@ -164,36 +186,11 @@ async fn status_waits_while_configmap_writes_fill_the_api_then_mirrors_every_cur
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_bindings_finalizer_gives_way_to_live_data_writes_then_it_syncs() {
     let env = Env::start().await;
-    let kv = env.bucket("app").await;
-    let n = 8;
-    for i in 0..n {
-        put(&kv, &format!("p{i}.k"), "0").await;
-    }
+    let kv = busy_bucket(&env).await;
     put(&kv, "late.k", "1").await;
-    // one API permit: any ConfigMap write in flight fills the API
     let op = env.operator_builder().api_concurrency(1).start();
-    for i in 0..n {
-        env.create_binding(&format!("b{i}"), &format!("bucket: app\nprefixes: [p{i}.]"))
-            .await;
-    }
-    for i in 0..n {
-        wait_reason(&env, &format!("b{i}"), "Synced").await;
-    }
-    // 8 writes of 40 ms wanted per 100 ms: the API stays full
-    env.api
-        .faults()
-        .set_write_latency(Duration::from_millis(40));
-    let load = {
-        let kv = kv.clone();
-        tokio::spawn(async move {
-            for round in 1..=30 {
-                for i in 0..n {
-                    put(&kv, &format!("p{i}.k"), &round.to_string()).await;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    fill_the_api_with_bindings(&env).await;
+    let load = tokio::spawn(keep_the_api_full(kv.clone(), 30));
     tokio::time::sleep(Duration::from_millis(300)).await;
     env.create_binding("late", "bucket: app\nprefixes: [late.]")
         .await;
