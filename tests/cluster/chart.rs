@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use apiserver::real::ControlPlane;
 use k8s_openapi::api::{core::v1::ConfigMap, events::v1::Event};
 use kube::{Api, api::DeleteParams};
-use slipstream::crd::ConfigBinding;
+use slipstream::{crd::ConfigBinding, kv::KvWriter};
 
 use crate::support::*;
 
@@ -167,7 +167,7 @@ async fn operator_as_the_charts_service_account_syncs_a_binding_end_to_end_witho
         &admin,
         &ns,
         "web",
-        "bucket: app-config\nprefixes: [web.]\nstripPrefix: true",
+        "bucket: app-config\nprefixes: [web.]\nstripPrefix: true\nkeyPolicy: Fail",
     )
     .await;
     wait_data(&admin, &ns, "web", &map(&[("greeting", "hello")])).await;
@@ -185,14 +185,27 @@ async fn operator_as_the_charts_service_account_syncs_a_binding_end_to_end_witho
     )
     .await;
 
-    // the Ready condition went out as an Event (events.k8s.io)
+    // A failure and the recovery from it go out as Events (events.k8s.io;
+    // a first sync makes none): a key keyPolicy Fail refuses, then its delete.
     let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
-    eventually("a Synced event for the binding", || async {
-        let list = events.list(&Default::default()).await.unwrap();
-        list.items.into_iter().find(|e| {
-            e.reason.as_deref() == Some("Synced")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web")
-        })
+    let event_for_web = |reason: &'static str| {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await.unwrap();
+            list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web")
+            })
+        }
+    };
+    put(&bucket, "web.a/b", "refused").await;
+    eventually("an InvalidKey event for the binding", || {
+        event_for_web("InvalidKey")
+    })
+    .await;
+    bucket.delete("web.a/b").await.unwrap();
+    eventually("a Synced (recovered) event for the binding", || {
+        event_for_web("Synced")
     })
     .await;
 
