@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use apiserver::real::ControlPlane;
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
+use slipstream::kv::KvWriter;
 
 use crate::support::*;
 
@@ -166,7 +167,7 @@ async fn operator_as_the_charts_service_account_syncs_a_binding_end_to_end_witho
         &admin,
         &ns,
         "web",
-        "bucket: app-config\nprefixes: [web.]\nstripPrefix: true",
+        "bucket: app-config\nprefixes: [web.]\nstripPrefix: true\nkeyPolicy: Fail",
     )
     .await;
     wait_data(&admin, &ns, "web", &map(&[("greeting", "hello")])).await;
@@ -184,22 +185,27 @@ async fn operator_as_the_charts_service_account_syncs_a_binding_end_to_end_witho
     )
     .await;
 
-    // a failure goes out as an Event (events.k8s.io): the service account may
-    // write them (a first sync publishes none, so a missing bucket makes one)
-    create_binding(
-        &admin,
-        &ns,
-        "lost",
-        "bucket: no-such-bucket\nprefixes: [web.]",
-    )
-    .await;
+    // A failure and the recovery from it go out as Events (events.k8s.io;
+    // a first sync makes none): a key keyPolicy Fail refuses, then its delete.
     let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
-    eventually("a BucketNotFound event for the binding", || async {
-        let list = events.list(&Default::default()).await.unwrap();
-        list.items.into_iter().find(|e| {
-            e.reason.as_deref() == Some("BucketNotFound")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("lost")
-        })
+    let event_for_web = |reason: &'static str| {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await.unwrap();
+            list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web")
+            })
+        }
+    };
+    put(&bucket, "web.a/b", "refused").await;
+    eventually("an InvalidKey event for the binding", || {
+        event_for_web("InvalidKey")
+    })
+    .await;
+    bucket.delete("web.a/b").await.unwrap();
+    eventually("a Synced (recovered) event for the binding", || {
+        event_for_web("Synced")
     })
     .await;
 
