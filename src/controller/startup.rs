@@ -10,9 +10,11 @@
 //! takes it (a page at a time, so a restart never holds every ConfigMap at
 //! once when workers are waiting); whatever is left is dropped at the end
 //! of the window. A name not in the finished list is absent, unless it is a
-//! ConfigMap without our label: the create that follows then fails with
-//! 409 and the worker reads it, as after any lost race. After the window, or
-//! when the list fails, workers read their ConfigMap with a GET as before.
+//! ConfigMap without our label: for an Owner target the create that follows
+//! then fails with 409 and the worker reads it, as after any lost race; a
+//! Merge target (someone else's ConfigMap, unlabelled until our first write)
+//! is always read with a GET. After the window, or when the list fails,
+//! workers read their ConfigMap with a GET as before.
 
 use std::{
     collections::{HashMap, HashSet},

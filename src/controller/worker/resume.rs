@@ -34,6 +34,9 @@ impl Worker {
             .await;
         let mut listed = match listed {
             Listed::Found(cm) => Some(Some(*cm)),
+            // a Merge target is someone else's ConfigMap until we first
+            // write it: not carrying our label yet, the list cannot see it
+            Listed::Absent if self.target.policy == CreationPolicy::Merge => None,
             Listed::Absent => Some(None),
             Listed::Unknown => None,
         };
