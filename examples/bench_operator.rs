@@ -3,7 +3,8 @@
 //! with `SLIPSTREAM_TEST_APISERVER=real`), with a few ms of write latency
 //! added. Prints a table; asserts nothing.
 //!
-//! `cargo run --release --example bench_operator`
+//! `cargo run --release --example bench_operator` (`-- rollouts`: only the
+//! rollout table)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../tests/common/mod.rs"]
@@ -179,6 +180,124 @@ async fn writes_per_update_in_a_burst() -> (u64, f64) {
     (writes, writes as f64 / 10_000.0)
 }
 
+/// What one rollout burst measured.
+struct RolloutBurst {
+    min_interval: Duration,
+    updates: u64,
+    burst: Duration,
+    configmap_writes: u64,
+    rollouts: u64,
+    coalesced: u64,
+}
+
+/// A binding with `target.rollout` on one Deployment; 10,000 updates
+/// spread over about 10 s (1,000/s, in batches of 100), then the count of
+/// rollouts next to the ConfigMap writes (what a restart per ConfigMap
+/// change would do) and the updates (a restart per update).
+async fn rollouts_in_a_burst(min_interval: &str) -> RolloutBurst {
+    let (env, kv) = setup().await;
+    let op = start_operator(&env);
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web"},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {"containers": [{"name": "app", "image": "busybox:1.36"}]},
+                },
+            },
+        }))
+        .unwrap();
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(env.client.clone(), env.ns())
+        .create(&Default::default(), &deployment)
+        .await
+        .unwrap();
+    env.create_binding(
+        "roll",
+        &format!(
+            "bucket: bench\nprefixes: [roll.]\ntarget:\n  rollout:\n    workloads: [{{kind: Deployment, name: web}}]\n    minInterval: {min_interval}"
+        ),
+    )
+    .await;
+    kv.put("roll.seed", Bytes::from("0")).await.unwrap();
+    let metrics = op.metrics.clone();
+    wait_until(
+        || metrics.rollout_count(env.ns(), "roll") >= 1,
+        Duration::from_secs(20),
+    )
+    .await;
+    let (writes0, rollouts0, coalesced0) = (
+        metrics.write_count(env.ns(), "roll"),
+        metrics.rollout_count(env.ns(), "roll"),
+        metrics.coalesced_count(env.ns(), "roll"),
+    );
+    let start = Instant::now();
+    let updates = 10_000u32;
+    for batch in 0..updates / 100 {
+        let puts = (0..100).map(|j| {
+            let i = batch * 100 + j;
+            let kv = &kv;
+            async move {
+                kv.put(&format!("roll.k{}", i % 500), Bytes::from(i.to_string()))
+                    .await
+            }
+        });
+        futures::future::join_all(puts).await;
+        let next = start + Duration::from_millis(100 * u64::from(batch + 1));
+        tokio::time::sleep_until(next.into()).await;
+    }
+    let cms = env.configmaps();
+    let last = (updates - 1).to_string();
+    loop {
+        let cm = cms.get("roll").await.unwrap();
+        let d = cm.data.unwrap_or_default();
+        if d.get(&format!("roll.k{}", (updates - 1) % 500)) == Some(&last) {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(90) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let burst = start.elapsed();
+    // the trailing rollout comes at most one interval later
+    let interval = slipstream::util::duration::parse_duration(min_interval).unwrap();
+    tokio::time::sleep(interval + Duration::from_secs(1)).await;
+    let result = RolloutBurst {
+        min_interval: interval,
+        updates: u64::from(updates),
+        burst,
+        configmap_writes: metrics.write_count(env.ns(), "roll") - writes0,
+        rollouts: metrics.rollout_count(env.ns(), "roll") - rollouts0,
+        coalesced: metrics.coalesced_count(env.ns(), "roll") - coalesced0,
+    };
+    drop(op);
+    result
+}
+
+fn print_rollout_table(runs: &[RolloutBurst]) {
+    println!(
+        "| minInterval | updates | burst (first put -> ConfigMap final) | restart per update | restart per ConfigMap change | Slipstream rollouts | bound ceil(D/minInterval)+1 | coalesced |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in runs {
+        let bound = (r.burst.as_secs_f64() / r.min_interval.as_secs_f64()).ceil() as u64 + 1;
+        println!(
+            "| {:?} | {} | {:.1} s | {} | {} | {} | {} | {} |",
+            r.min_interval,
+            r.updates,
+            r.burst.as_secs_f64(),
+            r.updates,
+            r.configmap_writes,
+            r.rollouts,
+            bound,
+            r.coalesced
+        );
+    }
+}
+
 async fn restart_after_100_changes_on_100k_keys() -> (u64, Duration) {
     let (env, kv) = setup().await;
     let mut acks = Vec::new();
@@ -251,6 +370,14 @@ async fn restart_after_100_changes_on_100k_keys() -> (u64, Duration) {
 
 #[tokio::main]
 async fn main() {
+    let rollouts = vec![
+        rollouts_in_a_burst("2s").await,
+        rollouts_in_a_burst("5s").await,
+    ];
+    if std::env::args().any(|a| a == "rollouts") {
+        print_rollout_table(&rollouts);
+        return;
+    }
     let (p50, p99, n) = latency_at_200_per_second().await;
     let (writes, per_update) = writes_per_update_in_a_burst().await;
     let (delivered, took) = restart_after_100_changes_on_100k_keys().await;
@@ -276,4 +403,6 @@ async fn main() {
         "| restart after 100 changes on 100k keys: time to caught up | {:.0} ms |",
         ms(took)
     );
+    println!();
+    print_rollout_table(&rollouts);
 }

@@ -19,7 +19,7 @@ async fn kubectl_explain_shows_the_target_field_docs_from_the_rust_types() {
     let release = default_release().await;
     let admin = KubeconfigFile::admin(cp, &release.namespace);
 
-    // the doc comments of `Target` in src/crd.rs, as the generated CRD carries them
+    // the doc comments of `Target` in src/crd/mod.rs, as the generated CRD carries them
     let crd = serde_json::to_value(ConfigBinding::crd()).unwrap();
     let target = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
         ["target"];

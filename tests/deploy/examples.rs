@@ -91,6 +91,11 @@ fn example_pods_consume_what_the_example_binding_produces() {
         env["containers"][0]["envFrom"][0]["configMapRef"]["name"],
         target.as_str()
     );
+    // environment is read at start: the binding rolls that Deployment
+    let rollout = cb.spec.target.rollout.clone().expect("target.rollout");
+    let envfrom = find("deployment-envfrom.yaml");
+    assert_eq!(rollout.workloads[0].kind.as_str(), envfrom["kind"]);
+    assert_eq!(rollout.workloads[0].name, envfrom["metadata"]["name"]);
 
     let sidecar = pod("sidecar-sync.yaml");
     let inits = sidecar["initContainers"].as_array().unwrap();

@@ -78,7 +78,8 @@ kubectl -n nats rollout status deploy/nats --timeout=180s
 step "chart (2 replicas, leader election)"
 helm install slipstream "$root/charts/slipstream" -n slipstream-system --create-namespace \
   --set image.repository=slipstream --set image.tag=e2e --set image.pullPolicy=Never \
-  --set nats.url=nats://nats.nats.svc:4222 --set logFormat=text --wait --timeout 180s
+  --set nats.url=nats://nats.nats.svc:4222 --set logFormat=text --set rollout.enabled=true \
+  --wait --timeout 180s
 
 step "bucket, keys and the example binding"
 kv --bucket app-config create-bucket

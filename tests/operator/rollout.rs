@@ -459,3 +459,41 @@ async fn suspend_stops_rollouts_and_resume_rolls_the_latest() {
     let cm = wait_data(&env, "web", &map(&[("web.a", "2")])).await;
     wait_template(&env, "Deployment", "web", "web", &cm_digest(&cm)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_min_interval_that_is_no_duration_is_refused_by_the_schema() {
+    let env = Env::start().await;
+    let spec: slipstream::crd::ConfigBindingSpec =
+        serde_yaml::from_str(&spec("web.", "[{kind: Deployment, name: web}]", "soon")).unwrap();
+    let err = env
+        .bindings()
+        .create(&PostParams::default(), &ConfigBinding::new("web", spec))
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(status.code, 422);
+    assert!(status.message.contains("minInterval"), "{}", status.message);
+}
+
+/// Emulator only: the real server refuses a duplicate key of a list-map
+/// itself; the operator's own check gives the same answer elsewhere.
+mod emulator_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_workload_named_twice_is_refused_by_the_operator() {
+        let env = Env::start().await;
+        let kv = env.bucket("app").await;
+        put(&kv, "web.a", "1").await;
+        let _op = env.operator();
+        let twice = "[{kind: Deployment, name: web}, {kind: Deployment, name: web}]";
+        env.create_binding("web", &spec("web.", twice, "1s")).await;
+        let b = wait_reason(&env, "web", "InvalidRollout").await;
+        let ready = b.status.unwrap().condition("Ready").unwrap().clone();
+        assert!(ready.message.contains("twice"), "{}", ready.message);
+        wait_event(&env, "web", "InvalidRollout").await;
+        assert!(env.cm("web").await.is_none());
+    }
+}

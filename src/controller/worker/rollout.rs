@@ -195,7 +195,10 @@ impl Worker {
                 Outcome::Standby => t.coalescer.forget(),
                 Outcome::Failed(failure) => {
                     self.ctx.metrics.error(failure.reason);
-                    warn!(binding = %self.labels.binding, kind = %t.workload.kind, name = %t.workload.name, reason = failure.reason.as_str(), message = %failure.message, "rollout not written");
+                    // logged when it starts or changes, not at every retry
+                    if t.failure.as_ref() != Some(&failure) {
+                        warn!(binding = %self.labels.binding, kind = %t.workload.kind, name = %t.workload.name, reason = failure.reason.as_str(), message = %failure.message, "rollout not written; retrying");
+                    }
                     t.coalescer.retry(&digest, Instant::now() + RETRY_AFTER);
                     t.failure = Some(failure);
                 }
