@@ -59,6 +59,10 @@ async fn merge_refuses_a_key_another_field_manager_owns_and_never_deletes_it() {
         message.contains("\"a\"") && message.contains("kubectl-create"),
         "the condition names the key and its manager: {message}"
     );
+    assert!(
+        !message.contains("\"secret\""),
+        "a key the binding never writes is no refusal: {message}"
+    );
     wait_event(&env, "merge", "KeyOwnedByOther").await;
     let want = map(&[("secret", "keep"), ("a", "theirs"), ("b", "1")]);
     wait_data(&env, "shared", &want).await;
@@ -75,6 +79,24 @@ async fn merge_refuses_a_key_another_field_manager_owns_and_never_deletes_it() {
     wait_binding_gone(&env, "merge").await;
     wait_data(&env, "shared", &map(&[("secret", "keep"), ("a", "theirs")])).await;
 }
+/// Another manager's keys that the binding has no entry for are simply
+/// left alone: the binding is Ready and Synced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_into_a_configmap_with_other_managers_keys_is_synced() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "m.a", "mine").await;
+    create_cm_as(&env, "kubectl-create", "shared", &[("theirs", "kept")]).await;
+    let _op = env.operator();
+    env.create_binding(
+        "merge",
+        "bucket: app\nprefixes: [m.]\ntarget: {name: shared, creationPolicy: Merge}",
+    )
+    .await;
+    wait_reason(&env, "merge", "Synced").await;
+    wait_data(&env, "shared", &map(&[("theirs", "kept"), ("m.a", "mine")])).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_target_name_applies_the_deletion_policy_to_the_old_target() {
     let env = Env::start().await;

@@ -88,6 +88,31 @@ impl Worker {
         }
     }
 
+    /// The refused keys this binding has an entry for: another manager's
+    /// keys it would never write are no concern of its condition.
+    fn written_by_us(
+        &self,
+        entries: &BTreeMap<String, Bytes>,
+        refused: Vec<(String, String)>,
+    ) -> Vec<(String, String)> {
+        if refused.is_empty() {
+            return refused;
+        }
+        let mut wanted = vec![false; refused.len()];
+        for kv_key in entries.keys() {
+            if let KeyDecision::Mapped(cm_key) = self.rules.map_key(kv_key)
+                && let Ok(i) = refused.binary_search_by(|(k, _)| k.as_str().cmp(&cm_key))
+            {
+                wanted[i] = true;
+            }
+        }
+        refused
+            .into_iter()
+            .zip(wanted)
+            .filter_map(|(key, wanted)| wanted.then_some(key))
+            .collect()
+    }
+
     /// The write path: build the content, [`decide`] what to do with it,
     /// do it, report it. Reads the ConfigMap (or the binding named in its
     /// claim) only when the decision asks for it.
@@ -147,7 +172,7 @@ impl Worker {
                 decision => break decision,
             }
         };
-        self.refused = refused;
+        self.refused = self.written_by_us(entries, refused);
         let write = match decision {
             Decision::Observe(_) => return,
             Decision::Refuse(refusal) => return self.refused(refusal).await,
