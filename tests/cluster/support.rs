@@ -307,8 +307,10 @@ impl Operator {
     /// release's rendered Deployment, outside the cluster: only what cannot
     /// hold on this machine changes (the NATS URL, a free loopback port for
     /// `/metrics`, the downward-API fields filled in as the kubelet would),
-    /// plus `--namespace` so parallel tests do not meet. `RUST_LOG` adds the
-    /// controller's debug lines, where a refused Event would show.
+    /// plus `--namespace` so parallel tests do not meet. The log level adds
+    /// the controller's debug lines, where a refused Event would show (set as
+    /// `SLIPSTREAM_LOG_LEVEL`, which wins over `RUST_LOG` and over the
+    /// chart's own level).
     pub fn start(
         release: &Release,
         kubeconfig_yaml: &str,
@@ -352,7 +354,7 @@ impl Operator {
             .env_clear()
             .envs(&env)
             .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "info,slipstream=debug")
+            .env("SLIPSTREAM_LOG_LEVEL", "info,slipstream=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

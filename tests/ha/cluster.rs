@@ -252,10 +252,11 @@ impl Replica {
             .map_while(Result::ok)
             .filter_map(|line| {
                 let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-                let msg = v["fields"]["message"].as_str()?;
+                // JSON lines are flat: `message` at the top level
+                let msg = v["message"].as_str()?;
                 let opened = if msg.starts_with("leadership acquired") {
                     true
-                } else if msg.starts_with("leadership lost") {
+                } else if msg.starts_with("leadership lost") || msg.starts_with("shutting down") {
                     false
                 } else {
                     return None;
