@@ -188,6 +188,8 @@ struct RolloutBurst {
     configmap_writes: u64,
     rollouts: u64,
     coalesced: u64,
+    /// The Deployment carries the digest of the ConfigMap's final content.
+    last_rolled: bool,
 }
 
 /// A binding with `target.rollout` on one Deployment; 10,000 updates
@@ -265,6 +267,23 @@ async fn rollouts_in_a_burst(min_interval: &str) -> RolloutBurst {
     // the trailing rollout comes at most one interval later
     let interval = slipstream::util::duration::parse_duration(min_interval).unwrap();
     tokio::time::sleep(interval + Duration::from_secs(1)).await;
+    let cm = cms.get("roll").await.unwrap();
+    let final_digest = cm.metadata.annotations.unwrap_or_default()
+        [slipstream::sink::configmap::DIGEST_ANNOTATION]
+        .clone();
+    let deployment =
+        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(env.client.clone(), env.ns())
+            .get("web")
+            .await
+            .unwrap();
+    let carried = deployment
+        .spec
+        .and_then(|s| s.template.metadata)
+        .and_then(|m| m.annotations)
+        .and_then(|a| {
+            a.get(&slipstream::controller::rollout::annotation_key("roll"))
+                .cloned()
+        });
     let result = RolloutBurst {
         min_interval: interval,
         updates: u64::from(updates),
@@ -272,6 +291,7 @@ async fn rollouts_in_a_burst(min_interval: &str) -> RolloutBurst {
         configmap_writes: metrics.write_count(env.ns(), "roll") - writes0,
         rollouts: metrics.rollout_count(env.ns(), "roll") - rollouts0,
         coalesced: metrics.coalesced_count(env.ns(), "roll") - coalesced0,
+        last_rolled: carried == Some(final_digest),
     };
     drop(op);
     result
@@ -279,13 +299,13 @@ async fn rollouts_in_a_burst(min_interval: &str) -> RolloutBurst {
 
 fn print_rollout_table(runs: &[RolloutBurst]) {
     println!(
-        "| minInterval | updates | burst (first put -> ConfigMap final) | restart per update | restart per ConfigMap change | Slipstream rollouts | bound ceil(D/minInterval)+1 | coalesced |"
+        "| minInterval | updates | burst (first put -> ConfigMap final) | restart per update | restart per ConfigMap change | Slipstream rollouts | bound ceil(D/minInterval)+1 | coalesced | last content rolled |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in runs {
         let bound = (r.burst.as_secs_f64() / r.min_interval.as_secs_f64()).ceil() as u64 + 1;
         println!(
-            "| {:?} | {} | {:.1} s | {} | {} | {} | {} | {} |",
+            "| {:?} | {} | {:.1} s | {} | {} | {} | {} | {} | {} |",
             r.min_interval,
             r.updates,
             r.burst.as_secs_f64(),
@@ -293,7 +313,8 @@ fn print_rollout_table(runs: &[RolloutBurst]) {
             r.configmap_writes,
             r.rollouts,
             bound,
-            r.coalesced
+            r.coalesced,
+            if r.last_rolled { "yes" } else { "no" }
         );
     }
 }

@@ -295,6 +295,39 @@ async fn unchanged_content_a_restart_and_a_failover_roll_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_to_the_interval_of_the_last_rollout() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "web.a", "1").await;
+    create_workload(&env, "Deployment", "web").await;
+    let op = env.operator();
+    env.create_binding(
+        "web",
+        &spec("web.", "[{kind: Deployment, name: web}]", "4s"),
+    )
+    .await;
+    let cm = wait_data(&env, "web", &map(&[("web.a", "1")])).await;
+    wait_template(&env, "Deployment", "web", "web", &cm_digest(&cm)).await;
+    let rolled = Instant::now();
+    eventually("status.rollouts written", || async {
+        let b = env.binding("web").await;
+        (!b.status?.rollouts.is_empty()).then_some(())
+    })
+    .await;
+    op.kill();
+    let _op = env.operator();
+    put(&kv, "web.a", "2").await;
+    let cm = wait_data(&env, "web", &map(&[("web.a", "2")])).await;
+    wait_template(&env, "Deployment", "web", "web", &cm_digest(&cm)).await;
+    // status times have whole seconds: the interval may start up to 1 s early
+    assert!(
+        rolled.elapsed() >= Duration::from_secs(3),
+        "rolled again {:?} after the last rollout",
+        rolled.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_gives_at_most_one_rollout_per_min_interval_plus_the_last() {
     let env = Env::start().await;
     let kv = env.bucket("app").await;

@@ -48,6 +48,16 @@ impl Coalescer {
         }
     }
 
+    /// A coalescer whose last rollout was at `last_roll` (one an earlier
+    /// process made, read back from status): a restart or a failover keeps
+    /// to the interval too.
+    pub fn resumed(min_interval: Duration, last_roll: Option<Instant>) -> Self {
+        Self {
+            last_roll,
+            ..Self::new(min_interval)
+        }
+    }
+
     /// The content changed to `digest` at `now`.
     pub fn offer(&mut self, digest: &str, now: Instant) -> Offer {
         if self.known.as_deref() == Some(digest) {
@@ -211,6 +221,18 @@ mod tests {
         assert_eq!(c.offer("b", Instant::now()), Offer::Nothing);
         assert_eq!(c.due(), None);
         assert_eq!(c.take_coalesced(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_coalescer_keeps_to_the_interval_of_the_last_rollout() {
+        let now = Instant::now();
+        let mut c = Coalescer::resumed(MIN, Some(now));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            c.offer("a", Instant::now()),
+            Offer::Later(now + MIN),
+            "a rollout 2 s ago: the next waits 3 s more"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -139,7 +139,7 @@ impl Worker {
         let plan = super::rollout::Plan::from_spec(&binding.spec)
             .ok()
             .flatten();
-        let rollout = plan.map(|p| rollout::Rollouts::new(p, &name));
+        let rollout = plan.map(|p| rollout::Rollouts::new(p, &name, &status));
         let before = status.clone();
         rollout::Rollouts::prune_status(rollout.as_ref(), &mut status);
         let status_dirty_since = (status != before).then(Instant::now);

@@ -32,6 +32,16 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Re-reads after a 409 (the workload changed between read and apply).
 const CONFLICT_RETRIES: usize = 3;
 
+/// `time` (RFC 3339, from status) on this process's monotonic clock;
+/// `None` when unreadable or in the future.
+fn instant_of_rfc3339(time: &str) -> Option<Instant> {
+    let t =
+        time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339).ok()?;
+    let age = time::OffsetDateTime::now_utc() - t;
+    let age = Duration::try_from(age).ok()?;
+    Instant::now().checked_sub(age)
+}
+
 /// Why a workload does not carry the content's digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Failure {
@@ -55,7 +65,16 @@ pub(super) struct Rollouts {
 }
 
 impl Rollouts {
-    pub(super) fn new(plan: Plan, binding: &str) -> Self {
+    /// The rollout state for `plan`; the last rollouts recorded in `status`
+    /// (by this or an earlier process) start each interval.
+    pub(super) fn new(plan: Plan, binding: &str, status: &ConfigBindingStatus) -> Self {
+        let last_roll = |w: &WorkloadRef| {
+            let r = status
+                .rollouts
+                .iter()
+                .find(|r| r.kind == w.kind && r.name == w.name)?;
+            instant_of_rfc3339(&r.time)
+        };
         Self {
             annotation: annotation_key(binding),
             field_manager: field_manager(binding),
@@ -63,8 +82,8 @@ impl Rollouts {
                 .workloads
                 .into_iter()
                 .map(|workload| Target {
+                    coalescer: Coalescer::resumed(plan.min_interval, last_roll(&workload)),
                     workload,
-                    coalescer: Coalescer::new(plan.min_interval),
                     failure: None,
                 })
                 .collect(),
