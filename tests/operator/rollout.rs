@@ -6,11 +6,13 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, ResourceExt,
     api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
+use slipstream::kv::nats::NatsBucket;
 use slipstream::{
     controller::rollout::annotation_key, crd::ConfigBinding, sink::configmap::DIGEST_ANNOTATION,
 };
@@ -21,6 +23,28 @@ use crate::*;
 fn workloads(env: &Env, kind: &str, ns: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("apps", "v1", kind);
     Api::namespaced_with(env.client.clone(), ns, &ApiResource::from_gvk(&gvk))
+}
+
+/// Bucket `app` holding `key` = `value`, a Deployment `web`, an operator,
+/// and binding `web` (prefix `web.`) rolling the Deployment at most once per
+/// `interval`; returns once the ConfigMap holds the value.
+async fn deployment_rolled_by_web(
+    env: &Env,
+    key: &str,
+    value: &str,
+    interval: &str,
+) -> (NatsBucket, Operator, ConfigMap) {
+    let kv = env.bucket("app").await;
+    put(&kv, key, value).await;
+    create_workload(env, "Deployment", "web").await;
+    let op = env.operator();
+    env.create_binding(
+        "web",
+        &spec("web.", "[{kind: Deployment, name: web}]", interval),
+    )
+    .await;
+    let cm = wait_data(env, "web", &map(&[(key, value)])).await;
+    (kv, op, cm)
 }
 
 /// A minimal valid workload of `kind` (Deployment, StatefulSet, DaemonSet).
@@ -230,16 +254,7 @@ async fn a_content_change_rolls_each_workload_with_an_annotation_only_apply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unchanged_content_a_restart_and_a_failover_roll_nothing() {
     let env = Env::start().await;
-    let kv = env.bucket("app").await;
-    put(&kv, "web.greeting", "hello").await;
-    create_workload(&env, "Deployment", "web").await;
-    let op = env.operator();
-    env.create_binding(
-        "web",
-        &spec("web.", "[{kind: Deployment, name: web}]", "100ms"),
-    )
-    .await;
-    let cm = wait_data(&env, "web", &map(&[("web.greeting", "hello")])).await;
+    let (kv, op, cm) = deployment_rolled_by_web(&env, "web.greeting", "hello", "100ms").await;
     let digest = cm_digest(&cm);
     wait_template(&env, "Deployment", "web", "web", &digest).await;
     let from = env.api.requests().len();
@@ -297,16 +312,7 @@ async fn unchanged_content_a_restart_and_a_failover_roll_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_to_the_interval_of_the_last_rollout() {
     let env = Env::start().await;
-    let kv = env.bucket("app").await;
-    put(&kv, "web.a", "1").await;
-    create_workload(&env, "Deployment", "web").await;
-    let op = env.operator();
-    env.create_binding(
-        "web",
-        &spec("web.", "[{kind: Deployment, name: web}]", "4s"),
-    )
-    .await;
-    let cm = wait_data(&env, "web", &map(&[("web.a", "1")])).await;
+    let (kv, op, cm) = deployment_rolled_by_web(&env, "web.a", "1", "4s").await;
     wait_template(&env, "Deployment", "web", "web", &cm_digest(&cm)).await;
     let rolled = Instant::now();
     eventually("status.rollouts written", || async {
@@ -330,16 +336,7 @@ async fn a_restart_keeps_to_the_interval_of_the_last_rollout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_gives_at_most_one_rollout_per_min_interval_plus_the_last() {
     let env = Env::start().await;
-    let kv = env.bucket("app").await;
-    put(&kv, "web.n", "0").await;
-    create_workload(&env, "Deployment", "web").await;
-    let op = env.operator();
-    env.create_binding(
-        "web",
-        &spec("web.", "[{kind: Deployment, name: web}]", "1s"),
-    )
-    .await;
-    let cm = wait_data(&env, "web", &map(&[("web.n", "0")])).await;
+    let (kv, op, cm) = deployment_rolled_by_web(&env, "web.n", "0", "1s").await;
     wait_template(&env, "Deployment", "web", "web", &cm_digest(&cm)).await;
     let before = op.metrics.rollout_count(env.ns(), "web");
     let from = env.api.requests().len();
@@ -457,16 +454,7 @@ async fn a_missing_workload_is_a_condition_and_the_configmap_keeps_syncing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_stops_rollouts_and_resume_rolls_the_latest() {
     let env = Env::start().await;
-    let kv = env.bucket("app").await;
-    put(&kv, "web.a", "1").await;
-    create_workload(&env, "Deployment", "web").await;
-    let op = env.operator();
-    env.create_binding(
-        "web",
-        &spec("web.", "[{kind: Deployment, name: web}]", "100ms"),
-    )
-    .await;
-    let cm = wait_data(&env, "web", &map(&[("web.a", "1")])).await;
+    let (kv, op, cm) = deployment_rolled_by_web(&env, "web.a", "1", "100ms").await;
     let first = cm_digest(&cm);
     wait_template(&env, "Deployment", "web", "web", &first).await;
     let suspend = |on: bool| {
