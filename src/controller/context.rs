@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -26,11 +26,11 @@ use crate::{
     util::lock,
 };
 
-/// How often a deferred bookkeeping write looks at the API again.
-const BOOKKEEPING_BUSY_RETRY: Duration = Duration::from_millis(100);
+/// How often a deferred write of a new or deleted binding looks at the API again.
+const CHURN_BUSY_RETRY: Duration = Duration::from_millis(100);
 
-/// A busy API defers a bookkeeping write by at most this long.
-const MAX_BOOKKEEPING_DEFER: Duration = Duration::from_secs(5);
+/// Live bindings' data defers a write of a new or deleted binding by at most this long.
+const MAX_CHURN_DEFER: Duration = Duration::from_secs(5);
 
 /// Tunables of the controller.
 #[derive(Debug, Clone)]
@@ -97,6 +97,8 @@ pub struct Context {
     pub hub: Hub,
     pub sink: ConfigMapSink,
     pub(super) api_permits: Arc<Semaphore>,
+    /// Live bindings' ConfigMap writes waiting for a permit or holding one.
+    live_writes: AtomicUsize,
     /// The ConfigMaps listed in bulk at start (the workers' first read).
     pub(super) startup: StartupReads,
     pub(super) workers: Mutex<HashMap<(String, String), WorkerHandle>>,
@@ -123,6 +125,7 @@ impl Context {
             hub: Hub::new(kv.clone(), metrics.clone(), config.catchup_gather),
             sink: ConfigMapSink::new(client.clone()),
             api_permits: Arc::new(Semaphore::new(config.api_concurrency.max(1))),
+            live_writes: AtomicUsize::new(0),
             startup: StartupReads::new(super::startup::STARTUP_WINDOW),
             workers: Mutex::default(),
             ids: AtomicU64::new(1),
@@ -145,19 +148,35 @@ impl Context {
         in_use * 4 >= total
     }
 
-    /// Waits, before a bookkeeping write of a new or deleted binding (its
-    /// finalizer, the cleanup of its target), while the API is busy with
-    /// the data of live bindings, at most [`MAX_BOOKKEEPING_DEFER`]: data
-    /// writes go first, and churn delays the new bindings, not the others.
+    /// Live bindings' ConfigMap writes (of bindings that wrote or found
+    /// their ConfigMap before), waiting for an API permit or holding one,
+    /// number a quarter of the permits or more.
+    fn live_data_busy(&self) -> bool {
+        let total = self.config.api_concurrency.max(1);
+        self.live_writes.load(Ordering::Relaxed) * 4 >= total
+    }
+
+    /// Counts a live binding's ConfigMap write, from its wait for an API
+    /// permit until the guard drops.
+    pub(super) fn live_write(&self) -> LiveWrite<'_> {
+        self.live_writes.fetch_add(1, Ordering::Relaxed);
+        LiveWrite(&self.live_writes)
+    }
+
+    /// Waits, before a write of a new or deleted binding (its finalizer,
+    /// its first ConfigMap write, the cleanup of its target), while live
+    /// bindings' data holds the API, at most [`MAX_CHURN_DEFER`]: their
+    /// data goes first, and churn delays the new bindings, not the others.
+    /// A cold start, where no binding is live yet, waits for nothing.
     pub(super) async fn yield_to_data_writes(&self) {
-        let deadline = Instant::now() + MAX_BOOKKEEPING_DEFER;
+        let deadline = Instant::now() + MAX_CHURN_DEFER;
         let mut deferred = false;
-        while self.api_busy() && Instant::now() < deadline {
+        while self.live_data_busy() && Instant::now() < deadline {
             if !deferred {
-                self.metrics.deferred_bookkeeping_writes.inc();
+                self.metrics.deferred_churn_writes.inc();
                 deferred = true;
             }
-            tokio::time::sleep(BOOKKEEPING_BUSY_RETRY).await;
+            tokio::time::sleep(CHURN_BUSY_RETRY).await;
         }
     }
 
@@ -207,5 +226,14 @@ pub fn target_of(b: &ConfigBinding) -> TargetRef {
         owner: b.controller_owner_ref(&()),
         labels: b.spec.target.labels.clone(),
         annotations: b.spec.target.annotations.clone(),
+    }
+}
+
+/// A live binding's ConfigMap write in flight (see [`Context::live_write`]).
+pub(super) struct LiveWrite<'a>(&'a AtomicUsize);
+
+impl Drop for LiveWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

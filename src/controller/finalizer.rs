@@ -1,16 +1,30 @@
-//! The binding's finalizer. It is on the binding before anything is written
-//! for it, so deleting the binding always runs the cleanup its
-//! `deletionPolicy` asks for (a Merge target's keys removed, an owned
-//! ConfigMap deleted or retained), whichever replica wrote first.
+//! The binding's finalizer, for the deletion policies the garbage collector
+//! cannot carry out: a Merge target's keys withdrawn, a Retain target's
+//! owner reference and claim dropped. It is on the binding before anything
+//! is written for it, so deleting the binding always runs that cleanup,
+//! whichever replica wrote first.
+//!
+//! An Owner target with `deletionPolicy: Delete` needs none: the ConfigMap
+//! names the binding as its controller owner, so Kubernetes' garbage
+//! collector deletes it when the binding goes (even one written just after,
+//! or while the operator is down). That saves a write per binding, and such
+//! a binding never waits on an operator that is not running.
 
 use kube::{
     Api, Client, ResourceExt,
     api::{Patch, PatchParams},
 };
 
-use crate::crd::ConfigBinding;
+use crate::crd::{ConfigBinding, CreationPolicy, DeletionPolicy};
 
 pub const FINALIZER: &str = "slipstream.io/cleanup";
+
+/// Whether deleting `b` needs our cleanup (anything but Owner + Delete).
+pub fn needed(b: &ConfigBinding) -> bool {
+    let target = &b.spec.target;
+    !(target.creation_policy == CreationPolicy::Owner
+        && target.deletion_policy == DeletionPolicy::Delete)
+}
 
 pub fn has(b: &ConfigBinding) -> bool {
     b.finalizers().iter().any(|f| f == FINALIZER)

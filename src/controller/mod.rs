@@ -3,7 +3,8 @@
 //! and writes the ConfigMap.
 //!
 //! The parts: [`context`] (what they share), [`reconcile`] (finalizer,
-//! validation, worker lifecycle), [`finalizer`] (on before any write), [`worker`] (one per binding: catch-up,
+//! validation, worker lifecycle), [`finalizer`] (on before any write where
+//! the garbage collector cannot clean up), [`worker`] (one per binding: catch-up,
 //! coalescing, the write path), [`decide`] (the write path's pure step),
 //! [`status`] (conditions, status writes, Events), [`hub`] (bucket watches),
 //! [`startup`] (the ConfigMaps read back in bulk at start), [`rollout`]

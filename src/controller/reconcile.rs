@@ -234,6 +234,9 @@ async fn reconcile_binding(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<A
     let has_finalizer = finalizer::has(&b);
     if b.metadata.deletion_timestamp.is_some() {
         if !has_finalizer {
+            // Owner + Delete: the garbage collector deletes the ConfigMap
+            // once the binding is gone; write nothing more for it
+            ctx.stop_worker(&binding_key(&b));
             return Ok(Action::await_change());
         }
         ctx.yield_to_data_writes().await;
@@ -242,7 +245,7 @@ async fn reconcile_binding(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<A
         finalizer::set(&ctx.client, &b, rest).await?;
         return Ok(Action::await_change());
     }
-    if !has_finalizer {
+    if !has_finalizer && finalizer::needed(&b) {
         let mut all = finalizers;
         all.push(FINALIZER.to_owned());
         ctx.yield_to_data_writes().await;

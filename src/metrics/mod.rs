@@ -105,9 +105,9 @@ pub struct Metrics {
     pub dropped_writes: Counter,
     /// Status writes put off because ConfigMap writes held the API.
     pub deferred_status_writes: Counter,
-    /// Finalizer and cleanup writes of new and deleted bindings put off
-    /// because ConfigMap writes held the API.
-    pub deferred_bookkeeping_writes: Counter,
+    /// Writes of new and deleted bindings (finalizer, first ConfigMap
+    /// write, cleanup) put off because live bindings' data held the API.
+    pub deferred_churn_writes: Counter,
     /// Seconds from receiving a KV update to the ConfigMap write that contains it.
     pub propagation_seconds: Histogram,
     /// NATS consumers (watches) open right now.
@@ -141,7 +141,7 @@ impl Metrics {
         let rollouts_coalesced = Family::<BindingLabels, Counter>::default();
         let dropped_writes = Counter::default();
         let deferred_status_writes = Counter::default();
-        let deferred_bookkeeping_writes = Counter::default();
+        let deferred_churn_writes = Counter::default();
         let propagation_seconds = Histogram::new([
             0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
@@ -196,10 +196,10 @@ impl Metrics {
             deferred_status_writes.clone(),
         );
         registry.register(
-            "bookkeeping_writes_deferred",
-            "Finalizer and cleanup writes of new and deleted bindings put off because \
-             ConfigMap writes held most of the API concurrency",
-            deferred_bookkeeping_writes.clone(),
+            "churn_writes_deferred",
+            "Writes of new and deleted bindings (finalizer, first ConfigMap write, cleanup) \
+             put off because live bindings' ConfigMap writes held a quarter of the API concurrency",
+            deferred_churn_writes.clone(),
         );
         registry.register(
             "propagation_seconds",
@@ -227,7 +227,7 @@ impl Metrics {
             rollouts_coalesced,
             dropped_writes,
             deferred_status_writes,
-            deferred_bookkeeping_writes,
+            deferred_churn_writes,
             propagation_seconds,
             open_watches,
             ready,

@@ -5,8 +5,10 @@
 use std::collections::BTreeSet;
 
 use apiserver::real::ControlPlane;
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
-use kube::Api;
+use kube::{Api, ResourceExt, api::DeleteParams};
+use slipstream::crd::ConfigBinding;
 use slipstream::kv::KvWriter;
 
 use crate::support::*;
@@ -172,7 +174,6 @@ async fn operator_as_the_charts_service_account_syncs_a_binding_end_to_end_witho
     .await;
     wait_data(&admin, &ns, "web", &map(&[("greeting", "hello")])).await;
     wait_synced(&admin, &ns, "web").await;
-    wait_finalizer(&admin, &ns, "web").await;
 
     // live updates and deletes
     put(&bucket, "web.greeting", "bonjour").await;
@@ -209,7 +210,7 @@ async fn operator_as_the_charts_service_account_syncs_a_binding_end_to_end_witho
     })
     .await;
 
-    // deleting the binding: the finalizer deletes the ConfigMap, then lets go
+    // deleting the binding: the garbage collector deletes its ConfigMap
     delete_binding_and_wait_gone(&admin, &ns, "web").await;
 
     operator.assert_never_refused();
@@ -276,11 +277,35 @@ async fn namespaced_release_syncs_its_namespace_with_a_role_only() {
         "bucket: app-config\nprefixes: [web.]\nstripPrefix: true",
     )
     .await;
+    // Retain: a binding whose deletion takes our finalizer and an update
+    // of the ConfigMap's owner references
+    create_binding(
+        &admin,
+        &watched,
+        "kept",
+        "bucket: app-config\nprefixes: [web.]\ntarget: {deletionPolicy: Retain}",
+    )
+    .await;
     wait_data(&admin, &watched, "web", &map(&[("greeting", "hello")])).await;
-    wait_finalizer(&admin, &watched, "web").await;
+    wait_finalizer(&admin, &watched, "kept").await;
     put(&bucket, "web.greeting", "bonjour").await;
     wait_data(&admin, &watched, "web", &map(&[("greeting", "bonjour")])).await;
 
     delete_binding_and_wait_gone(&admin, &watched, "web").await;
+    let bindings: Api<ConfigBinding> = Api::namespaced(admin.clone(), &watched);
+    bindings
+        .delete("kept", &DeleteParams::default())
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), &watched);
+    eventually(
+        "binding kept gone, its ConfigMap kept without an owner",
+        || async {
+            let gone = bindings.get_opt("kept").await.unwrap().is_none();
+            let cm = cms.get_opt("kept").await.unwrap();
+            (gone && cm.is_some_and(|cm| cm.owner_references().is_empty())).then_some(())
+        },
+    )
+    .await;
     operator.assert_never_refused();
 }

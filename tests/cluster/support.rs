@@ -513,8 +513,9 @@ pub async fn wait_data(
     .await
 }
 
-/// Deletes binding `name` and waits until the finalizer has deleted its
-/// ConfigMap (of the same name) and let the binding go.
+/// Deletes binding `name` and waits until it is gone and its ConfigMap (of
+/// the same name) deleted: by the garbage collector for an Owner + Delete
+/// binding, by our finalizer's cleanup otherwise.
 pub async fn delete_binding_and_wait_gone(client: &Client, ns: &str, name: &str) {
     let bindings: Api<ConfigBinding> = Api::namespaced(client.clone(), ns);
     bindings

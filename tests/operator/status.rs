@@ -181,10 +181,11 @@ async fn status_waits_while_configmap_writes_fill_the_api_then_mirrors_every_cur
     }
 }
 
-/// Churn: the finalizer of a new binding waits while the live bindings'
+/// Churn: the writes of a new binding (its first ConfigMap write; for a
+/// Retain binding its finalizer first) wait while the live bindings'
 /// ConfigMap writes fill the API (at most a few seconds), then it syncs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_bindings_finalizer_gives_way_to_live_data_writes_then_it_syncs() {
+async fn a_new_bindings_writes_give_way_to_live_data_writes_then_it_syncs() {
     let env = Env::start().await;
     let kv = busy_bucket(&env).await;
     put(&kv, "late.k", "1").await;
@@ -195,9 +196,25 @@ async fn a_new_bindings_finalizer_gives_way_to_live_data_writes_then_it_syncs() 
     env.create_binding("late", "bucket: app\nprefixes: [late.]")
         .await;
     wait_reason(&env, "late", "Synced").await;
+    let first_write = op.metrics.deferred_churn_writes.get();
     assert!(
-        op.metrics.deferred_bookkeeping_writes.get() > 0,
-        "the new binding's finalizer did not give way to the ConfigMap writes"
+        first_write > 0,
+        "the new binding's first write did not give way to the ConfigMap writes"
+    );
+    load.await.unwrap();
+    // long enough for both: the finalizer waits at most 5 s, then the
+    // first write finds the live data still writing
+    let load = tokio::spawn(keep_the_api_full(kv.clone(), 80));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    env.create_binding(
+        "kept",
+        "bucket: app\nprefixes: [late.]\ntarget: {deletionPolicy: Retain}",
+    )
+    .await;
+    wait_reason(&env, "kept", "Synced").await;
+    assert!(
+        op.metrics.deferred_churn_writes.get() >= first_write + 2,
+        "the Retain binding's finalizer and first write did not both give way"
     );
     load.await.unwrap();
     env.api.faults().set_write_latency(Duration::ZERO);

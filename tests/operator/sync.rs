@@ -155,6 +155,14 @@ async fn deletion_policy_delete_removes_and_retain_keeps_the_configmap() {
     .await;
     wait_data(&env, "del", &map(&[("d.a", "1")])).await;
     wait_data(&env, "ret", &map(&[("d.a", "1")])).await;
+    // Owner + Delete is the garbage collector's to clean up: no finalizer
+    // (and no write for one); Retain needs ours
+    let finalizers = |b: slipstream::crd::ConfigBinding| b.metadata.finalizers.unwrap_or_default();
+    assert!(finalizers(env.binding("del").await).is_empty());
+    assert_eq!(
+        finalizers(env.binding("ret").await),
+        [slipstream::controller::FINALIZER]
+    );
     env.delete_binding("del").await;
     env.delete_binding("ret").await;
     eventually("bindings gone", || async {
@@ -175,6 +183,25 @@ async fn deletion_policy_delete_removes_and_retain_keeps_the_configmap() {
             .unwrap_or_default()
             .is_empty()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owned_configmap_goes_with_its_binding_even_with_no_operator_running() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "o.a", "1").await;
+    let op = env.operator();
+    env.create_binding("o", "bucket: app\nprefixes: [o.]").await;
+    wait_data(&env, "o", &map(&[("o.a", "1")])).await;
+    op.kill();
+    // no finalizer waits on the operator: the binding goes at once and the
+    // garbage collector deletes the ConfigMap that names it as owner
+    env.delete_binding("o").await;
+    assert!(env.bindings().get_opt("o").await.unwrap().is_none());
+    eventually("the garbage collector deletes ConfigMap o", || async {
+        env.cm("o").await.is_none().then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +235,12 @@ async fn standby_writes_nothing_and_writes_pending_content_when_it_becomes_leade
     let kv = env.bucket("app").await;
     put(&kv, "g.a", "1").await;
     let op = env.operator_builder().may_write(false).start();
-    env.create_binding("g", "bucket: app\nprefixes: [g.]").await;
+    // Retain: a binding whose deletion needs our cleanup, so a finalizer
+    env.create_binding(
+        "g",
+        "bucket: app\nprefixes: [g.]\ntarget: {deletionPolicy: Retain}",
+    )
+    .await;
     put(&kv, "g.b", "2").await;
     eventually("standby dropped a write", || async {
         (op.metrics.dropped_writes.get() > 0).then_some(())
@@ -290,7 +322,7 @@ async fn namespace_deleted_removes_its_bindings_and_others_keep_syncing() {
         .delete(&doomed, &DeleteParams::default())
         .await
         .unwrap();
-    // gone only once the operator let go of its binding's finalizer
+    // its binding is the garbage collector's to clean up: no finalizer holds the namespace
     eventually("namespace gone", || async {
         namespaces
             .get_opt(&doomed)

@@ -102,8 +102,8 @@ pub struct Worker {
     incarnation: Option<u64>,
     /// Received updates (catch-up and live) — what a restart costs.
     pub received: u64,
-    /// The binding carries our finalizer (a worker started on a standby may
-    /// see the binding before any leader added it).
+    /// The binding carries our finalizer or needs none (a worker started on
+    /// a standby may see the binding before any leader added it).
     finalized: bool,
     /// A `slipstream.io/force-sync` value to carry out: no resume from the
     /// ConfigMap, and one write of the full state even if nothing differs.
@@ -178,7 +178,7 @@ impl Worker {
             head,
             incarnation: None,
             received: 0,
-            finalized: finalizer::has(&binding),
+            finalized: finalizer::has(&binding) || !finalizer::needed(&binding),
             force_sync: binding.pending_force_sync().map(str::to_owned),
             rollout,
             binding,

@@ -117,6 +117,15 @@ impl Worker {
     /// do it, report it. Reads the ConfigMap (or the binding named in its
     /// claim) only when the decision asks for it.
     pub(super) async fn flush_entries(&mut self, entries: &BTreeMap<String, Bytes>) {
+        // a new binding's first write gives way to live bindings' data,
+        // waiting or written (churn delays the new bindings, not the others)
+        let live =
+            self.last_write.is_some() || matches!(self.target_state, TargetState::Present(_));
+        let ctx = self.ctx.clone();
+        let _live = live.then(|| ctx.live_write());
+        if !live {
+            self.ctx.yield_to_data_writes().await;
+        }
         // held through the write and its status write (bounded API concurrency)
         let _permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
         let mut refused = self.refused_keys();
