@@ -98,7 +98,7 @@ pub struct Context {
     pub sink: ConfigMapSink,
     pub(super) api_permits: Arc<Semaphore>,
     /// Live bindings' ConfigMap writes waiting for a permit or holding one.
-    live_writes: AtomicUsize,
+    live_writes: Arc<AtomicUsize>,
     /// The ConfigMaps listed in bulk at start (the workers' first read).
     pub(super) startup: StartupReads,
     pub(super) workers: Mutex<HashMap<(String, String), WorkerHandle>>,
@@ -125,7 +125,7 @@ impl Context {
             hub: Hub::new(kv.clone(), metrics.clone(), config.catchup_gather),
             sink: ConfigMapSink::new(client.clone()),
             api_permits: Arc::new(Semaphore::new(config.api_concurrency.max(1))),
-            live_writes: AtomicUsize::new(0),
+            live_writes: Arc::default(),
             startup: StartupReads::new(super::startup::STARTUP_WINDOW),
             workers: Mutex::default(),
             ids: AtomicU64::new(1),
@@ -158,9 +158,9 @@ impl Context {
 
     /// Counts a live binding's ConfigMap write, from its wait for an API
     /// permit until the guard drops.
-    pub(super) fn live_write(&self) -> LiveWrite<'_> {
+    pub(super) fn live_write(&self) -> LiveWrite {
         self.live_writes.fetch_add(1, Ordering::Relaxed);
-        LiveWrite(&self.live_writes)
+        LiveWrite(self.live_writes.clone())
     }
 
     /// Waits, before a write of a new or deleted binding (its finalizer,
@@ -230,9 +230,9 @@ pub fn target_of(b: &ConfigBinding) -> TargetRef {
 }
 
 /// A live binding's ConfigMap write in flight (see [`Context::live_write`]).
-pub(super) struct LiveWrite<'a>(&'a AtomicUsize);
+pub(super) struct LiveWrite(Arc<AtomicUsize>);
 
-impl Drop for LiveWrite<'_> {
+impl Drop for LiveWrite {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }

@@ -141,7 +141,7 @@ async fn apply(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<Action> {
     let (tx, rx) = mpsc::unbounded_channel();
     let head = Arc::new(AtomicU64::new(0));
     let w = Worker::new(ctx.clone(), b.clone(), rules, rx, head);
-    let task = tokio::spawn(w.run().instrument(binding_span(&key.0, &key.1)));
+    let task = tokio::spawn(Box::new(w).run().instrument(binding_span(&key.0, &key.1)));
     info!(generation, "binding started");
     lock(&ctx.workers).insert(
         key,
@@ -216,7 +216,7 @@ async fn reconcile_binding(b: Arc<ConfigBinding>, ctx: Arc<Context>) -> Result<A
             if !running && let Ok(rules) = validate(&b, &ctx.policy) {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let w = Worker::new(ctx.clone(), b.clone(), rules, rx, Arc::default());
-                let task = tokio::spawn(w.run().instrument(binding_span(&key.0, &key.1)));
+                let task = tokio::spawn(Box::new(w).run().instrument(binding_span(&key.0, &key.1)));
                 let handle = WorkerHandle {
                     uid: b.uid().unwrap_or_default(),
                     generation: b.metadata.generation.unwrap_or(0),

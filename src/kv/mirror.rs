@@ -31,7 +31,10 @@ pub struct Mirror {
 impl Mirror {
     /// Entries restored from a sink, complete through `cursor`.
     pub fn restored(entries: BTreeMap<String, Bytes>, cursor: WatchCursor) -> Self {
-        Self { entries, cursor }
+        Self {
+            entries: compact(entries),
+            cursor,
+        }
     }
 
     pub fn entries(&self) -> &BTreeMap<String, Bytes> {
@@ -85,7 +88,7 @@ impl Mirror {
     /// true when that changed them.
     pub fn replace_entries(&mut self, fresh: BTreeMap<String, Bytes>) -> bool {
         let changed = self.entries != fresh;
-        self.entries = fresh;
+        self.entries = compact(fresh);
         changed
     }
 
@@ -99,6 +102,7 @@ impl Mirror {
             self.entries.remove(k);
         }
         self.entries.extend(fresh);
+        self.entries = compact(std::mem::take(&mut self.entries));
         changed
     }
 
@@ -123,6 +127,14 @@ impl Mirror {
     pub fn put_back(&mut self, entries: BTreeMap<String, Bytes>) {
         self.entries = entries;
     }
+}
+
+/// The same map with full nodes. A map filled key by key in order (a
+/// state-sync delivers a binding's keys in stream order, often sorted) is
+/// left with half-full nodes, twice the memory per entry; building it again
+/// from its sorted entries fills them, for a copy of the pointers only.
+fn compact(entries: BTreeMap<String, Bytes>) -> BTreeMap<String, Bytes> {
+    entries.into_iter().collect()
 }
 
 #[cfg(test)]

@@ -194,7 +194,9 @@ impl Worker {
         self.flush_at = Some(self.flush_at.map_or(at, |f| f.min(at)));
     }
 
-    pub async fn run(mut self) {
+    /// The worker's task. Boxed: an async fn that takes its state by value
+    /// keeps room for it twice, and this one lives as long as its binding.
+    pub async fn run(mut self: Box<Self>) {
         // boxed: its API read would otherwise stay in the task's size forever
         Box::pin(self.load_target()).await;
         self.backoff.reset();
@@ -230,9 +232,14 @@ impl Worker {
                     }
                     if self.flush_at.is_some_and(|f| f <= Instant::now()) {
                         self.flush_at = None;
-                        // boxed, like the other handlers: the API call futures
-                        // inside would otherwise sit in every idle worker's task
-                        Box::pin(self.flush()).await;
+                        if self.synced {
+                            // the wait for the API outside the boxed write: at
+                            // a cold start thousands of workers wait at once
+                            let admission = self.admit().await;
+                            // boxed, like the other handlers: the API call futures
+                            // inside would otherwise sit in every idle worker's task
+                            Box::pin(self.flush(admission)).await;
+                        }
                     }
                     if self.status_due.is_some_and(|s| s <= Instant::now()) {
                         self.status_due = None;

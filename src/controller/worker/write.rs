@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 use super::Worker;
 use crate::{
     controller::{
+        context::LiveWrite,
         decide::{
             Decision, Lookup, Observation, Refusal, TargetState, Write, content_keys, decide,
         },
@@ -24,6 +25,13 @@ use crate::{
     reason::Reason,
     sink::configmap::{Observed, SinkError, foreign_keys},
 };
+
+/// What [`Worker::admit`] grants: an API permit, and for a live binding
+/// its place in the count of live data writes.
+pub(super) struct Admission {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _live: Option<LiveWrite>,
+}
 
 impl Worker {
     pub(super) fn may_write(&self) -> bool {
@@ -40,15 +48,30 @@ impl Worker {
         !matches!(api.get_opt(name).await, Ok(None))
     }
 
-    /// Writes the current content if it differs from the ConfigMap.
-    pub(super) async fn flush(&mut self) {
-        if !self.synced {
-            return;
+    /// Leave to write: a new binding's first write gives way to live
+    /// bindings' data, waiting or written (churn delays the new bindings,
+    /// not the others); then an API permit (bounded API concurrency).
+    pub(super) async fn admit(&self) -> Admission {
+        let live =
+            self.last_write.is_some() || matches!(self.target_state, TargetState::Present(_));
+        let live = live.then(|| self.ctx.live_write());
+        if live.is_none() {
+            self.ctx.yield_to_data_writes().await;
         }
+        let permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
+        Admission {
+            _permit: permit,
+            _live: live,
+        }
+    }
+
+    /// Writes the current content (complete: `synced`) if it differs from
+    /// the ConfigMap.
+    pub(super) async fn flush(&mut self, admission: Admission) {
         // the projection borrows the entries while the write needs `&mut
         // self`; nothing else runs on this worker until the flush returns
         let entries = self.mirror.take_entries();
-        self.flush_entries(&entries).await;
+        self.flush_entries(&entries, admission).await;
         self.mirror.put_back(entries);
     }
 
@@ -116,18 +139,12 @@ impl Worker {
     /// The write path: build the content, [`decide`] what to do with it,
     /// do it, report it. Reads the ConfigMap (or the binding named in its
     /// claim) only when the decision asks for it.
-    pub(super) async fn flush_entries(&mut self, entries: &BTreeMap<String, Bytes>) {
-        // a new binding's first write gives way to live bindings' data,
-        // waiting or written (churn delays the new bindings, not the others)
-        let live =
-            self.last_write.is_some() || matches!(self.target_state, TargetState::Present(_));
-        let ctx = self.ctx.clone();
-        let _live = live.then(|| ctx.live_write());
-        if !live {
-            self.ctx.yield_to_data_writes().await;
-        }
-        // held through the write and its status write (bounded API concurrency)
-        let _permit = self.ctx.api_permits.clone().acquire_owned().await.ok();
+    /// `admission` is held through the write and its status write.
+    pub(super) async fn flush_entries(
+        &mut self,
+        entries: &BTreeMap<String, Bytes>,
+        _admission: Admission,
+    ) {
         let mut refused = self.refused_keys();
         let mut content = self.build(entries, &refused);
         let mut other_binding_exists = None;

@@ -84,6 +84,8 @@ impl<'de> serde::Deserialize<'de> for ConfigMapHead {
         let binary = raw.binary_data.into_iter().flatten();
         entries.extend(binary.map(|(k, v)| (key_hash(true, &k), value_hash(&v.0))));
         entries.sort_unstable();
+        // kept per binding for as long as it runs: no room to grow
+        entries.shrink_to_fit();
         Ok(Self {
             metadata: raw.metadata,
             content: ContentHashes(entries),
