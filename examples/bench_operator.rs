@@ -200,18 +200,7 @@ async fn rollouts_in_a_burst(min_interval: &str) -> RolloutBurst {
     let (env, kv) = setup().await;
     let op = start_operator(&env);
     let deployment: k8s_openapi::api::apps::v1::Deployment =
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "web"},
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": {"app": "web"}},
-                "template": {
-                    "metadata": {"labels": {"app": "web"}},
-                    "spec": {"containers": [{"name": "app", "image": "busybox:1.36"}]},
-                },
-            },
-        }))
-        .unwrap();
+        serde_json::from_value(common::workload_json("Deployment", "web")).unwrap();
     Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(env.client.clone(), env.ns())
         .create(&Default::default(), &deployment)
         .await

@@ -13,7 +13,7 @@ use slipstream::{
     controller::rollout::annotation_key, crd::ConfigBinding, sink::configmap::DIGEST_ANNOTATION,
 };
 
-use crate::support::*;
+use crate::{common::workload_json, support::*};
 
 /// What the operator calls, per resource (as `kubectl auth can-i --list`
 /// names it), and where:
@@ -356,18 +356,8 @@ async fn rollout_values_grant_workload_get_and_patch_and_that_suffices() {
     assert_eq!(resource_rules(&list), expected, "\n{list}");
 
     let client = cp.client_in(&ns).await;
-    let deployment: Deployment = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "web"},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "web"}},
-            "template": {
-                "metadata": {"labels": {"app": "web"}},
-                "spec": {"containers": [{"name": "app", "image": "busybox:1.36"}]},
-            },
-        },
-    }))
-    .unwrap();
+    let deployment: Deployment =
+        serde_json::from_value(workload_json("Deployment", "web")).unwrap();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     deployments
         .create(&PostParams::default(), &deployment)

@@ -12,6 +12,8 @@ pub mod http;
 pub mod nats;
 pub mod nats_cluster;
 pub mod util;
+pub mod workload;
 
 pub use nats::NatsServer;
 pub use util::{free_port, percentile, tool};
+pub use workload::{WORKLOAD_IMAGE, workload_json};

@@ -97,9 +97,7 @@ async fn sigkilled_binary_restarts_from_its_cursor_and_never_goes_backward() {
     for i in 0..50 {
         put(&kv, &format!("burst.k{i:02}"), "0").await;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    env.api.write_kubeconfig(&kubeconfig).unwrap();
+    let (_dir, kubeconfig) = env.kubeconfig_file();
     let port = free_port();
     let mut child = spawn_operator(&env, &kubeconfig, port);
     env.create_binding("burst", "bucket: app\nprefixes: [burst.]")
@@ -176,9 +174,7 @@ async fn sigkilled_binary_restarts_from_its_cursor_and_never_goes_backward() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_started_with_default_flags_elect_one_writer() {
     let env = Env::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    env.api.write_kubeconfig(&kubeconfig).unwrap();
+    let (_dir, kubeconfig) = env.kubeconfig_file();
     let ports = [free_port(), free_port()];
     let _operators: Vec<Proc> = ports
         .iter()

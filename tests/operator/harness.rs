@@ -320,6 +320,15 @@ impl Env {
         self.bindings().get(name).await.unwrap()
     }
 
+    /// A kubeconfig for the scenario's API server (for the operator
+    /// binary), in a temporary directory that lives as long as the guard.
+    pub fn kubeconfig_file(&self) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        self.api.write_kubeconfig(&kubeconfig).unwrap();
+        (dir, kubeconfig)
+    }
+
     pub async fn cm(&self, name: &str) -> Option<ConfigMap> {
         self.configmaps().get_opt(name).await.unwrap()
     }

@@ -56,9 +56,7 @@ async fn metrics_follow_accept_and_forget_a_deleted_binding() {
     let env = Env::start().await;
     let kv = env.bucket("app").await;
     put(&kv, "web.a", "1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    env.api.write_kubeconfig(&kubeconfig).unwrap();
+    let (_dir, kubeconfig) = env.kubeconfig_file();
     let port = free_port();
     let mut cmd = operator_command(&env, &kubeconfig, port);
     cmd.arg("--leader-election=false")
@@ -205,9 +203,7 @@ async fn json_logs_are_flat_name_the_binding_and_sigterm_is_not_a_warning() {
     let env = Env::start().await;
     let kv = env.bucket("app").await;
     put(&kv, "web.a", "1").await;
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    env.api.write_kubeconfig(&kubeconfig).unwrap();
+    let (dir, kubeconfig) = env.kubeconfig_file();
     let out_path = dir.path().join("stdout");
     let err_path = dir.path().join("stderr");
     let mut cmd = operator_command(&env, &kubeconfig, free_port());

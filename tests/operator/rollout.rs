@@ -18,7 +18,10 @@ use slipstream::{
 };
 use tokio::time::Instant;
 
-use crate::*;
+use crate::{
+    common::{WORKLOAD_IMAGE, workload_json},
+    *,
+};
 
 fn workloads(env: &Env, kind: &str, ns: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("apps", "v1", kind);
@@ -49,23 +52,7 @@ async fn deployment_rolled_by_web(
 
 /// A minimal valid workload of `kind` (Deployment, StatefulSet, DaemonSet).
 async fn create_workload_in(env: &Env, ns: &str, kind: &str, name: &str) {
-    let mut spec = json!({
-        "selector": {"matchLabels": {"app": name}},
-        "template": {
-            "metadata": {"labels": {"app": name}},
-            "spec": {"containers": [{"name": "app", "image": "busybox:1.36"}]},
-        },
-    });
-    if kind != "DaemonSet" {
-        spec["replicas"] = json!(1);
-    }
-    let obj: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "apps/v1",
-        "kind": kind,
-        "metadata": {"name": name},
-        "spec": spec,
-    }))
-    .unwrap();
+    let obj: DynamicObject = serde_json::from_value(workload_json(kind, name)).unwrap();
     workloads(env, kind, ns)
         .create(&PostParams::default(), &obj)
         .await
@@ -219,7 +206,7 @@ async fn a_content_change_rolls_each_workload_with_an_annotation_only_apply() {
         json!({"f:spec": {"f:template": {"f:metadata": {"f:annotations": {key: {}}}}}}),
     );
     assert_eq!(
-        deploy.data["spec"]["template"]["spec"]["containers"][0]["image"], "busybox:1.36",
+        deploy.data["spec"]["template"]["spec"]["containers"][0]["image"], WORKLOAD_IMAGE,
         "the rest of the template is untouched"
     );
 

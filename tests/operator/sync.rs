@@ -185,6 +185,40 @@ async fn deletion_policy_delete_removes_and_retain_keeps_the_configmap() {
     );
 }
 
+/// A default binding's first sync costs three API writes: the ConfigMap
+/// create (the claim), one apply of the content, one status write; no
+/// finalizer, no Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_sync_writes_a_create_an_apply_and_a_status() {
+    let env = Env::start().await;
+    let kv = env.bucket("app").await;
+    put(&kv, "f.a", "1").await;
+    let _op = env.operator();
+    env.create_binding("f", "bucket: app\nprefixes: [f.]").await;
+    wait_data(&env, "f", &map(&[("f.a", "1")])).await;
+    wait_reason(&env, "f", "Synced").await;
+    // past the status interval: a late status write would be counted
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let writes: Vec<String> = env
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.status < 300 && r.namespace == env.ns())
+        .filter(|r| ["create", "update", "patch", "delete"].contains(&r.verb.as_str()))
+        .map(|r| format!("{} {}/{}", r.verb, r.resource, r.subresource))
+        .filter(|w| w != "create configbindings/")
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            "create configmaps/",
+            "patch configmaps/",
+            "patch configbindings/status"
+        ],
+        "(the binding itself, created by the test, is not counted)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owned_configmap_goes_with_its_binding_even_with_no_operator_running() {
     let env = Env::start().await;
